@@ -1,0 +1,85 @@
+"""Kafka clients with every setting we rely on passed explicitly.
+
+kafka-python changed its defaults between 2.3 and 3.0 (session timeout,
+idempotence, acks); the version is pinned and nothing here relies on a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+from engine.config import KafkaConfig
+
+
+def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> KafkaProducer:
+    """Idempotent, acks=all producer: a retried send is never duplicated."""
+    settings: dict[str, Any] = dict(
+        bootstrap_servers=cfg.bootstrap_servers,
+        client_id=f"{cfg.client_id}-producer",
+        acks="all",
+        enable_idempotence=True,
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=5,
+        linger_ms=linger_ms,
+        batch_size=256 * 1024,
+        max_request_size=8 * 1024 * 1024,
+        request_timeout_ms=30_000,
+        compression_type=None,
+    )
+    settings.update(extra)
+    return KafkaProducer(**settings)
+
+
+def make_consumer(
+    cfg: KafkaConfig,
+    group_id: str | None,
+    *,
+    fetch_max_wait_ms: int = 100,
+    max_poll_records: int = 2000,
+    **extra: Any,
+) -> KafkaConsumer:
+    """Manual-commit consumer for one stage's group.
+
+    Range assignment keeps co-partitioned topics (clicks and score-requests,
+    both keyed by user) on the same member. ``max_poll_interval_ms`` is modest
+    because the embedded broker's group join waits for the rebalance timeout.
+    """
+    settings: dict[str, Any] = dict(
+        bootstrap_servers=cfg.bootstrap_servers,
+        client_id=f"{cfg.client_id}-{group_id or 'reader'}",
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_uncommitted",
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        max_poll_interval_ms=10_000,
+        max_poll_records=max_poll_records,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        fetch_min_bytes=1,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        request_timeout_ms=30_000,
+        partition_assignment_strategy=(RangePartitionAssignor,),
+    )
+    settings.update(extra)
+    return KafkaConsumer(**settings)
+
+
+def on_rebalance(
+    revoked: Callable[[set], None], assigned: Callable[[set], None]
+) -> Any:
+    """A ConsumerRebalanceListener from two callbacks."""
+    from kafka import ConsumerRebalanceListener
+
+    class _Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, partitions):  # type: ignore[override]
+            revoked(set(partitions))
+
+        def on_partitions_assigned(self, partitions):  # type: ignore[override]
+            assigned(set(partitions))
+
+    return _Listener()

@@ -1,0 +1,281 @@
+"""The one consumer loop every worker runs.
+
+A stage (clustering, scoring, ...) says what its records mean and what they
+do to its state; this loop does everything else the same way for all of them.
+One iteration, in this order — the only place the order is written:
+
+1. poll a batch from the stage's topics (consumer group of the stage);
+2. decode and validate each record; a bad one is dead-lettered to
+   ``<topic>.dlq`` with its reason and counted, and the batch goes on;
+3. ``stage.handle(events)``: update state and send outputs. If it raises, each
+   event is retried alone and the one that fails again is dead-lettered
+   (``processing_error``): one bad event never stops a worker;
+4. ``stage.tick(now)``: periodic work (index refresh, table reads);
+5. flush the producer: outputs and dead letters are durable in Kafka;
+6. commit the consumed offsets.
+
+Offsets are committed only after what they produced is durable (5 before 6),
+so a crash replays at most the last batch: at-least-once. Stage state updates
+are idempotent (seed windows ignore replays) or rebuilt from the log. On a
+rebalance the revoked partitions go through 5 and 6 before the stage drops
+their state; assigned partitions are announced to the stage before their first
+record. Transient broker faults are retried with backoff, never dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import CommitFailedError, KafkaError
+
+from consumers.kafka import make_consumer, make_producer, on_rebalance
+from engine.codec import BadEvent
+from engine.config import Settings
+from engine.metrics import WorkerMetrics
+from engine.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A decoded record with where it came from."""
+
+    topic: str  # base topic name (without prefix)
+    record: ConsumerRecord
+    value: Any
+
+
+class Stage:
+    """What a worker does with its records. Subclasses override what applies."""
+
+    name: str = "stage"
+    #: base names of the topics the stage's group consumes
+    topics: Sequence[str] = ()
+    poll_timeout_ms: int = 100
+    max_poll_records: int = 2000
+    fetch_max_wait_ms: int = 100
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.names = Topics(settings.kafka.topic_prefix)
+        self.metrics = WorkerMetrics(self.name)
+        self.loop: ConsumerLoop | None = None  # set by the loop
+
+    def decode(self, topic: str, record: ConsumerRecord) -> Any:
+        """Validated value of one record; raise BadEvent to dead-letter it."""
+        return record.value
+
+    def handle(self, events: list[Event]) -> None:
+        """Apply a batch of valid events to state and send outputs."""
+
+    def tick(self, now: float) -> None:
+        """Periodic work, called after every poll (also when it was empty)."""
+
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        """New partitions: load or start their state."""
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions leaving: their outputs are already flushed and committed."""
+
+    def start(self) -> None:
+        """Resources that need the loop's producer (called once before polling)."""
+
+    def close(self) -> None:
+        """Release the stage's own resources."""
+
+    # ------------------------------------------------------------- helpers
+    def send(self, topic: str, key: bytes | None, value: bytes | None, count: int = 1,
+             headers: list[tuple[str, bytes]] | None = None,
+             timestamp_ms: int | None = None) -> None:
+        """Send one message on a base topic; ``count`` logical records it carries."""
+        assert self.loop is not None
+        self.loop.send(self.names.name(topic), key, value, headers, timestamp_ms)
+        self.metrics.produced.labels(self.name, topic).inc(count)
+
+
+class ConsumerLoop:
+    """Runs one stage until ``stop`` is set. See the module docstring for the order."""
+
+    def __init__(self, stage: Stage, stop: threading.Event | None = None,
+                 lag_interval_s: float = 2.0):
+        self.stage = stage
+        self.settings = stage.settings
+        self.stop = stop or threading.Event()
+        self.lag_interval_s = lag_interval_s
+        self.metrics = stage.metrics
+        self.names = stage.names
+        self.group_id = f"{self.settings.kafka.topic_prefix}lookalike-{stage.name}"
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+        self.ready = threading.Event()  # set once partitions are assigned
+        self._next_lag = 0.0
+        stage.loop = self
+
+    # ------------------------------------------------------------- kafka io
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None,
+             timestamp_ms: int | None = None) -> None:
+        assert self.producer is not None
+        self.producer.send(topic, key=key, value=value, headers=headers or [],
+                           timestamp_ms=timestamp_ms)
+
+    def dead_letter(self, topic: str, record: ConsumerRecord, err: BadEvent) -> None:
+        headers = [
+            ("reason", err.reason.encode()),
+            ("detail", err.detail[:500].encode("utf-8", "replace")),
+            ("source_topic", record.topic.encode()),
+            ("source_partition", str(record.partition).encode()),
+            ("source_offset", str(record.offset).encode()),
+            ("dead_lettered_at", repr(time.time()).encode()),
+        ]
+        self.send(self.names.dlq(topic), record.key, record.value, headers)
+        self.metrics.dead_letters.labels(self.stage.name, topic, err.reason).inc()
+        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
+                    record.offset, err)
+
+    def _flush_and_commit(self) -> None:
+        """Steps 5 and 6: outputs durable first, then the offsets."""
+        assert self.producer is not None and self.consumer is not None
+        backoff = 0.1
+        while True:
+            try:
+                self.producer.flush(timeout=30)
+                break
+            except KafkaError as e:  # transient: retry, never drop
+                self.metrics.errors.labels(self.stage.name, "flush").inc()
+                log.warning("producer flush failed (%s); retrying in %.1f s", e, backoff)
+                if self.stop.wait(backoff):
+                    raise
+                backoff = min(backoff * 2, 5.0)
+        try:
+            self.consumer.commit()
+        except CommitFailedError as e:
+            # the group moved on (rebalance): the records will be replayed, state is idempotent
+            self.metrics.errors.labels(self.stage.name, "commit").inc()
+            log.warning("offset commit failed, batch will be replayed: %s", e)
+
+    # ------------------------------------------------------------- the loop
+    def _decode(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> list[Event]:
+        events: list[Event] = []
+        for tp, records in polled.items():
+            topic = self.names.base(tp.topic)
+            self.metrics.consumed.labels(self.stage.name, topic).inc(len(records))
+            for rec in records:
+                try:
+                    events.append(Event(topic, rec, self.stage.decode(topic, rec)))
+                except BadEvent as e:
+                    self.dead_letter(topic, rec, e)
+        return events
+
+    def _handle(self, events: list[Event]) -> None:
+        try:
+            self.stage.handle(events)
+            return
+        except Exception:
+            if len(events) == 1:
+                ev = events[0]
+                log.exception("event failed")
+                self.dead_letter(ev.topic, ev.record, BadEvent("processing_error", "see log"))
+                return
+            log.exception("batch of %d failed; retrying event by event", len(events))
+        for ev in events:
+            try:
+                self.stage.handle([ev])
+            except Exception as e:  # noqa: BLE001 - one bad event never kills the worker
+                detail = f"{type(e).__name__}: {e}"
+                self.dead_letter(ev.topic, ev.record, BadEvent("processing_error", detail))
+
+    def poll_once(self) -> int:
+        assert self.consumer is not None
+        polled = self.consumer.poll(
+            timeout_ms=self.stage.poll_timeout_ms, max_records=self.stage.max_poll_records
+        )
+        t0 = time.perf_counter()
+        n = sum(len(v) for v in polled.values())
+        if n:
+            events = self._decode(polled)
+            if events:
+                self._handle(events)
+        self.stage.tick(time.time())
+        if n:
+            self._flush_and_commit()
+            self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - t0)
+        self._report_lag()
+        return n
+
+    def _report_lag(self) -> None:
+        now = time.monotonic()
+        if now < self._next_lag or self.consumer is None:
+            return
+        self._next_lag = now + self.lag_interval_s
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)
+            if hw is None:
+                continue
+            try:
+                pos = self.consumer.position(tp, timeout_ms=100)
+            except KafkaError:
+                continue
+            if pos is not None:
+                self.metrics.lag.labels(
+                    self.stage.name, self.names.base(tp.topic), str(tp.partition)
+                ).set(max(0, hw - pos))
+
+    def _on_revoked(self, partitions: set[TopicPartition]) -> None:
+        if partitions and self.producer is not None:
+            self._flush_and_commit()
+        self.stage.on_revoked(partitions)
+        self.metrics.assigned.labels(self.stage.name).set(0)
+
+    def _on_assigned(self, partitions: set[TopicPartition]) -> None:
+        self.stage.on_assigned(partitions)
+        self.metrics.assigned.labels(self.stage.name).set(len(partitions))
+        self.ready.set()
+
+    def open(self) -> None:
+        cfg = self.settings.kafka
+        self.producer = make_producer(cfg)
+        self.consumer = make_consumer(
+            cfg, self.group_id,
+            fetch_max_wait_ms=self.stage.fetch_max_wait_ms,
+            max_poll_records=self.stage.max_poll_records,
+        )
+        topics = [self.names.name(t) for t in self.stage.topics]
+        self.consumer.subscribe(topics, listener=on_rebalance(self._on_revoked, self._on_assigned))
+        self.stage.start()
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            try:
+                if self.consumer.assignment():
+                    self._flush_and_commit()
+            except KafkaError as e:
+                log.warning("final commit failed: %s", e)
+            self.consumer.close(autocommit=False)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+        self.stage.close()
+
+    def run(self) -> None:
+        """Poll until ``stop`` is set, then flush, commit and close."""
+        self.open()
+        log.info("%s worker polling %s as group %s", self.stage.name,
+                 list(self.stage.topics), self.group_id)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.poll_once()
+                except KafkaError as e:  # broker trouble: back off and go on
+                    self.metrics.errors.labels(self.stage.name, type(e).__name__).inc()
+                    log.warning("kafka error in poll loop: %s", e)
+                    self.stop.wait(1.0)
+        finally:
+            self.close()

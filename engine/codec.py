@@ -1,0 +1,292 @@
+"""Wire formats: JSON on external topics, compact binary on internal ones.
+
+External topics (documented in the README):
+
+``clicks`` (key = user id)::
+
+    {"user_id": 196, "item_id": 242, "ts": 881250949.0,
+     "profile": {"age": 49, "gender": "M", "occupation": "writer", "zip_code": "55105"}}
+
+``ts`` (unix seconds) and ``profile`` are optional; ids are non-negative
+integers (a JSON number or a decimal string).
+
+``score-requests`` (key = user id)::
+
+    {"user_id": 196, "k": 10, "request_id": "r-1", "profile": {...}}
+
+``recommendations`` (key = user id)::
+
+    {"user_id": 196, "request_id": "r-1", "items": [{"item_id": 50, "score": 0.71}, ...],
+     "model_version": "ralm-...", "request_seen_at": 1.7e9, "emitted_at": 1.7e9, "cold": false}
+
+Internal topics pack many records per Kafka message (kafka-python's producer,
+not the broker, is the throughput limit): ``seed-events`` carries all the
+seeds one scoring poll produced for one item, ``seed-centroids`` one item's
+whole centroid table.
+
+Every decoder raises :class:`BadEvent` with a bounded ``reason`` (a metric
+label) and a human ``detail`` (a DLQ header).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+MAX_ID = 2**63 - 1
+MAX_K = 10_000
+#: far-future guard for event times (a day of clock skew is tolerated)
+FUTURE_SLACK_S = 86_400.0
+
+
+class BadEvent(ValueError):
+    """An event that cannot be processed: dead-lettered, never retried."""
+
+    REASONS = ("not_json", "schema", "unknown_id", "oversized", "bad_binary", "processing_error")
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------- JSON side
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the user tower knows about a user besides their clicks."""
+
+    age: float | None = None
+    gender: str | None = None
+    occupation: str | None = None
+    zip_code: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Click:
+    user_id: int
+    item_id: int
+    ts: float
+    profile: Profile | None = None
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    user_id: int
+    k: int | None = None
+    request_id: str | None = None
+    profile: Profile | None = None
+
+
+def _load_object(raw: bytes | None, max_bytes: int) -> dict:
+    if raw is None:
+        raise BadEvent("schema", "empty value")
+    if len(raw) > max_bytes:
+        raise BadEvent("oversized", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise BadEvent("not_json", str(e)[:200]) from None
+    if not isinstance(obj, dict):
+        raise BadEvent("schema", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id(obj: dict, name: str) -> int:
+    if name not in obj:
+        raise BadEvent("schema", f"missing field '{name}'")
+    v = obj[name]
+    if isinstance(v, bool):
+        raise BadEvent("schema", f"'{name}' must be an integer id, got a boolean")
+    if isinstance(v, str) and v.isdigit() and len(v) <= 19:
+        v = int(v)
+    if not isinstance(v, int) or not 0 <= v <= MAX_ID:
+        raise BadEvent("schema", f"'{name}' must be a non-negative integer id, got {v!r:.60}")
+    return v
+
+
+def _opt_str(obj: dict, name: str, max_len: int = 64) -> str | None:
+    v = obj.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise BadEvent("schema", f"'{name}' must be a string of at most {max_len} chars")
+    return v
+
+
+def _profile(obj: dict) -> Profile | None:
+    p = obj.get("profile")
+    if p is None:
+        return None
+    if not isinstance(p, dict):
+        raise BadEvent("schema", "'profile' must be an object")
+    age = p.get("age")
+    if age is not None:
+        if isinstance(age, bool) or not isinstance(age, int | float) or not 0 <= age <= 150:
+            raise BadEvent("schema", f"'profile.age' must be a number in [0, 150], got {age!r:.40}")
+        age = float(age)
+    return Profile(
+        age=age,
+        gender=_opt_str(p, "gender"),
+        occupation=_opt_str(p, "occupation"),
+        zip_code=_opt_str(p, "zip_code"),
+    )
+
+
+def _ts(obj: dict, now: float) -> float:
+    v = obj.get("ts")
+    if v is None:
+        return now
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise BadEvent("schema", f"'ts' must be a finite number of unix seconds, got {v!r:.40}")
+    if v < 0 or v > now + FUTURE_SLACK_S:
+        raise BadEvent("schema", f"'ts' {v} is negative or in the future")
+    return float(v)
+
+
+def decode_click(raw: bytes | None, now: float, max_bytes: int = 65536) -> Click:
+    obj = _load_object(raw, max_bytes)
+    return Click(_id(obj, "user_id"), _id(obj, "item_id"), _ts(obj, now), _profile(obj))
+
+
+def encode_click(c: Click) -> bytes:
+    obj: dict = {"user_id": c.user_id, "item_id": c.item_id, "ts": c.ts}
+    if c.profile is not None:
+        obj["profile"] = c.profile.to_json()
+    return orjson.dumps(obj)
+
+
+def decode_score_request(raw: bytes | None, max_k: int, max_bytes: int = 65536) -> ScoreRequest:
+    obj = _load_object(raw, max_bytes)
+    k = obj.get("k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k):
+        raise BadEvent("schema", f"'k' must be an integer in [1, {max_k}], got {k!r:.40}")
+    rid = obj.get("request_id")
+    if rid is not None and (not isinstance(rid, str | int) or len(str(rid)) > 128):
+        raise BadEvent("schema", "'request_id' must be a string of at most 128 chars")
+    return ScoreRequest(_id(obj, "user_id"), k, None if rid is None else str(rid), _profile(obj))
+
+
+def encode_json(obj: dict) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def key_of(entity_id: int) -> bytes:
+    """Message keys are the decimal id: readable in any Kafka tool."""
+    return str(entity_id).encode()
+
+
+def decode_key(raw: bytes | None) -> int:
+    if raw is None or not raw.isdigit() or len(raw) > 19:
+        raise BadEvent("schema", f"key must be a decimal id, got {raw!r:.40}")
+    return int(raw)
+
+
+# -------------------------------------------------------------- binary side
+
+_SEED_HEAD = struct.Struct("<2sIH")  # magic, n, dim
+_SEED_MAGIC = b"S1"
+_CENT_HEAD = struct.Struct("<2sHHIdd")  # magic, k, dim, n_seeds, updated_at, last_seed_ts
+_CENT_MAGIC = b"C1"
+_MAX_DIM = 4096
+
+
+@dataclass
+class SeedBatch:
+    """Seeds of one item from one scoring poll (item id is the message key)."""
+
+    users: np.ndarray  # int64 [n]
+    ts: np.ndarray  # float64 [n]
+    vectors: np.ndarray  # float32 [n, d]
+    model_version: str = ""
+
+
+def encode_seeds(b: SeedBatch) -> bytes:
+    n, dim = b.vectors.shape
+    ver = b.model_version.encode()
+    return b"".join([
+        _SEED_HEAD.pack(_SEED_MAGIC, n, dim),
+        struct.pack("<H", len(ver)), ver,
+        np.ascontiguousarray(b.users, "<i8").tobytes(),
+        np.ascontiguousarray(b.ts, "<f8").tobytes(),
+        np.ascontiguousarray(b.vectors, "<f4").tobytes(),
+    ])
+
+
+def decode_seeds(raw: bytes | None) -> SeedBatch:
+    if raw is None or len(raw) < _SEED_HEAD.size + 2:
+        raise BadEvent("bad_binary", "seed batch too short")
+    magic, n, dim = _SEED_HEAD.unpack_from(raw)
+    if magic != _SEED_MAGIC or not 0 < dim <= _MAX_DIM:
+        raise BadEvent("bad_binary", f"not a seed batch (magic {magic!r}, dim {dim})")
+    off = _SEED_HEAD.size
+    (vlen,) = struct.unpack_from("<H", raw, off)
+    off += 2
+    ver = raw[off:off + vlen].decode("utf-8", "replace")
+    off += vlen
+    need = off + n * (8 + 8 + 4 * dim)
+    if len(raw) != need:
+        raise BadEvent("bad_binary", f"seed batch of {n}x{dim} needs {need} bytes, got {len(raw)}")
+    users = np.frombuffer(raw, "<i8", n, off)
+    ts = np.frombuffer(raw, "<f8", n, off + 8 * n)
+    vec = np.frombuffer(raw, "<f4", n * dim, off + 16 * n).reshape(n, dim)
+    if (users < 0).any() or not np.isfinite(ts).all() or not np.isfinite(vec).all():
+        raise BadEvent("bad_binary", "negative id or non-finite value in seed batch")
+    return SeedBatch(users, ts, vec, ver)
+
+
+@dataclass
+class ItemCentroids:
+    """One row of the compacted centroid table (item id is the key)."""
+
+    centroids: np.ndarray  # float32 [k, d]
+    counts: np.ndarray  # float32 [k]; 0 marks an empty slot
+    n_seeds: int
+    updated_at: float  # wall clock of the publishing worker
+    last_seed_ts: float = 0.0  # newest seed's event time
+    model_version: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def encode_centroids(c: ItemCentroids) -> bytes:
+    k, dim = c.centroids.shape
+    ver = c.model_version.encode()
+    return b"".join([
+        _CENT_HEAD.pack(_CENT_MAGIC, k, dim, c.n_seeds, c.updated_at, c.last_seed_ts),
+        struct.pack("<H", len(ver)), ver,
+        np.ascontiguousarray(c.counts, "<f4").tobytes(),
+        np.ascontiguousarray(c.centroids, "<f4").tobytes(),
+    ])
+
+
+def decode_centroids(raw: bytes | None) -> ItemCentroids | None:
+    """``None`` for a tombstone (the item was deleted)."""
+    if raw is None:
+        return None
+    if len(raw) < _CENT_HEAD.size + 2:
+        raise BadEvent("bad_binary", "centroid record too short")
+    magic, k, dim, n_seeds, updated, last_ts = _CENT_HEAD.unpack_from(raw)
+    if magic != _CENT_MAGIC or not 0 < dim <= _MAX_DIM or not 0 < k <= MAX_K:
+        raise BadEvent("bad_binary", f"not a centroid record (magic {magic!r}, k {k}, dim {dim})")
+    off = _CENT_HEAD.size
+    (vlen,) = struct.unpack_from("<H", raw, off)
+    off += 2
+    ver = raw[off:off + vlen].decode("utf-8", "replace")
+    off += vlen
+    need = off + 4 * k + 4 * k * dim
+    if len(raw) != need:
+        raise BadEvent("bad_binary", f"centroids {k}x{dim} need {need} bytes, got {len(raw)}")
+    counts = np.frombuffer(raw, "<f4", k, off)
+    cent = np.frombuffer(raw, "<f4", k * dim, off + 4 * k).reshape(k, dim)
+    if not np.isfinite(cent).all() or not np.isfinite(counts).all() or (counts < 0).any():
+        raise BadEvent("bad_binary", "non-finite or negative value in centroid record")
+    return ItemCentroids(cent, counts, n_seeds, updated, last_ts, ver)

@@ -1,0 +1,130 @@
+"""Typed settings, one object per component.
+
+Every setting has a default that works on a laptop. Values come, in rising
+priority, from the defaults here, a TOML file (``--config``), environment
+variables (``LOOKALIKE_<SECTION>__<FIELD>``, e.g. ``LOOKALIKE_KAFKA__PARTITIONS=4``)
+and command-line options.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+_TOML_FILE: ContextVar[Path | None] = ContextVar("lookalike_toml_file", default=None)
+
+
+def default_cache_dir() -> Path:
+    """Where fetched data, checkpoints and run artifacts live (never in git)."""
+    env = os.environ.get("LOOKALIKE_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lookalike"
+
+
+class KafkaConfig(BaseModel):
+    """Where the broker is and how the topics are laid out."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic_prefix: str = Field("", description="prepended to every topic name (tests isolate runs)")
+    partitions: int = Field(2, ge=1)
+    client_id: str = "lookalike"
+    max_message_bytes: int = Field(
+        64 * 1024, description="larger external events are dead-lettered"
+    )
+
+
+class WindowConfig(BaseModel):
+    """Per-item seed window and its centroids."""
+
+    size: int = Field(256, ge=1, description="most recent distinct seed users kept per item")
+    k: int = Field(20, ge=1, description="centroids per item")
+    count_cap: float | None = Field(
+        256.0,
+        description="cap on a centroid's count so it keeps tracking the window "
+        "(None: plain mini-batch k-means, whose steps shrink forever)",
+    )
+
+
+class ScoringConfig(BaseModel):
+    """Scoring worker: user state, retrieval and ranking."""
+
+    history_len: int = Field(50, ge=1, description="recent clicks kept per user")
+    max_users: int = Field(1_000_000, ge=1, description="users held per worker (LRU beyond)")
+    top_k: int = Field(10, ge=1)
+    max_k: int = Field(500, ge=1, description="largest K a request may ask for")
+    candidates: int = Field(200, ge=1, description="Faiss candidates ranked by RALM attention")
+    index_refresh_s: float = Field(
+        0.5, gt=0, description="rebuild the item index at most this often"
+    )
+    min_seeds: int = Field(1, ge=1, description="an item needs this many seeds to be recommended")
+    threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
+
+
+class MetricsConfig(BaseModel):
+    port: int = Field(0, ge=0, description="Prometheus HTTP port; 0 picks a free one")
+
+
+class Settings(BaseSettings):
+    """All settings of one process."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", env_nested_delimiter="__")
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    kafka: KafkaConfig = KafkaConfig()
+    window: WindowConfig = WindowConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        toml = _TOML_FILE.get()
+        if toml is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml),)
+        return sources
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.cache_dir / "checkpoints"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.cache_dir / "data"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults < TOML file < environment < explicit overrides (dotted keys, from the CLI)."""
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    token = _TOML_FILE.set(path)
+    try:
+        merged = Settings().model_dump()
+    finally:
+        _TOML_FILE.reset(token)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return Settings.model_validate(merged)

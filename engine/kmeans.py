@@ -1,0 +1,134 @@
+"""Incremental mini-batch k-means for per-item seed centroids.
+
+The online update is scikit-learn's ``MiniBatchKMeans`` step (Sculley 2010, as
+implemented in ``sklearn.cluster._kmeans._mini_batch_step``): every centroid is
+the running mean of the points assigned to it, so a batch moves a centroid by
+``(sum(x) - n·c) / (count + n)``. With ``count_cap=None`` and no random
+reassignment the result equals scikit-learn's ``partial_fit`` exactly (the unit
+tests compare the two). Plain mini-batch k-means slows down forever as counts
+grow; a seed window forgets old users, so by default the counts are capped at
+the window size and the centroids keep tracking the window's current seeds.
+
+Empty slots (an item with fewer than k distinct seeds so far) have count 0; a
+new point goes to an empty slot before it is averaged into a used one, so the
+first k seeds each found a centroid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _sq_dists(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """[n, k] squared Euclidean distances."""
+    return (
+        (x * x).sum(1)[:, None]
+        - 2.0 * x @ centroids.T
+        + (centroids * centroids).sum(1)[None, :]
+    )
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Nearest used centroid per row of ``x`` (slots with count 0 are skipped)."""
+    d = _sq_dists(x, centroids)
+    if counts is not None:
+        d[:, counts <= 0] = np.inf
+    return d.argmin(1)
+
+
+def empty(k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """k unused slots."""
+    return np.zeros((k, dim), np.float32), np.zeros(k, np.float32)
+
+
+def partial_fit(
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    x: np.ndarray,
+    count_cap: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One mini-batch step with new points ``x`` [n, d]; returns new arrays.
+
+    Points first fill empty slots (in order), the rest are averaged into their
+    nearest used centroid with the mini-batch learning rate 1/count.
+    """
+    centroids = centroids.astype(np.float32, copy=True)
+    counts = counts.astype(np.float32, copy=True)
+    x = np.asarray(x, np.float32)
+    free = np.flatnonzero(counts <= 0)
+    n_new = min(len(free), len(x))
+    if n_new:
+        centroids[free[:n_new]] = x[:n_new]
+        counts[free[:n_new]] = 1.0
+        x = x[n_new:]
+    if len(x) == 0:
+        return centroids, counts
+    labels = assign(x, centroids, counts)
+    k, dim = centroids.shape
+    sums = np.zeros((k, dim), np.float64)
+    np.add.at(sums, labels, x)
+    n = np.bincount(labels, minlength=k).astype(np.float64)
+    moved = n > 0
+    old = counts[moved].astype(np.float64)
+    if count_cap is not None:
+        old = np.minimum(old, count_cap)
+    total = old + n[moved]
+    centroids[moved] = (centroids[moved] * old[:, None] + sums[moved]) / total[:, None]
+    counts[moved] = total
+    return centroids, counts
+
+
+def fit(
+    x: np.ndarray, k: int, n_iter: int = 10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Batch k-means (k-means++ init, Lloyd iterations) of a whole window.
+
+    Used for the per-epoch refresh of RALM training and for full refreshes of
+    a window. Fewer than k points: each point is a centroid and the other
+    slots are empty (count 0).
+    """
+    x = np.asarray(x, np.float32)
+    n, dim = x.shape
+    centroids, counts = empty(k, dim)
+    if n <= k:
+        centroids[:n] = x
+        counts[:n] = 1.0
+        return centroids, counts
+    rng = np.random.default_rng(seed)
+    centroids = _kmeanspp(x, k, rng)
+    for _ in range(n_iter):
+        labels = assign(x, centroids)
+        new = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(new, labels, x)
+        cnt = np.bincount(labels, minlength=k).astype(np.float64)
+        used = cnt > 0
+        new[used] /= cnt[used, None]
+        new[~used] = centroids[~used]  # an emptied centroid stays where it was
+        shift = float(np.abs(new - centroids).max())
+        centroids = new.astype(np.float32)
+        if shift < 1e-6:
+            break
+    labels = assign(x, centroids)
+    counts = np.bincount(labels, minlength=k).astype(np.float32)
+    return centroids, counts
+
+
+def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007)."""
+    n = len(x)
+    idx = [int(rng.integers(n))]
+    d2 = _sq_dists(x, x[idx]).ravel().clip(min=0)
+    for _ in range(1, k):
+        total = d2.sum()
+        j = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        idx.append(j)
+        d2 = np.minimum(d2, _sq_dists(x, x[[j]]).ravel().clip(min=0))
+    return x[idx].copy()
+
+
+def inertia(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray | None = None) -> float:
+    """Sum of squared distances to the nearest used centroid."""
+    d = _sq_dists(np.asarray(x, np.float32), centroids)
+    if counts is not None:
+        d[:, counts <= 0] = np.inf
+    return float(d.min(1).clip(min=0).sum())

@@ -1,0 +1,95 @@
+"""Topic names and their creation: the layout of the dataflow in DESIGN.md."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from engine.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+CLICKS = "clicks"
+SEED_EVENTS = "seed-events"
+SEED_CENTROIDS = "seed-centroids"
+SCORE_REQUESTS = "score-requests"
+RECOMMENDATIONS = "recommendations"
+ALL = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, RECOMMENDATIONS)
+#: topics whose bad records are dead-lettered to ``<topic>.dlq``
+CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS)
+COMPACTED = (SEED_CENTROIDS,)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Resolved topic names (with the configured prefix)."""
+
+    prefix: str = ""
+
+    def name(self, base: str) -> str:
+        return f"{self.prefix}{base}"
+
+    def dlq(self, base: str) -> str:
+        return f"{self.prefix}{base}.dlq"
+
+    @property
+    def clicks(self) -> str:
+        return self.name(CLICKS)
+
+    @property
+    def seed_events(self) -> str:
+        return self.name(SEED_EVENTS)
+
+    @property
+    def seed_centroids(self) -> str:
+        return self.name(SEED_CENTROIDS)
+
+    @property
+    def score_requests(self) -> str:
+        return self.name(SCORE_REQUESTS)
+
+    @property
+    def recommendations(self) -> str:
+        return self.name(RECOMMENDATIONS)
+
+    def all(self) -> list[str]:
+        return [self.name(t) for t in ALL] + [self.dlq(t) for t in CONSUMED]
+
+    def base(self, full: str) -> str:
+        """Strip the prefix (metric labels use base names: bounded cardinality)."""
+        return full[len(self.prefix):] if full.startswith(self.prefix) else full
+
+
+def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
+    """Create every topic of the dataflow; existing ones are left alone.
+
+    User-keyed topics (clicks, score-requests, recommendations) share one
+    partition count so a scoring worker owns the same users on all of them.
+    """
+    topics = Topics(cfg.topic_prefix)
+    admin = KafkaAdminClient(
+        bootstrap_servers=cfg.bootstrap_servers,
+        client_id=f"{cfg.client_id}-admin",
+        request_timeout_ms=int(timeout_s * 1000),
+    )
+    try:
+        existing = set(admin.list_topics())
+        wanted = []
+        for base in ALL:
+            configs = {"cleanup.policy": "compact"} if base in COMPACTED else {}
+            wanted.append(NewTopic(topics.name(base), cfg.partitions, 1, topic_configs=configs))
+        for base in CONSUMED:
+            wanted.append(NewTopic(topics.dlq(base), 1, 1))
+        new = [t for t in wanted if t.name not in existing]
+        for t in new:  # one by one: a concurrent creator must not fail the rest
+            try:
+                admin.create_topics([t])
+            except TopicAlreadyExistsError:
+                pass
+        log.info("topics ready (%d created, %d existed)", len(new), len(wanted) - len(new))
+        return [t.name for t in new]
+    finally:
+        admin.close()

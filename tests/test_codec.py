@@ -1,0 +1,120 @@
+"""Wire formats: round trips, and every malformed input is a BadEvent with a reason."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.codec import (
+    BadEvent,
+    Click,
+    ItemCentroids,
+    Profile,
+    SeedBatch,
+    decode_centroids,
+    decode_click,
+    decode_score_request,
+    decode_seeds,
+    encode_centroids,
+    encode_click,
+    encode_seeds,
+)
+
+NOW = 1_700_000_000.0
+
+
+def test_click_round_trip():
+    c = Click(196, 242, 881250949.0, Profile(49.0, "M", "writer", "55105"))
+    assert decode_click(encode_click(c), NOW) == c
+
+
+def test_click_ids_may_be_decimal_strings_and_ts_defaults_to_now():
+    c = decode_click(b'{"user_id": "7", "item_id": 9}', NOW)
+    assert (c.user_id, c.item_id, c.ts) == (7, 9, NOW)
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"not json", "not_json"),
+    (b"[1, 2]", "schema"),
+    (b'{"item_id": 1}', "schema"),
+    (b'{"user_id": -1, "item_id": 1}', "schema"),
+    (b'{"user_id": true, "item_id": 1}', "schema"),
+    (b'{"user_id": 1.5, "item_id": 1}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "ts": "yesterday"}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "ts": 1e300}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "ts": -5}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "profile": {"age": "old"}}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "profile": {"gender": "' + b"x" * 100 + b'"}}', "schema"),
+    (b'{"user_id": 1, "item_id": 1, "pad": "' + b"x" * 70_000 + b'"}', "oversized"),
+    (None, "schema"),
+])
+def test_bad_clicks_have_reasons(raw, reason):
+    with pytest.raises(BadEvent) as e:
+        decode_click(raw, NOW)
+    assert e.value.reason == reason
+
+
+def test_score_request_validation():
+    r = decode_score_request(b'{"user_id": 3, "k": 5, "request_id": "a"}', max_k=10)
+    assert (r.user_id, r.k, r.request_id) == (3, 5, "a")
+    for bad in (b'{"user_id": 3, "k": 0}', b'{"user_id": 3, "k": 11}', b'{"user_id": 3, "k": "5"}'):
+        with pytest.raises(BadEvent):
+            decode_score_request(bad, max_k=10)
+
+
+def test_seed_batch_round_trip_and_corruption():
+    rng = np.random.default_rng(0)
+    b = SeedBatch(np.array([1, 2], np.int64), np.array([1.0, 2.0]),
+                  rng.normal(size=(2, 8)).astype(np.float32), "ralm-x")
+    out = decode_seeds(encode_seeds(b))
+    np.testing.assert_array_equal(out.vectors, b.vectors)
+    assert out.users.tolist() == [1, 2] and out.model_version == "ralm-x"
+    raw = encode_seeds(b)
+    for bad in (raw[:-1], b"XX" + raw[2:], None):
+        with pytest.raises(BadEvent):
+            decode_seeds(bad)
+    nan = SeedBatch(b.users, b.ts, np.full((2, 8), np.nan, np.float32))
+    with pytest.raises(BadEvent):
+        decode_seeds(encode_seeds(nan))
+
+
+def test_centroids_round_trip_and_tombstone():
+    c = ItemCentroids(np.ones((3, 4), np.float32), np.array([2, 1, 0], np.float32), 3, NOW,
+                      NOW - 1, "v1")
+    out = decode_centroids(encode_centroids(c))
+    np.testing.assert_array_equal(out.centroids, c.centroids)
+    assert (out.n_seeds, out.updated_at, out.model_version) == (3, NOW, "v1")
+    assert decode_centroids(None) is None
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash_the_decoders(raw):
+    for decode in (lambda r: decode_click(r, NOW), lambda r: decode_score_request(r, 100),
+                   decode_seeds, decode_centroids):
+        try:
+            decode(raw)
+        except BadEvent:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                      children, max_size=4),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["user_id", "item_id", "ts", "profile", "k"]),
+                       json_values, max_size=5))
+def test_wrong_types_are_rejected_or_valid(obj):
+    try:
+        c = decode_click(json.dumps(obj).encode(), NOW)
+    except BadEvent as e:
+        assert e.reason in BadEvent.REASONS
+        return
+    assert isinstance(c.user_id, int) and c.user_id >= 0
+    assert math.isfinite(c.ts) and 0 <= c.ts <= NOW + 86_400
