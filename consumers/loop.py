@@ -16,10 +16,15 @@ One iteration, in this order — the only place the order is written:
 
 Offsets are committed only after what they produced is durable (5 before 6),
 so a crash replays at most the last batch: at-least-once. Stage state updates
-are idempotent (seed windows ignore replays) or rebuilt from the log. On a
-rebalance the revoked partitions go through 5 and 6 before the stage drops
-their state; assigned partitions are announced to the stage before their first
-record. Transient broker faults are retried with backoff, never dead-lettered.
+are idempotent (seed windows ignore replays) or rebuilt from the log.
+
+Rebalances happen inside step 1 (``poll``), so by then the previous batch has
+been through 5 and 6 and nothing processed is uncommitted; the stage is told
+which partitions it lost and drops their state. (kafka-python 3 runs the
+rebalance listener on its IO thread, where a blocking commit is refused: this
+order is what makes committing there unnecessary.) Assigned partitions are
+announced to the stage before their first record. Transient broker faults are
+retried with backoff, never dead-lettered.
 """
 
 from __future__ import annotations
@@ -230,9 +235,13 @@ class ConsumerLoop:
                 ).set(max(0, hw - pos))
 
     def _on_revoked(self, partitions: set[TopicPartition]) -> None:
-        if partitions and self.producer is not None:
-            self._flush_and_commit()
         self.stage.on_revoked(partitions)
+        for tp in partitions:  # another member reports these now
+            try:
+                self.metrics.lag.remove(self.stage.name, self.names.base(tp.topic),
+                                        str(tp.partition))
+            except KeyError:
+                pass
         self.metrics.assigned.labels(self.stage.name).set(0)
 
     def _on_assigned(self, partitions: set[TopicPartition]) -> None:

@@ -46,9 +46,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UserState:
-    """What the worker keeps per user: recent clicks (newest last) and profile."""
+    """What the worker keeps per user.
+
+    ``history``: the recent clicks the model reads (newest last);
+    ``seen``: the items never to recommend again, a longer bounded record
+    (an ordered set, oldest first).
+    """
 
     history: deque[int]
+    seen: dict[int, None] = field(default_factory=dict)
     profile: Profile | None = None
     clicks: int = 0
     last_ts: float = field(default=0.0)
@@ -57,8 +63,8 @@ class UserState:
 class UserStore:
     """Users of this worker's partitions, least recently active evicted first."""
 
-    def __init__(self, history_len: int, max_users: int):
-        self.history_len, self.max_users = history_len, max_users
+    def __init__(self, history_len: int, max_users: int, max_seen: int):
+        self.history_len, self.max_users, self.max_seen = history_len, max_users, max_seen
         self.users: OrderedDict[int, UserState] = OrderedDict()
 
     def __len__(self) -> int:
@@ -77,6 +83,10 @@ class UserStore:
         else:
             self.users.move_to_end(c.user_id)
         st.history.append(c.item_id)
+        st.seen.pop(c.item_id, None)
+        st.seen[c.item_id] = None
+        if len(st.seen) > self.max_seen:
+            del st.seen[next(iter(st.seen))]
         st.clicks += 1
         st.last_ts = max(st.last_ts, c.ts)
         if c.profile is not None:
@@ -97,7 +107,7 @@ class ScoringStage(Stage):
         faiss.omp_set_num_threads(cfg.threads)
         self.model = model
         self.catalogue = {int(i) for i in model.features.catalog_ids}
-        self.users = UserStore(cfg.history_len, cfg.max_users)
+        self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen)
         self.table = CentroidTable(model.k, model.dim, cfg.min_seeds)
         self.table_reader: KafkaConsumer | None = None
         self._next_refresh = 0.0
@@ -170,7 +180,7 @@ class ScoringStage(Stage):
     def rank(self, users: np.ndarray, states: list[UserState | None],
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
         """Faiss candidates by cos(global), re-ranked by the full RALM score."""
-        seen = [set(s.history) if s else set() for s in states]
+        seen = [s.seen.keys() if s else set() for s in states]
         n_cand = self.settings.scoring.candidates + max(len(s) for s in seen)
         slots = self.table.search(users, n_cand)
         out: list[list[tuple[int, float]]] = []

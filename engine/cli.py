@@ -225,7 +225,7 @@ def train_ralm_cmd(
     s = _settings(config, cache_dir=cache_dir)
     ds = load_dataset(dataset, s.data_dir)
     train, _ = ds.time_split(split)
-    updates = {"epochs": epochs, "lookalike_epochs": lookalike_epochs, "seed": seed}
+    updates = {"user_epochs": epochs, "lookalike_epochs": lookalike_epochs, "seed": seed}
     cfg = RalmConfig().model_copy(update={k: v for k, v in updates.items() if v is not None})
     path = train_ralm(train, cfg, s.checkpoint_dir)
     typer.echo(str(path))

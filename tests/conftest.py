@@ -1,0 +1,17 @@
+"""Shared pytest fixtures: real MovieLens-100k, and the embedded broker (kafka_fixtures)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import default_cache_dir
+from engine.data import Dataset, fetch_ml100k, load_recbole
+
+pytest_plugins = ["tests.kafka_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Dataset:
+    """MovieLens-100k, fetched through pip once into the user's cache (never into git)."""
+    folder = fetch_ml100k(default_cache_dir() / "data", quiet=True)
+    return load_recbole(folder)

@@ -1,0 +1,70 @@
+"""Clustering workers on the embedded broker: windows, centroids, dead letters."""
+
+from collections import defaultdict
+
+import numpy as np
+
+from consumers.clustering import ClusteringStage
+from consumers.runner import start_worker
+from engine.codec import SeedBatch, decode_centroids, encode_seeds, key_of
+from engine.scrape import scrape, total
+from tests.kafka_fixtures import produce, read_all, wait_until
+
+
+def _seed_events(n_items=12, n_users=40, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    out, expected = [], defaultdict(set)
+    for t in range(300):
+        item, user = int(rng.integers(n_items)), int(rng.integers(n_users))
+        vec = rng.normal(size=(1, dim)).astype(np.float32)
+        batch = SeedBatch(np.array([user]), np.array([float(t)]), vec, "v1")
+        out.append((key_of(item), encode_seeds(batch)))
+        expected[item].add(user)
+    return out, expected
+
+
+def test_two_workers_own_disjoint_items_and_publish_centroids(settings):
+    settings = settings.model_copy(update={"window": settings.window.model_copy(
+        update={"size": 1000, "k": 4})})
+    stages = [ClusteringStage(settings) for _ in range(2)]
+    workers = [start_worker(s) for s in stages]
+    try:
+        wait_until(lambda: all(w.loop.ready.is_set() for w in workers), what="group join")
+        wait_until(lambda: sum(len(w.loop.consumer.assignment()) for w in workers) == 2,
+                   what="both partitions assigned")
+        events, expected = _seed_events()
+        bad = [(key_of(1), b"garbage"), (b"not-an-id", events[0][1])]
+        produce(settings, "seed-events", events[:150] + bad + events[150:])
+
+        def done():
+            return sum(s.state.seeds_held() for s in stages) == sum(map(len, expected.values()))
+        wait_until(done, what="all seeds in windows")
+
+        # every seed is in exactly one window, and the windows hold exactly the clickers
+        owners = defaultdict(list)
+        for i, s in enumerate(stages):
+            for item, st in s.state.items.items():
+                owners[item].append(i)
+                assert set(st.window.users()) == expected[item]
+        assert all(len(o) == 1 for o in owners.values()) and set(owners) == set(expected)
+
+        # centroids for every clicked item appear on the compacted table
+        latest = {}
+        for rec in read_all(settings, "seed-centroids"):
+            latest[int(rec.key)] = decode_centroids(rec.value)
+        assert set(latest) == set(expected)
+        assert all(latest[i].n_seeds == len(expected[i]) for i in expected)
+
+        # the bad records are dead-lettered with their reason; the good ones around them counted
+        dlq = read_all(settings, "seed-events.dlq", expect=2)
+        reasons = sorted(dict(r.headers)["reason"].decode() for r in dlq)
+        assert reasons == ["bad_binary", "schema"]
+        metrics = [scrape(w.metrics_url) for w in workers]
+        assert sum(total(m, "lookalike_events_consumed_total", topic="seed-events")
+                   for m in metrics) == len(events) + 2
+        assert sum(total(m, "lookalike_dead_letters_total") for m in metrics) == 2
+        assert sum(total(m, "lookalike_seed_window_seeds") for m in metrics) == sum(
+            map(len, expected.values()))
+    finally:
+        for w in workers:
+            w.stop()
