@@ -122,6 +122,7 @@ class ConsumerLoop:
         self.producer: KafkaProducer | None = None
         self.ready = threading.Event()  # set once partitions are assigned
         self._next_lag = 0.0
+        self._next_dlq_log: dict[str, float] = {}
         stage.loop = self
 
     # ------------------------------------------------------------- kafka io
@@ -143,8 +144,11 @@ class ConsumerLoop:
         ]
         self.send(self.names.dlq(topic), record.key, record.value, headers)
         self.metrics.dead_letters.labels(self.stage.name, topic, err.reason).inc()
-        log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
-                    record.offset, err)
+        now = time.monotonic()
+        if now >= self._next_dlq_log.get(err.reason, 0.0):  # at most one line/s per reason
+            self._next_dlq_log[err.reason] = now + 1.0
+            log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
+                        record.offset, err)
 
     def _flush_and_commit(self) -> None:
         """Steps 5 and 6: outputs durable first, then the offsets."""

@@ -108,7 +108,9 @@ class ScoringStage(Stage):
         self.model = model
         self.catalogue = {int(i) for i in model.features.catalog_ids}
         self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen)
-        self.table = CentroidTable(model.k, model.dim, cfg.min_seeds)
+        # attention is over however many centroid slots an item has: the
+        # clustering workers' k (settings.window.k) sets it, not training's k
+        self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds)
         self.table_reader: KafkaConsumer | None = None
         self._next_refresh = 0.0
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+from engine.processes import terminate
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,7 @@ class EmbeddedBroker:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM our own process (by PID), then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, timeout_s)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start() if self.proc is None else self

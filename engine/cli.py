@@ -49,6 +49,9 @@ def _logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python warns whenever our CPU work delays its IO thread: noise here
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def _stop_on_signals() -> threading.Event:

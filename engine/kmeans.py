@@ -36,6 +36,13 @@ def assign(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray | None = Non
     return d.argmin(1)
 
 
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums [k, d] (float64) and sizes [k]: one-hot matmul, ~10x ``np.add.at``."""
+    onehot = np.zeros((k, len(x)), np.float64)
+    onehot[labels, np.arange(len(x))] = 1.0
+    return onehot @ x.astype(np.float64), onehot.sum(1)
+
+
 def empty(k: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """k unused slots."""
     return np.zeros((k, dim), np.float32), np.zeros(k, np.float32)
@@ -64,10 +71,7 @@ def partial_fit(
     if len(x) == 0:
         return centroids, counts
     labels = assign(x, centroids, counts)
-    k, dim = centroids.shape
-    sums = np.zeros((k, dim), np.float64)
-    np.add.at(sums, labels, x)
-    n = np.bincount(labels, minlength=k).astype(np.float64)
+    sums, n = _cluster_sums(x, labels, len(centroids))
     moved = n > 0
     old = counts[moved].astype(np.float64)
     if count_cap is not None:
@@ -98,9 +102,7 @@ def fit(
     centroids = _kmeanspp(x, k, rng)
     for _ in range(n_iter):
         labels = assign(x, centroids)
-        new = np.zeros_like(centroids, dtype=np.float64)
-        np.add.at(new, labels, x)
-        cnt = np.bincount(labels, minlength=k).astype(np.float64)
+        new, cnt = _cluster_sums(x, labels, k)
         used = cnt > 0
         new[used] /= cnt[used, None]
         new[~used] = centroids[~used]  # an emptied centroid stays where it was

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from engine.broker import EmbeddedBroker, free_port
 from engine.codec import Click, Profile, encode_click, encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
+from engine.processes import terminate
 from engine.scrape import scrape, total
 from engine.topics import Topics, create_topics
 
@@ -60,13 +60,7 @@ class WorkerProcess:
     log_path: Path
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout_s)
 
 
 def ensure_checkpoint(s: Settings, train: Dataset, retrain: bool) -> Path:
@@ -277,6 +271,8 @@ def show_recommendations(s: Settings, ds: Dataset, n_users: int) -> dict[str, di
         if rec is None:
             print("  (no answer in time)")
             continue
+        if not rec["items"]:
+            print("  (no items with seeds yet)")
         for j, it in enumerate(rec["items"], 1):
             print(f"  {j}. {titles.get(it['item_id'], it['item_id'])}  ({it['score']:.3f})")
         rec["sent_at"] = r["sent_at"]

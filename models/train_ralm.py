@@ -1,0 +1,429 @@
+"""Offline training of RALM, in the paper's two stages.
+
+Stage 1, user tower: multi-class classification over items. Each user gives
+up to ``positives_per_user`` examples, their most recent training clicks; an
+example's input is the user as they were just before that click (profile,
+the clicks before it, activity so far). The softmax over all D items is
+replaced by a sampled softmax with log-uniform negatives (:class:`LogUniformSampler`).
+
+Stage 2, look-alike tower, user tower frozen. Without leaking the future
+into the seeds: inside the training split an inner cut (``inner_cut``
+quantile of time) separates the past, whose clickers are each item's seeds,
+from the future, whose clicks are the positives; every user is embedded as
+of the cut. Negatives are random seeded items the user never clicked. Each
+epoch first re-clusters every item's seeds with the current transforming
+layer (the paper's iterative training: k-means inside the training loop),
+then fits the towers' attention and the pCTR logit with binary cross-entropy.
+
+Determinism: ``torch.manual_seed(cfg.seed)`` for the weights and one numpy
+Generator for every sample, on ``cfg.threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine import kmeans
+from models.checkpoint import make_version
+from models.features import ClickLog, FeatureSpace
+from models.ralm import KIND, LookalikeTower, RalmConfig, RalmModel, UserTower
+
+if TYPE_CHECKING:
+    from engine.data import Dataset
+
+Log = Callable[[str], object]
+LATEST = "LATEST"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class LogUniformSampler:
+    """Negatives over items ranked by training frequency (rank 0 = most clicked).
+
+    p(k) = (log(k+2) − log(k+1)) / log(D+1), the Zipfian proposal of
+    word2vec/TF's ``log_uniform_candidate_sampler``: its CDF is
+    log(k+2)/log(D+1), so k = ⌊(D+1)^U⌋ − 1 for U ~ Uniform[0, 1).
+    """
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        if n < 1:
+            raise ValueError("need at least one item to sample")
+        self.n = n
+        self.rng = rng
+        self._log_n1 = math.log(n + 1)
+
+    def probs(self) -> np.ndarray:
+        """[D] p(k) for every rank."""
+        k = np.arange(self.n, dtype=np.float64)
+        return (np.log(k + 2) - np.log(k + 1)) / self._log_n1
+
+    def log_prob(self, ranks: np.ndarray) -> np.ndarray:
+        """log p(k) elementwise."""
+        k = np.asarray(ranks, np.float64)
+        return np.log(np.log1p(1.0 / (k + 1)) / self._log_n1)
+
+    def sample(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Ranks (int64) drawn i.i.d. from p."""
+        u = self.rng.random(shape)
+        return np.minimum(np.floor(np.exp(u * self._log_n1)).astype(np.int64) - 1, self.n - 1)
+
+
+def sampled_softmax_loss(
+    logits: torch.Tensor, log_q: torch.Tensor, accidental: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the true item (column 0) against sampled negatives.
+
+    logits [B, 1+S] (column 0 the positive), log_q [B, 1+S] log sampling
+    probability of each candidate, accidental [B, 1+S] True where a negative
+    equals the positive. Subtracting log Q (the logQ correction of Bengio &
+    Senécal / Jean et al.) makes the sampled softmax an unbiased-in-the-limit
+    estimate of the full softmax: without it, popular items, sampled often as
+    negatives, would be pushed down too hard. Accidental hits are removed.
+    """
+    corrected = (logits - log_q).masked_fill(accidental, -1e9)
+    return F.cross_entropy(corrected, torch.zeros(len(logits), dtype=torch.long))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _batches(n: int, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Shuffled index batches over n examples."""
+    order = rng.permutation(n)
+    for start in range(0, n, size):
+        yield order[start:start + size]
+
+
+def _bar(n: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=n, desc=desc, unit="ex", leave=False, disable=not progress)
+
+
+def user_examples(clicks: ClickLog, per_user: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 examples: (user, absolute click position) of each user's last ``per_user`` clicks."""
+    counts = np.diff(clicks.indptr)
+    n = np.minimum(counts, per_user)
+    users = np.repeat(np.arange(len(counts)), n)
+    first = np.repeat(clicks.indptr[1:] - n, n)
+    offset = np.arange(len(users)) - np.repeat(np.cumsum(n) - n, n)
+    return users, first + offset
+
+
+@torch.no_grad()
+def universal_at(
+    tower: UserTower, clicks: ClickLog, users: np.ndarray, ends: np.ndarray, batch: int = 1024
+) -> torch.Tensor:
+    """[len(users), m] universal embeddings of users as of absolute positions ``ends``."""
+    tower.eval()
+    out = [tower(clicks.encode(users[s:s + batch], ends[s:s + batch]))
+           for s in range(0, len(users), batch)]
+    return torch.cat(out) if out else torch.zeros((0, tower.mlp[-1].out_features))
+
+
+def item_seeds(
+    user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int, max_seeds: int
+) -> list[np.ndarray]:
+    """Per dense item, its distinct clickers, most recent ``max_seeds`` (newest last).
+
+    Mirrors the online seed window: a user counts once, at their latest click.
+    """
+    order = np.lexsort((ts, item))
+    user, item = user[order], item[order]
+    bounds = np.searchsorted(item, np.arange(n_items + 1))
+    seeds = []
+    for i in range(n_items):
+        us = user[bounds[i]:bounds[i + 1]][::-1]
+        _, first = np.unique(us, return_index=True)  # latest click of each user
+        seeds.append(us[np.sort(first)][:max_seeds][::-1].copy())
+    return seeds
+
+
+def cluster_seeds(
+    embeddings: np.ndarray, seeds: list[np.ndarray], k: int, n_iter: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of each item's seed embeddings -> centroids [N, k, h], counts [N, k].
+
+    Items without seeds keep k empty slots (count 0).
+    """
+    n, h = len(seeds), embeddings.shape[1]
+    centroids = np.zeros((n, k, h), np.float32)
+    counts = np.zeros((n, k), np.float32)
+    for i, s in enumerate(seeds):
+        if len(s):
+            centroids[i], counts[i] = kmeans.fit(embeddings[s], k, n_iter=n_iter, seed=seed)
+    return centroids, counts
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def train_user_tower(
+    tower: UserTower,
+    clicks: ClickLog,
+    cfg: RalmConfig,
+    rng: np.random.Generator,
+    *,
+    progress: bool = True,
+    log: Log = print,
+) -> list[float]:
+    """Sampled-softmax training of the user tower; returns the mean loss per epoch."""
+    features = clicks.features
+    users, ends = user_examples(clicks, cfg.positives_per_user)
+    targets = features.item_of_rows(clicks.rows[ends])
+    keep = targets > 0
+    users, ends, targets = users[keep], ends[keep], targets[keep]
+    sampler = LogUniformSampler(features.n_items, rng)
+    opt = torch.optim.Adam(tower.parameters(), lr=cfg.lr, fused=True)
+    losses: list[float] = []
+    for epoch in range(cfg.user_epochs):
+        tower.train()
+        total, bar = 0.0, _bar(len(users), f"user tower {epoch + 1}/{cfg.user_epochs}", progress)
+        for idx in _batches(len(users), cfg.batch_size, rng):
+            pos = targets[idx]
+            neg_ranks = sampler.sample((len(idx), cfg.negatives))
+            cands = np.concatenate([pos[:, None], neg_ranks + 1], axis=1)  # rank r -> index r+1
+            log_q = torch.from_numpy(sampler.log_prob(cands - 1)).float()
+            accidental = torch.from_numpy(cands == pos[:, None])
+            accidental[:, 0] = False
+            u = tower(clicks.encode(users[idx], ends[idx]))
+            logits = tower.output(u, torch.from_numpy(cands))
+            loss = sampled_softmax_loss(logits, log_q, accidental)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(len(idx))
+        bar.close()
+        losses.append(total / max(len(users), 1))
+        log(f"user tower epoch {epoch + 1}/{cfg.user_epochs}: loss {losses[-1]:.4f}")
+    tower.eval()
+    return losses
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+class SeedClusters:
+    """Every item's seeds with their k-means slot: centroids as a differentiable function.
+
+    k-means itself is not differentiable, but once each seed has its slot
+    the centroid is a plain mean of transformed seed embeddings. Keeping the
+    assignment fixed for an epoch and taking the means through the
+    transforming layer lets the gradient reach it from the seed side too, so
+    what the layer learns survives the next re-clustering (with constant
+    centroids it only moved the users, and each re-clustering undid that).
+    Seeds are stored CSR: ``indptr`` [N+1] into ``users`` and ``slots``.
+    """
+
+    def __init__(self, seeds: list[np.ndarray], n_users: int, k: int):
+        self.k, self.n_users = k, n_users
+        self.indptr = np.zeros(len(seeds) + 1, np.int64)
+        np.cumsum([len(s) for s in seeds], out=self.indptr[1:])
+        self.users = np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)
+        self.slots = np.zeros(len(self.users), np.int64)
+
+    def recluster(self, z: np.ndarray, n_iter: int, seed: int) -> None:
+        """k-means of each item's seed embeddings z[seeds] [n, h]; keeps the slot of each seed."""
+        for i in range(len(self.indptr) - 1):
+            lo, hi = self.indptr[i], self.indptr[i + 1]
+            if hi > lo:
+                x = z[self.users[lo:hi]]
+                cent, counts = kmeans.fit(x, self.k, n_iter=n_iter, seed=seed)
+                self.slots[lo:hi] = kmeans.assign(x, cent, counts)
+
+    def centroids(self, z: torch.Tensor, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster means of z [n_users, h] for ``items`` [U] -> centroids [U, k, h], mask [U, k]."""
+        lo, hi = self.indptr[items], self.indptr[items + 1]
+        lens = hi - lo
+        pairs = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+        rows = np.repeat(np.arange(len(items)) * self.k, lens) + self.slots[pairs]
+        counts = np.bincount(rows, minlength=len(items) * self.k)
+        avg = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows, self.users[pairs]])),
+            torch.from_numpy(1.0 / counts[rows]).float(),
+            (len(items) * self.k, self.n_users),
+            check_invariants=False,  # indices are in range by construction
+        )
+        cent = torch.sparse.mm(avg, z).view(len(items), self.k, -1)
+        return cent, torch.from_numpy(counts.reshape(len(items), self.k) > 0)
+
+
+class LookalikeData:
+    """Stage-2 data at the inner cut: frozen user embeddings, seeds, positives."""
+
+    def __init__(self, tower: UserTower, clicks: ClickLog, dataset: Dataset, cfg: RalmConfig):
+        n_users, n_items = len(dataset.users.ids), len(dataset.items.ids)
+        self.n_items = n_items
+        cut = float(np.quantile(dataset.ts, cfg.inner_cut))
+        everyone = np.arange(n_users)
+        ends = clicks.position_before(everyone, cut)
+        self.universal = universal_at(tower, clicks, everyone, ends)  # [n_users, m], frozen
+        past = dataset.ts < cut
+        seeds = item_seeds(dataset.user[past], dataset.item[past], dataset.ts[past],
+                           n_items, cfg.max_seeds)
+        self.clusters = SeedClusters(seeds, n_users, cfg.k)
+        self.seeded = np.flatnonzero([len(s) > 0 for s in seeds])
+        has_seeds = np.zeros(n_items, bool)
+        has_seeds[self.seeded] = True
+        future = ~past & has_seeds[dataset.item]
+        self.pos_user, self.pos_item = dataset.user[future], dataset.item[future]
+        self.clicked = np.unique(dataset.user.astype(np.int64) * n_items + dataset.item)
+
+    def examples(
+        self, n_neg: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positives plus ``n_neg`` random unclicked seeded items each: users, items, labels."""
+        users = np.repeat(self.pos_user, n_neg)
+        items = self.seeded[rng.integers(len(self.seeded), size=len(users))]
+        for _ in range(10):  # resample the few negatives the user did click
+            hit = np.isin(users.astype(np.int64) * self.n_items + items, self.clicked)
+            if not hit.any():
+                break
+            items[hit] = self.seeded[rng.integers(len(self.seeded), size=int(hit.sum()))]
+        labels = np.concatenate([np.ones(len(self.pos_user)), np.zeros(len(users))])
+        return (np.concatenate([self.pos_user, users]), np.concatenate([self.pos_item, items]),
+                labels.astype(np.float32))
+
+
+def _scores(tower: LookalikeTower, data: LookalikeData, users: np.ndarray,
+            items: np.ndarray) -> torch.Tensor:
+    """[B] look-alike scores of (user, item) pairs with the current clusters."""
+    uniq, inv = np.unique(items, return_inverse=True)
+    z = tower.transform(data.universal)  # [n_users, h]
+    cent, mask = data.clusters.centroids(z, uniq)
+    inv_t = torch.from_numpy(inv.reshape(-1))
+    g = tower.global_attention(cent, mask)[inv_t][:, None]
+    return tower.score(z[torch.from_numpy(users)], cent[inv_t][:, None], mask[inv_t][:, None],
+                       g).squeeze(1)
+
+
+@torch.no_grad()
+def _calibrate_bias(tower: LookalikeTower, data: LookalikeData, users: np.ndarray,
+                    items: np.ndarray, labels: np.ndarray, n: int = 4096) -> None:
+    """Start the pCTR logit at the base rate: b = logit(mean label) − τ·mean score.
+
+    With b = 0 every pair starts near pCTR ≈ sigmoid(τ·cos) ≫ the base rate,
+    and the quickest way down for non-negative (ReLU) embeddings is to zero
+    them: most of the transforming layer died in the first epoch.
+    """
+    pick = np.linspace(0, len(users) - 1, min(n, len(users))).astype(np.int64)
+    p = float(np.clip(labels.mean(), 1e-6, 1 - 1e-6))
+    mean_score = float(_scores(tower, data, users[pick], items[pick]).mean())
+    tower.bias.fill_(math.log(p / (1 - p)) - float(tower.tau) * mean_score)
+
+
+def train_lookalike_tower(
+    tower: LookalikeTower,
+    data: LookalikeData,
+    cfg: RalmConfig,
+    rng: np.random.Generator,
+    *,
+    progress: bool = True,
+    log: Log = print,
+) -> list[float]:
+    """BCE training of the look-alike tower, re-clustering the seeds before every epoch.
+
+    Mean loss per epoch. Per batch the transforming layer runs over all users
+    once (seeds and scored users alike): cheap at this scale (~1k users); at
+    millions of users, transform only the union of the batch items' seeds.
+    """
+    opt = torch.optim.Adam(tower.parameters(), lr=cfg.lr, fused=True)
+    losses: list[float] = []
+    for epoch in range(cfg.lookalike_epochs):
+        with torch.no_grad():
+            data.clusters.recluster(tower.transform(data.universal).numpy(),
+                                    cfg.kmeans_iters, cfg.seed)
+        users, items, labels = data.examples(cfg.lookalike_negatives, rng)
+        if epoch == 0:
+            _calibrate_bias(tower, data, users, items, labels)
+        tower.train()
+        total = 0.0
+        bar = _bar(len(users), f"look-alike tower {epoch + 1}/{cfg.lookalike_epochs}", progress)
+        for idx in _batches(len(users), cfg.batch_size, rng):
+            score = _scores(tower, data, users[idx], items[idx])
+            loss = F.binary_cross_entropy_with_logits(
+                tower.logit(score), torch.from_numpy(labels[idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(len(idx))
+        bar.close()
+        losses.append(total / max(len(users), 1))
+        log(f"look-alike tower epoch {epoch + 1}/{cfg.lookalike_epochs}: loss {losses[-1]:.4f}")
+    tower.eval()
+    return losses
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def fit_ralm(
+    dataset: Dataset, cfg: RalmConfig, *, progress: bool = True, log: Log = print
+) -> RalmModel:
+    """Train both stages on ``dataset`` (the training split) and return the model."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    started = time.perf_counter()
+    features = FeatureSpace.build(dataset, cfg.history_len)
+    clicks = ClickLog(dataset, features)
+    model = RalmModel.new(cfg, features)
+    user_losses = train_user_tower(model.user_tower, clicks, cfg, rng, progress=progress, log=log)
+    stage1 = time.perf_counter() - started
+    data = LookalikeData(model.user_tower, clicks, dataset, cfg)
+    la_losses = train_lookalike_tower(model.lookalike, data, cfg, rng, progress=progress, log=log)
+    model.version = make_version(
+        KIND, model.user_tower.state_dict(), model.lookalike.state_dict())
+    model.metrics = {
+        "user_tower_loss": user_losses,
+        "lookalike_loss": la_losses,
+        "train_clicks": int(len(dataset.user)),
+        "lookalike_positives": int(len(data.pos_user)),
+        "user_tower_seconds": stage1,
+        "train_seconds": time.perf_counter() - started,
+    }
+    log(f"trained {model.version} in {model.metrics['train_seconds']:.1f}s")
+    return model
+
+
+def train_ralm(
+    dataset: Dataset, cfg: RalmConfig, out: Path, *, progress: bool = True, log: Log = print
+) -> Path:
+    """Train on ``dataset`` and save ``out/<version>.pt``; ``out/LATEST`` names it."""
+    model = fit_ralm(dataset, cfg, progress=progress, log=log)
+    out = Path(out)
+    path = model.save(out / f"{model.version}.pt")
+    _write_atomic(out / LATEST, path.name + "\n")
+    log(f"saved {path}")
+    return path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint ``LATEST`` names, else the newest ``ralm-*.pt``; None if there is none."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / LATEST
+    if pointer.is_file():
+        named = out_dir / pointer.read_text().strip()
+        if named.is_file():
+            return named
+    found = sorted(out_dir.glob(f"{KIND}-*.pt"))  # versions sort by time
+    return found[-1] if found else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,56 @@
+"""The `lookalike` command as a user runs it: real processes, real exit codes."""
+
+import signal
+import subprocess
+import sys
+import time
+
+from kafka.admin import KafkaAdminClient
+
+from engine.broker import free_port
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+def test_broker_command_serves_creates_topics_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(CLI + ["broker", "--port", str(port), "--partitions", "3",
+                                   "--topic-prefix", "cli-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "broker ready" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "broker command exited early"
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        topics = set(admin.list_topics())
+        meta = admin.describe_topics(["cli-clicks"])
+        admin.close()
+        assert {"cli-clicks", "cli-seed-events", "cli-seed-centroids", "cli-score-requests",
+                "cli-recommendations", "cli-clicks.dlq"} <= topics
+        assert len(meta[0]["partitions"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_scoring_worker_without_checkpoint_fails_clearly(tmp_path):
+    r = subprocess.run(CLI + ["worker", "scoring", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "no RALM checkpoint" in r.stderr and "lookalike train ralm" in r.stderr
+
+
+def test_unknown_worker_kind_is_a_usage_error():
+    r = subprocess.run(CLI + ["worker", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "scoring, clustering" in r.stderr
+
+
+def test_data_info_on_a_missing_folder_fails_clearly(tmp_path):
+    r = subprocess.run(CLI + ["data", "info", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "error:" in r.stderr
