@@ -68,7 +68,10 @@ class ScoringConfig(BaseModel):
     index_refresh_s: float = Field(
         0.5, gt=0, description="rebuild the item index at most this often"
     )
-    min_seeds: int = Field(1, ge=1, description="an item needs this many seeds to be recommended")
+    min_seeds: int = Field(
+        5, ge=1, description="an item needs this many seeds to be recommended "
+        "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"
+    )
     threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
 
 

@@ -35,8 +35,10 @@ def tiny_ralm(ml100k, tmp_path_factory) -> RalmModel:
 
 
 def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
-    s = settings.model_copy(update={"window": settings.window.model_copy(
-        update={"size": 10_000, "k": tiny_ralm.k})})
+    s = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"size": 10_000, "k": tiny_ralm.k}),
+        "scoring": settings.scoring.model_copy(update={"min_seeds": 1}),
+    })
     scoring = ScoringStage(s, tiny_ralm)
     clustering = [ClusteringStage(s) for _ in range(2)]
     workers = [start_worker(st) for st in [scoring, *clustering]]
