@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from engine.config import default_cache_dir
 from engine.data import Dataset, fetch_ml100k, load_recbole
 
 pytest_plugins = ["tests.kafka_fixtures"]
+
+# Shared 2-core machines: wall-clock limits on example generation only make flakes.
+settings.register_profile(
+    "lookalike", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("lookalike")
 
 
 @pytest.fixture(scope="session")

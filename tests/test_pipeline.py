@@ -110,6 +110,13 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         np.testing.assert_allclose(scores, full[top], atol=1e-5)
         assert got == scoring.table.item_ids[cand[top]].tolist()
 
+        # a user the worker never saw still gets recommendations, marked cold
+        produce(s, "score-requests", [(key_of(77_777_777), orjson.dumps(
+            {"user_id": 77_777_777, "request_id": "cold", "profile": {"age": 30}}))])
+        cold = json_values(read_all(s, "recommendations", expect=2))[-1]
+        assert cold["request_id"] == "cold" and cold["cold"] is True
+        assert len(cold["items"]) == s.scoring.top_k
+
         # bad events: dead-lettered with reasons; metrics over HTTP count what was sent
         dlq = read_all(s, "clicks.dlq", expect=4)
         assert sorted(dict(r.headers)["reason"].decode() for r in dlq) == [
@@ -118,8 +125,8 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         assert total(m, "lookalike_events_consumed_total", topic="clicks") == N_CLICKS + 4
         assert total(m, "lookalike_dead_letters_total", topic="clicks") == 4
         assert total(m, "lookalike_events_produced_total", topic="seed-events") == N_CLICKS
-        assert total(m, "lookalike_recommendations_total") == 1
-        assert total(m, "lookalike_scoring_latency_seconds_count") == 1
+        assert total(m, "lookalike_recommendations_total") == 2
+        assert total(m, "lookalike_scoring_latency_seconds_count") == 2
         mc = [scrape(w.metrics_url) for w in workers[1:]]
         assert sum(total(x, "lookalike_seed_window_seeds") for x in mc) == n_seeds
         assert sum(total(x, "lookalike_centroids_published_total") for x in mc) >= len(expected)
