@@ -5,6 +5,13 @@ have the same partition count, so range assignment gives one worker all of a
 user's events. Besides its users, every scoring worker keeps the whole
 centroid table (all partitions of ``seed-centroids``, read without a group)
 and ranks with the same RALM model that embedded the seeds.
+
+User state recovery (first version): ``clicks`` is the changelog of the user
+state. When a partition is assigned, its clicks up to the group's committed
+offset are read again (decode and ``UserStore.click`` only: no seeds are
+re-emitted, no request is answered twice) before the partition's first new
+record is handled. Snapshots with offsets replace this when the log outgrows
+a restart budget.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -57,6 +65,7 @@ class UserState:
     seen: dict[int, None] = field(default_factory=dict)
     profile: Profile | None = None
     clicks: int = 0
+    partition: int = -1  # of the clicks topic: the state leaves with it
     last_ts: float = field(default=0.0)
 
 
@@ -73,7 +82,12 @@ class UserStore:
     def get(self, user: int) -> UserState | None:
         return self.users.get(user)
 
-    def click(self, c: Click) -> UserState:
+    def drop(self, pred: Callable[[UserState], bool]) -> None:
+        """Forget the users for whom ``pred(state)`` (their partition moved away)."""
+        for user in [u for u, st in self.users.items() if pred(st)]:
+            del self.users[user]
+
+    def click(self, c: Click, partition: int = -1) -> UserState:
         st = self.users.get(c.user_id)
         if st is None:
             st = UserState(deque(maxlen=self.history_len))
@@ -82,6 +96,7 @@ class UserStore:
                 self.users.popitem(last=False)
         else:
             self.users.move_to_end(c.user_id)
+        st.partition = partition
         st.history.append(c.item_id)
         st.seen.pop(c.item_id, None)
         st.seen[c.item_id] = None
@@ -114,6 +129,7 @@ class ScoringStage(Stage):
         self.table_reader: KafkaConsumer | None = None
         self._next_refresh = 0.0
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served
+        self._to_restore: set[TopicPartition] = set()
         self._caught_up = False
         self.metrics.build_info.labels(self.name).info(
             {"model_version": model.version, "version": __import__("engine").__version__}
@@ -132,6 +148,7 @@ class ScoringStage(Stage):
     # ------------------------------------------------------------- handle
     def handle(self, events: list[Event]) -> None:
         seen_at = time.time()
+        self._restore_pending()
         clicks = [ev for ev in events if ev.topic == T.CLICKS]
         requests = [ev for ev in events if ev.topic == T.SCORE_REQUESTS]
         if clicks:
@@ -149,7 +166,7 @@ class ScoringStage(Stage):
         """Update user state, then emit each click's seed, batched per item."""
         last_state: dict[int, UserState] = {}
         for ev in events:
-            last_state[ev.value.user_id] = self.users.click(ev.value)
+            last_state[ev.value.user_id] = self.users.click(ev.value, ev.record.partition)
         users = list(last_state)
         states = [last_state[u] for u in users]
         vecs = self._embed(states, [s.profile for s in states])
@@ -236,7 +253,55 @@ class ScoringStage(Stage):
         self.table_reader.assign(tps)
         self.table_reader.seek_to_beginning(*tps)
 
+    # ------------------------------------------------------------- user state recovery
+    def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        # runs on kafka-python's IO thread, where blocking calls are refused: defer
+        self._to_restore |= {tp for tp in partitions if tp.topic == self.names.clicks}
+
+    def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        lost = {tp.partition for tp in partitions if tp.topic == self.names.clicks}
+        self._to_restore -= set(partitions)
+        if lost:
+            self.users.drop(lambda st: st.partition in lost)
+
+    def _restore_pending(self) -> None:
+        """Re-read the assigned clicks partitions up to the committed offsets."""
+        if not self._to_restore:
+            return
+        assert self.loop is not None and self.loop.consumer is not None
+        todo, self._to_restore = self._to_restore, set()
+        ends = {tp: self.loop.consumer.committed(tp) or 0 for tp in todo}
+        ends = {tp: off for tp, off in ends.items() if off > 0}
+        if not ends:
+            return
+        reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=50,
+                               max_poll_records=10_000)
+        try:
+            reader.assign(list(ends))
+            reader.seek_to_beginning(*ends)
+            restored, left = 0, dict(ends)
+            deadline = time.monotonic() + 300
+            while left and time.monotonic() < deadline:
+                for tp, records in reader.poll(timeout_ms=500).items():
+                    for rec in records:
+                        if rec.offset >= ends[tp]:
+                            break
+                        try:
+                            self.users.click(self.decode(T.CLICKS, rec), tp.partition)
+                            restored += 1
+                        except BadEvent:
+                            pass  # dead-lettered the first time round
+                for tp in list(left):
+                    if reader.position(tp) >= ends[tp]:
+                        left.pop(tp)
+            if left:
+                log.error("user state of %s not fully restored in time", sorted(left))
+            log.info("restored %d clicks of %d partitions into user state", restored, len(ends))
+        finally:
+            reader.close(autocommit=False)
+
     def tick(self, now: float) -> None:
+        self._restore_pending()
         self.read_table()
         if self.table.dirty and now >= self._next_refresh:
             self.table.refresh(self.model.item_global)

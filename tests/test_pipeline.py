@@ -133,3 +133,37 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_a_restarted_scoring_worker_restores_user_state_without_reemitting(
+        settings, ml100k, tiny_ralm):
+    s = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"k": tiny_ralm.k})})
+    n = 1500
+    first = start_worker(ScoringStage(s, tiny_ralm))
+    try:
+        wait_until(first.loop.ready.is_set, what="group formed")
+        replay(ml100k, s.kafka, limit=n, progress=False)
+        wait_until(lambda: total(scrape(first.metrics_url), "lookalike_events_consumed_total",
+                                 topic="clicks") == n, what="clicks consumed")
+        held = first.loop.stage.users.users
+        before = {u: (list(st.history), st.clicks) for u, st in held.items()}
+    finally:
+        first.stop()
+    second_stage = ScoringStage(s, tiny_ralm)
+    second = start_worker(second_stage)
+    try:
+        wait_until(second.loop.ready.is_set, what="group re-formed")
+        # a request makes the worker handle a batch (the restore runs before it)
+        user = next(iter(before))
+        produce(s, "score-requests", [(key_of(user), orjson.dumps(
+            {"user_id": user, "request_id": "after-restart"}))])
+        recs = json_values(read_all(s, "recommendations", expect=1))
+        assert recs[0]["request_id"] == "after-restart" and recs[0]["cold"] is False
+        after = {u: (list(st.history), st.clicks) for u, st in second_stage.users.users.items()}
+        assert after == before
+        m = scrape(second.metrics_url)
+        assert total(m, "lookalike_events_produced_total", topic="seed-events") == 0
+        assert len(read_all(s, "seed-events")) > 0  # only the first worker's seeds exist
+    finally:
+        second.stop()
