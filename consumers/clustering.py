@@ -47,10 +47,7 @@ class ClusteringStage(Stage):
             self._partition_of[item] = ev.record.partition
             produced[item] = max(produced.get(item, 0), ev.record.timestamp)
         t0 = time.perf_counter()
-        changed = [
-            item for item, bs in batches.items()
-            if any([self.state.apply(item, b) for b in bs])  # list: apply every batch
-        ]
+        changed = self.state.apply_many(batches)
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
         now = time.time()
         for item in changed:

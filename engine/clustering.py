@@ -60,6 +60,42 @@ class ItemClusters:
         st.last_seed_ts = max(st.last_seed_ts, float(batch.ts[accepted].max()))
         return True
 
+    def apply_many(self, batches: dict[int, list[SeedBatch]]) -> list[int]:
+        """``apply`` for a whole poll batch: one vectorised k-means step for all items.
+
+        Returns the items whose windows changed. Same result as ``apply`` item
+        by item (windows identical, centroids equal up to float rounding).
+        """
+        changed: list[int] = []
+        points: list[np.ndarray] = []
+        for item, bs in batches.items():
+            accepted = []
+            for b in bs:
+                st = self._state(item, b.vectors.shape[1], b.model_version)
+                keep = [i for i in range(len(b.users))
+                        if st.window.add(int(b.users[i]), float(b.ts[i]), b.vectors[i])]
+                if keep:
+                    accepted.append(b.vectors[keep])
+                    st.last_seed_ts = max(st.last_seed_ts, float(b.ts[keep].max()))
+            if accepted:
+                changed.append(item)
+                points.append(np.concatenate(accepted))
+        if not changed:
+            return changed
+        states = [self.items[i] for i in changed]
+        if len({s.centroids.shape for s in states}) > 1:  # mixed dims: rare, go one by one
+            for st, x in zip(states, points):
+                st.centroids, st.counts = kmeans.partial_fit(
+                    st.centroids, st.counts, x, self.cfg.count_cap)
+            return changed
+        owner = np.repeat(np.arange(len(changed)), [len(x) for x in points])
+        cent, counts = kmeans.partial_fit_many(
+            np.stack([s.centroids for s in states]), np.stack([s.counts for s in states]),
+            np.concatenate(points), owner, self.cfg.count_cap)
+        for j, st in enumerate(states):
+            st.centroids, st.counts = cent[j], counts[j]
+        return changed
+
     def refresh(self, item: int, seed: int = 0) -> None:
         """Full k-means of the item's current window (drops forgotten seeds' pull)."""
         st = self.items[item]

@@ -64,3 +64,20 @@ def test_fit_inertia_close_to_sklearn_kmeans():
 def test_fit_with_fewer_points_than_k_marks_empty_slots():
     c, n = kmeans.fit(np.ones((3, 4), np.float32), 5)
     assert n.tolist() == [1, 1, 1, 0, 0]
+
+
+def test_partial_fit_many_equals_the_per_item_loop():
+    rng = np.random.default_rng(5)
+    m, k, d = 30, 4, 6
+    cent = rng.normal(size=(m, k, d)).astype(np.float32)
+    counts = rng.integers(0, 6, size=(m, k)).astype(np.float32)
+    counts = -np.sort(-counts, axis=1)  # used slots are a prefix
+    cent[counts == 0] = 0
+    x = rng.normal(size=(200, d)).astype(np.float32)
+    owner = rng.integers(0, m, size=200)
+    for cap in (None, 3.0):
+        got_c, got_n = kmeans.partial_fit_many(cent, counts, x, owner, cap)
+        for i in range(m):
+            ref_c, ref_n = kmeans.partial_fit(cent[i], counts[i], x[owner == i], cap)
+            np.testing.assert_allclose(got_c[i], ref_c, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(got_n[i], ref_n)
