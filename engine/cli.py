@@ -22,9 +22,11 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch and inspect datasets.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create the dataflow's topics.", no_args_is_help=True)
 train_app = typer.Typer(help="Train models offline.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate models offline.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(topics_app, name="topics")
 app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file")]
 BootstrapOpt = Annotated[
@@ -232,6 +234,37 @@ def train_ralm_cmd(
     cfg = RalmConfig().model_copy(update={k: v for k, v in updates.items() if v is not None})
     path = train_ralm(train, cfg, s.checkpoint_dir)
     typer.echo(str(path))
+
+
+# ------------------------------------------------------------------- evaluation
+@evaluate_app.command("lookalike-task")
+def evaluate_lookalike_task_cmd(
+    seeds: Annotated[int, typer.Option(help="training seeds (0..N-1); quick uses 2")] = 5,
+    quick: Annotated[bool, typer.Option(help="small epochs and 2 seeds (minutes)")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder (default <cache_dir>/reports/lookalike-task)")] = None,
+    dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
+    jobs: Annotated[int, typer.Option(help="seeds trained in parallel processes")] = 1,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """RALM vs its baselines and ablations on the look-alike task: table, JSON, plots."""
+    from engine.data import DataError, load_dataset
+    from models.lookalike_task import run_lookalike_task
+
+    if seeds < 1:
+        raise typer.BadParameter("--seeds must be at least 1")
+    s = _settings(config, cache_dir=cache_dir)
+    out_dir = out or s.cache_dir / "reports" / "lookalike-task"
+    try:
+        ds = load_dataset(dataset, s.data_dir)
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    run_lookalike_task(ds, seeds=tuple(range(seeds)), quick=quick, out_dir=out_dir, jobs=jobs)
+    typer.echo((out_dir / "lookalike-task.md").read_text())
+    typer.echo(f"wrote {out_dir}/lookalike-task.json, lookalike-task.md, prec-vs-k.png, "
+               "audience-by-seeds.png")
 
 
 # ------------------------------------------------------------------- the demo

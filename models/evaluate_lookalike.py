@@ -18,12 +18,18 @@ Choices (the paper leaves them open):
 
 The same numbers for a popularity ranking (seed count) are reported as
 ``pop_*``; the audience view's baseline ranks users by activity (``active_*``).
+
+:class:`Protocol` computes the split once (test users, candidates, seeds,
+seen/clicked masks) and :func:`protocol_metrics` scores any [U, C] matrix on
+it: the baselines and ablations of ``models.lookalike_task`` go through the
+same code as RALM.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,14 +63,87 @@ def _user_items(data: Dataset, n_items: int) -> np.ndarray:
     return np.unique(data.user.astype(np.int64) * n_items + data.item)
 
 
+# ---------------------------------------------------------------- the split, once
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The look-alike split, computed once, shared by RALM and every baseline.
+
+    ``users`` [U] are the test users (dense indices), ``candidates`` [C] the
+    items with at least one seed, ``seeds`` every item's seed window (dense
+    item index -> dense user indices, newest last), ``seen`` [U, C] the pairs
+    clicked in ``train``, ``clicked`` [U, C] the pairs first clicked in ``test``.
+    """
+
+    train: Dataset
+    test: Dataset
+    users: np.ndarray
+    candidates: np.ndarray
+    seeds: list[np.ndarray]
+    seen: np.ndarray
+    clicked: np.ndarray
+
+    @classmethod
+    def build(cls, train: Dataset, test: Dataset, max_seeds: int) -> Protocol:
+        n_items = len(train.items.ids)
+        users = np.unique(test.user)
+        seeds = item_seeds(train.user, train.item, train.ts, n_items, max_seeds)
+        cands = np.flatnonzero([len(s) > 0 for s in seeds])
+        code = users[:, None] * n_items + cands[None, :]  # [U, C] user·n_items + item
+        seen = np.isin(code, _user_items(train, n_items))
+        clicked = np.isin(code, _user_items(test, n_items)) & ~seen
+        return cls(train, test, users, cands, seeds, seen, clicked)
+
+    @property
+    def n_seeds(self) -> np.ndarray:
+        """[C] seed count (window size) of each candidate."""
+        return np.array([len(self.seeds[i]) for i in self.candidates])
+
+    @property
+    def activity(self) -> np.ndarray:
+        """[U] training clicks of each test user."""
+        counts = np.bincount(self.train.user, minlength=len(self.train.users.ids))
+        return counts[self.users].astype(np.float64)
+
+    def candidate_seeds(self) -> list[np.ndarray]:
+        return [self.seeds[i] for i in self.candidates]
+
+
+def protocol_metrics(
+    proto: Protocol, scores: np.ndarray, k_list: Sequence[int] = (10, 50),
+    audience_scores: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every figure of one score matrix [U, C] on the split: user view and audience view.
+
+    ``audience_scores`` (default ``scores``) rank the users of each item: for
+    popularity, whose user view is a constant per item, it is user activity.
+    """
+    out = user_view("", scores, proto.seen, proto.clicked, k_list)
+    aud = scores if audience_scores is None else audience_scores
+    out["audience_auc"] = _audience_auc(aud, proto.seen, proto.clicked)
+    for k in k_list:
+        _, per_item = audience_per_item(aud, proto.seen, proto.clicked, k)
+        out[f"audience_prec@{k}"] = float(np.mean(per_item)) if len(per_item) else float("nan")
+    return out
+
+
+# ---------------------------------------------------------------- RALM scores
+
+
+def embed_everyone(model: RalmModel, train: Dataset, batch: int = 1024) -> np.ndarray:
+    """[n_users, h] look-alike embeddings of every user as of the end of ``train``."""
+    clicks = ClickLog(train, model.features)
+    everyone = np.arange(len(train.users.ids))
+    return np.concatenate([model.embed_batch(clicks.encode(everyone[s:s + batch],
+                                                           clicks.indptr[1:][s:s + batch]))
+                           for s in range(0, len(everyone), batch)])
+
+
 def score_matrix(model: RalmModel, train: Dataset, users: np.ndarray) -> dict[str, np.ndarray]:
     """Look-alike scores of ``users`` against every seeded item: scores [U, C] and friends."""
     cfg = model.config
-    clicks = ClickLog(train, model.features)
-    everyone = np.arange(len(train.users.ids))
-    emb = np.concatenate([model.embed_batch(clicks.encode(everyone[s:s + 1024],
-                                                          clicks.indptr[1:][s:s + 1024]))
-                          for s in range(0, len(everyone), 1024)])
+    emb = embed_everyone(model, train)
     seeds = item_seeds(train.user, train.item, train.ts, len(train.items.ids), cfg.max_seeds)
     cands = np.flatnonzero([len(s) > 0 for s in seeds])
     cent, counts = cluster_seeds(emb, [seeds[i] for i in cands], cfg.k, cfg.kmeans_iters, cfg.seed)
@@ -79,27 +158,26 @@ def evaluate_lookalike(
 ) -> dict[str, float]:
     """prec@K and AUC of RALM and of popularity on the time split (train, test)."""
     started = time.perf_counter()
-    n_items = len(train.items.ids)
-    users = np.unique(test.user)
-    sm = score_matrix(model, train, users)
-    cands, scores = sm["candidates"], sm["scores"]
-    code = users[:, None] * n_items + cands[None, :]  # [U, C] user·n_items + item
-    seen = np.isin(code, _user_items(train, n_items))
-    clicked = np.isin(code, _user_items(test, n_items)) & ~seen
+    proto = Protocol.build(train, test, model.config.max_seeds)
+    sm = score_matrix(model, train, proto.users)
+    scores, seen, clicked = sm["scores"], proto.seen, proto.clicked
     pop = np.broadcast_to(sm["n_seeds"].astype(np.float64), scores.shape)
     out: dict[str, float] = {}
     for name, s in (("", scores), ("pop_", pop)):
-        out.update(_user_view(name, s, seen, clicked, k_list))
-    activity = np.bincount(train.user, minlength=len(train.users.ids))[users].astype(np.float64)
-    for name, s in (("", scores), ("active_", np.broadcast_to(activity[:, None], scores.shape))):
+        out.update(user_view(name, s, seen, clicked, k_list))
+    activity = np.broadcast_to(proto.activity[:, None], scores.shape)
+    for name, s in (("", scores), ("active_", activity)):
         out[f"{name}audience_auc"] = _audience_auc(s, seen, clicked)
     out["users"] = float((clicked.any(1)).sum())
-    out["candidates"] = float(len(cands))
+    out["candidates"] = float(len(proto.candidates))
     out["seconds"] = time.perf_counter() - started
     return out
 
 
-def _user_view(
+# ---------------------------------------------------------------- views
+
+
+def user_view(
     prefix: str, scores: np.ndarray, seen: np.ndarray, clicked: np.ndarray, k_list: Sequence[int]
 ) -> dict[str, float]:
     """Per test user: rank unseen candidates, compare with their test clicks."""
@@ -117,6 +195,25 @@ def _user_view(
     out[f"{prefix}user_auc"] = float(np.nanmean(aucs))
     out[f"{prefix}auc"] = auc(scores[valid], clicked[valid])
     return out
+
+
+_user_view = user_view  # the name this module used before
+
+
+def audience_per_item(
+    scores: np.ndarray, seen: np.ndarray, clicked: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item with test clickers: prec@k of its non-seed test users ranked by score.
+
+    Returns (candidate columns [n], prec@k [n]).
+    """
+    cols = np.flatnonzero(clicked.any(0))
+    precs = np.empty(len(cols))
+    for j, c in enumerate(cols):
+        keep = ~seen[:, c]
+        rel = clicked[keep, c]
+        precs[j] = precision_at(np.argsort(-scores[keep, c], kind="stable"), rel, k)
+    return cols, precs
 
 
 def _audience_auc(scores: np.ndarray, seen: np.ndarray, clicked: np.ndarray) -> float:
