@@ -114,6 +114,21 @@ def _bar(n: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=n, desc=desc, unit="ex", leave=False, disable=not progress)
 
 
+def _run_epoch(n: int, size: int, rng: np.random.Generator, opt: torch.optim.Optimizer,
+               loss_of: Callable[[np.ndarray], torch.Tensor], desc: str, progress: bool) -> float:
+    """One pass over n examples in shuffled mini-batches; the mean loss per example."""
+    total, bar = 0.0, _bar(n, desc, progress)
+    for idx in _batches(n, size, rng):
+        loss = loss_of(idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return total / max(n, 1)
+
+
 def user_examples(clicks: ClickLog, per_user: int) -> tuple[np.ndarray, np.ndarray]:
     """Stage-1 examples: (user, absolute click position) of each user's last ``per_user`` clicks."""
     counts = np.diff(clicks.indptr)
@@ -190,26 +205,21 @@ def train_user_tower(
     sampler = LogUniformSampler(features.n_items, rng)
     opt = torch.optim.Adam(tower.parameters(), lr=cfg.lr, fused=True)
     losses: list[float] = []
+
+    def loss_of(idx: np.ndarray) -> torch.Tensor:
+        pos = targets[idx]
+        neg_ranks = sampler.sample((len(idx), cfg.negatives))
+        cands = np.concatenate([pos[:, None], neg_ranks + 1], axis=1)  # rank r -> index r+1
+        log_q = torch.from_numpy(sampler.log_prob(cands - 1)).float()
+        accidental = torch.from_numpy(cands == pos[:, None])
+        accidental[:, 0] = False
+        u = tower(clicks.encode(users[idx], ends[idx]))
+        return sampled_softmax_loss(tower.output(u, torch.from_numpy(cands)), log_q, accidental)
+
     for epoch in range(cfg.user_epochs):
         tower.train()
-        total, bar = 0.0, _bar(len(users), f"user tower {epoch + 1}/{cfg.user_epochs}", progress)
-        for idx in _batches(len(users), cfg.batch_size, rng):
-            pos = targets[idx]
-            neg_ranks = sampler.sample((len(idx), cfg.negatives))
-            cands = np.concatenate([pos[:, None], neg_ranks + 1], axis=1)  # rank r -> index r+1
-            log_q = torch.from_numpy(sampler.log_prob(cands - 1)).float()
-            accidental = torch.from_numpy(cands == pos[:, None])
-            accidental[:, 0] = False
-            u = tower(clicks.encode(users[idx], ends[idx]))
-            logits = tower.output(u, torch.from_numpy(cands))
-            loss = sampled_softmax_loss(logits, log_q, accidental)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            bar.update(len(idx))
-        bar.close()
-        losses.append(total / max(len(users), 1))
+        desc = f"user tower {epoch + 1}/{cfg.user_epochs}"
+        losses.append(_run_epoch(len(users), cfg.batch_size, rng, opt, loss_of, desc, progress))
         log(f"user tower epoch {epoch + 1}/{cfg.user_epochs}: loss {losses[-1]:.4f}")
     tower.eval()
     return losses
@@ -365,19 +375,15 @@ def train_lookalike_tower(
         if epoch == 0:
             _calibrate_bias(tower, data, users, items, labels)
         tower.train()
-        total = 0.0
-        bar = _bar(len(users), f"look-alike tower {epoch + 1}/{cfg.lookalike_epochs}", progress)
-        for idx in _batches(len(users), cfg.lookalike_batch_size or cfg.batch_size, rng):
+
+        def loss_of(idx: np.ndarray, users=users, items=items, labels=labels) -> torch.Tensor:
             score = _scores(tower, data, users[idx], items[idx])
-            loss = F.binary_cross_entropy_with_logits(
+            return F.binary_cross_entropy_with_logits(
                 tower.logit(score), torch.from_numpy(labels[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            bar.update(len(idx))
-        bar.close()
-        losses.append(total / max(len(users), 1))
+
+        desc = f"look-alike tower {epoch + 1}/{cfg.lookalike_epochs}"
+        size = cfg.lookalike_batch_size or cfg.batch_size
+        losses.append(_run_epoch(len(users), size, rng, opt, loss_of, desc, progress))
         log(f"look-alike tower epoch {epoch + 1}/{cfg.lookalike_epochs}: loss {losses[-1]:.4f}")
     tower.eval()
     return losses
