@@ -44,8 +44,21 @@ class DataError(RuntimeError):
 # --------------------------------------------------------------------------- tables
 
 
+class _IdTable:
+    """A table whose rows are addressed by dense index and looked up by external id."""
+
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def _lookup(self) -> dict[int, int]:
+        return _id_lookup(self.ids)
+
+
 @dataclass(frozen=True, eq=False)
-class Users:
+class Users(_IdTable):
     """User profiles; the position in every field is the dense user index."""
 
     ids: np.ndarray  # int64 external ids
@@ -60,16 +73,9 @@ class Users:
         _same_lengths("Users", ids=self.ids, age=self.age, gender=self.gender,
                       occupation=self.occupation, zip_code=self.zip_code)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @cached_property
-    def _lookup(self) -> dict[int, int]:
-        return _id_lookup(self.ids)
-
 
 @dataclass(frozen=True, eq=False)
-class Items:
+class Items(_IdTable):
     """Item metadata; the position in every field is the dense item index."""
 
     ids: np.ndarray  # int64 external ids
@@ -81,13 +87,6 @@ class Items:
         object.__setattr__(self, "ids", np.asarray(self.ids, dtype=np.int64))
         object.__setattr__(self, "year", np.asarray(self.year, dtype=np.int32))
         _same_lengths("Items", ids=self.ids, title=self.title, year=self.year, genres=self.genres)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @cached_property
-    def _lookup(self) -> dict[int, int]:
-        return _id_lookup(self.ids)
 
 
 @dataclass(frozen=True, eq=False)
