@@ -199,8 +199,10 @@ class ScoringStage(Stage):
     def rank(self, users: np.ndarray, states: list[UserState | None],
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
         """Faiss candidates by cos(global), re-ranked by the full RALM score."""
+        cfg = self.settings.scoring
         seen = [s.seen.keys() if s else set() for s in states]
-        n_cand = self.settings.scoring.candidates + max(len(s) for s in seen)
+        want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
+        n_cand = want + max(len(s) for s in seen)
         slots = self.table.search(users, n_cand)
         out: list[list[tuple[int, float]]] = []
         if slots.shape[1] == 0:
