@@ -32,6 +32,7 @@ class ItemClusters:
     def __init__(self, cfg: WindowConfig):
         self.cfg = cfg
         self.items: dict[int, ItemState] = {}
+        self._held = 0  # seeds in all windows, kept current (read on every batch)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -40,18 +41,25 @@ class ItemClusters:
         st = self.items.get(item)
         if st is None or st.centroids.shape[1] != dim or st.model_version != version:
             # a new embedding space (model change) cannot be averaged into the old one
+            if st is not None:
+                self._held -= len(st.window)
             c, n = kmeans.empty(self.cfg.k, dim)
             st = ItemState(SeedWindow(self.cfg.size), c, n, model_version=version)
             self.items[item] = st
         return st
 
+    def _add(self, st: ItemState, b: SeedBatch) -> list[int]:
+        """Rows of ``b`` the window accepted (new seeds or newer clicks of held ones)."""
+        before = len(st.window)
+        keep = [i for i in range(len(b.users))
+                if st.window.add(int(b.users[i]), float(b.ts[i]), b.vectors[i])]
+        self._held += len(st.window) - before
+        return keep
+
     def apply(self, item: int, batch: SeedBatch) -> bool:
         """Add one item's new seeds; True if its window (and centroids) changed."""
         st = self._state(item, batch.vectors.shape[1], batch.model_version)
-        accepted = [
-            i for i in range(len(batch.users))
-            if st.window.add(int(batch.users[i]), float(batch.ts[i]), batch.vectors[i])
-        ]
+        accepted = self._add(st, batch)
         if not accepted:
             return False
         st.centroids, st.counts = kmeans.partial_fit(
@@ -72,8 +80,7 @@ class ItemClusters:
             accepted = []
             for b in bs:
                 st = self._state(item, b.vectors.shape[1], b.model_version)
-                keep = [i for i in range(len(b.users))
-                        if st.window.add(int(b.users[i]), float(b.ts[i]), b.vectors[i])]
+                keep = self._add(st, b)
                 if keep:
                     accepted.append(b.vectors[keep])
                     st.last_seed_ts = max(st.last_seed_ts, float(b.ts[keep].max()))
@@ -109,9 +116,11 @@ class ItemClusters:
         )
 
     def seeds_held(self) -> int:
-        return sum(len(s.window) for s in self.items.values())
+        return self._held
 
     def drop(self, items: set[int]) -> None:
         """Forget items whose partition moved to another worker."""
         for i in items:
-            self.items.pop(i, None)
+            st = self.items.pop(i, None)
+            if st is not None:
+                self._held -= len(st.window)
