@@ -308,6 +308,43 @@ def evaluate_cold_start_cmd(
     typer.echo(f"wrote {out_dir}/cold-start.json, cold-start.png")
 
 
+# ------------------------------------------------------------------- benchmarks
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(
+        help="ingest, cluster, score, freshness, train, scale or all")] = "all",
+    quick: Annotated[bool, typer.Option(help="small sizes: a smoke run")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder (default <cache_dir>/reports/bench)")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Measure a stage against a baseline run beside it; write <name>.json and <name>.md."""
+    from engine.bench import NAMES, BenchOptions, runner
+
+    _logging()
+    s = _settings(config, cache_dir=cache_dir)
+    names = NAMES if name == "all" else (name,)
+    try:
+        runs = [(n, runner(n)) for n in names]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    opts = BenchOptions(settings=s, out_dir=out or s.cache_dir / "reports" / "bench",
+                        quick=quick, bootstrap_servers=bootstrap_servers)
+    failed = []
+    for n, run_bench in runs:
+        report = run_bench(opts)
+        js, _ = report.write(opts.out_dir)
+        typer.echo(report.markdown())
+        typer.echo(f"wrote {js} and {js.with_suffix('.md')}")
+        if not report.ok:
+            failed.append(n)
+    if failed:
+        typer.echo(f"targets missed: {', '.join(failed)}", err=True)
+        raise typer.Exit(2)
+
+
 # ------------------------------------------------------------------- the demo
 @app.command()
 def run(
