@@ -77,6 +77,9 @@ class RalmConfig(BaseModel):
     k: int = Field(20, ge=1, description="seed centroids per item")
     kmeans_iters: int = Field(10, ge=1)
     max_seeds: int = Field(256, ge=1, description="most recent seeds per item (the window size)")
+    lookalike_examples: Literal["inner_cut", "leave_out"] = Field(
+        "inner_cut", description="stage-2 examples: seeds before an inner time cut and "
+        "positives after it, or every click with the clicker left out of the item's seeds")
     inner_cut: float = Field(0.6, gt=0, lt=1, description="seed/positive time quantile")
     lookalike_negatives: int = Field(4, ge=1, description="random unclicked items per positive")
     lookalike_sampling: Literal["uniform", "popularity", "mixed"] = Field(

@@ -256,12 +256,22 @@ class SeedClusters:
                 cent, counts = kmeans.fit(x, self.k, n_iter=n_iter, seed=seed)
                 self.slots[lo:hi] = kmeans.assign(x, cent, counts)
 
-    def centroids(self, z: torch.Tensor, items: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cluster means of z [n_users, h] for ``items`` [U] -> centroids [U, k, h], mask [U, k]."""
+    def centroids(
+        self, z: torch.Tensor, items: np.ndarray, exclude: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster means of z [n_users, h] for ``items`` [U] -> centroids [U, k, h], mask [U, k].
+
+        ``exclude`` [U]: a user left out of row r's seeds (leave-one-out
+        examples: the clicker being predicted is not their own seed).
+        """
         lo, hi = self.indptr[items], self.indptr[items + 1]
         lens = hi - lo
         pairs = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-        rows = np.repeat(np.arange(len(items)) * self.k, lens) + self.slots[pairs]
+        row_of = np.repeat(np.arange(len(items)), lens)
+        if exclude is not None:
+            keep = self.users[pairs] != np.asarray(exclude)[row_of]
+            pairs, row_of = pairs[keep], row_of[keep]
+        rows = row_of * self.k + self.slots[pairs]
         counts = np.bincount(rows, minlength=len(items) * self.k)
         avg = torch.sparse_coo_tensor(
             torch.from_numpy(np.stack([rows, self.users[pairs]])),
@@ -274,28 +284,60 @@ class SeedClusters:
 
 
 class LookalikeData:
-    """Stage-2 data at the inner cut: frozen user embeddings, seeds, positives."""
+    """Stage-2 data: frozen embeddings of seeds and of queries, positives, negatives.
+
+    Two ways to build it (``RalmConfig.lookalike_examples``):
+
+    - ``"inner_cut"``: an inner cut (``inner_cut`` quantile of time) splits
+      the training period; clickers before it are the seeds, clicks after it
+      the positives, and every user (seed or query) is embedded as of the cut.
+    - ``"leave_out"``: every training click is a positive; the query is the
+      user as they were just before that click, and the item's seeds are all
+      its training clickers but that user, embedded as of the end of
+      training. This is the test-time situation (the seeds are the item's
+      window, the scored user has not clicked it yet) on all 80k clicks
+      instead of the 20% after an inner cut, and it includes users with no
+      history yet, as are most of a time split's test users.
+
+    ``queries`` [Q, m] are the scored side's universal embeddings and
+    ``query_user`` [Q] whose they are; the seed side is ``universal`` [n_users, m].
+    """
 
     def __init__(self, tower: UserTower, clicks: ClickLog, dataset: Dataset, cfg: RalmConfig):
         n_users, n_items = len(dataset.users.ids), len(dataset.items.ids)
         self.n_items = n_items
-        cut = float(np.quantile(dataset.ts, cfg.inner_cut))
+        self.leave_out = cfg.lookalike_examples == "leave_out"
         everyone = np.arange(n_users)
-        ends = clicks.position_before(everyone, cut)
-        self.universal = universal_at(tower, clicks, everyone, ends)  # [n_users, m], frozen
-        past = dataset.ts < cut
-        seeds = item_seeds(dataset.user[past], dataset.item[past], dataset.ts[past],
-                           n_items, cfg.max_seeds)
+        if self.leave_out:
+            seeds = item_seeds(dataset.user, dataset.item, dataset.ts, n_items, cfg.max_seeds)
+            self.universal = universal_at(tower, clicks, everyone, clicks.indptr[1:])
+            pos = np.arange(len(clicks.user))
+            self.query_user = clicks.user.astype(np.int64)
+            self.queries = universal_at(tower, clicks, self.query_user, pos)
+            sole = np.array([len(s) == 1 for s in seeds])  # nobody left once the clicker is out
+            keep = ~sole[clicks.dense_item]
+            self.pos_query, self.pos_item = pos[keep], clicks.dense_item[keep].astype(np.int64)
+        else:
+            cut = float(np.quantile(dataset.ts, cfg.inner_cut))
+            self.universal = universal_at(tower, clicks, everyone,
+                                          clicks.position_before(everyone, cut))
+            self.queries, self.query_user = self.universal, everyone
+            past = dataset.ts < cut
+            seeds = item_seeds(dataset.user[past], dataset.item[past], dataset.ts[past],
+                               n_items, cfg.max_seeds)
+            has_seeds = np.array([len(s) > 0 for s in seeds])
+            future = ~past & has_seeds[dataset.item]
+            self.pos_query, self.pos_item = dataset.user[future], dataset.item[future]
         self.clusters = SeedClusters(seeds, n_users, cfg.k)
         self.seeded = np.flatnonzero([len(s) > 0 for s in seeds])
-        has_seeds = np.zeros(n_items, bool)
-        has_seeds[self.seeded] = True
-        future = ~past & has_seeds[dataset.item]
-        self.pos_user, self.pos_item = dataset.user[future], dataset.item[future]
         self.clicked = np.unique(dataset.user.astype(np.int64) * n_items + dataset.item)
         n_seeds = np.array([len(seeds[i]) for i in self.seeded], np.float64)
         self.popularity = n_seeds / n_seeds.sum() if len(n_seeds) else n_seeds
         self.sampling = cfg.lookalike_sampling
+
+    @property
+    def n_positives(self) -> int:
+        return len(self.pos_query)
 
     def negatives(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` seeded items: uniform, proportional to seed count, or half and half."""
@@ -310,29 +352,34 @@ class LookalikeData:
     def examples(
         self, n_neg: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Positives plus ``n_neg`` unclicked seeded items each: users, items, labels."""
-        users = np.repeat(self.pos_user, n_neg)
-        items = self.negatives(len(users), rng)
+        """Positives plus ``n_neg`` unclicked seeded items each: queries, items, labels."""
+        queries = np.repeat(self.pos_query, n_neg)
+        users = self.query_user[queries].astype(np.int64)
+        items = self.negatives(len(queries), rng)
         for _ in range(10):  # resample the few negatives the user did click
-            hit = np.isin(users.astype(np.int64) * self.n_items + items, self.clicked)
+            hit = np.isin(users * self.n_items + items, self.clicked)
             if not hit.any():
                 break
             items[hit] = self.negatives(int(hit.sum()), rng)
-        labels = np.concatenate([np.ones(len(self.pos_user)), np.zeros(len(users))])
-        return (np.concatenate([self.pos_user, users]), np.concatenate([self.pos_item, items]),
+        labels = np.concatenate([np.ones(len(self.pos_query)), np.zeros(len(queries))])
+        return (np.concatenate([self.pos_query, queries]), np.concatenate([self.pos_item, items]),
                 labels.astype(np.float32))
 
 
-def _scores(tower: LookalikeTower, data: LookalikeData, users: np.ndarray,
+def _scores(tower: LookalikeTower, data: LookalikeData, queries: np.ndarray,
             items: np.ndarray) -> torch.Tensor:
-    """[B] look-alike scores of (user, item) pairs with the current clusters."""
+    """[B] look-alike scores of (query, item) pairs with the current clusters."""
+    z = tower.transform(data.universal)  # [n_users, h]: the seed side
+    zq = tower.transform(data.queries[torch.from_numpy(queries)])
+    if data.leave_out:  # every pair has its own seed set
+        cent, mask = data.clusters.centroids(z, items, exclude=data.query_user[queries])
+        g = tower.global_attention(cent, mask)[:, None]
+        return tower.score(zq, cent[:, None], mask[:, None], g).squeeze(1)
     uniq, inv = np.unique(items, return_inverse=True)
-    z = tower.transform(data.universal)  # [n_users, h]
     cent, mask = data.clusters.centroids(z, uniq)
     inv_t = torch.from_numpy(inv.reshape(-1))
     g = tower.global_attention(cent, mask)[inv_t][:, None]
-    return tower.score(z[torch.from_numpy(users)], cent[inv_t][:, None], mask[inv_t][:, None],
-                       g).squeeze(1)
+    return tower.score(zq, cent[inv_t][:, None], mask[inv_t][:, None], g).squeeze(1)
 
 
 @torch.no_grad()
@@ -425,7 +472,7 @@ def fit_ralm(
         "user_tower_loss": user_losses,
         "lookalike_loss": la_losses,
         "train_clicks": int(len(dataset.user)),
-        "lookalike_positives": int(len(data.pos_user)),
+        "lookalike_positives": data.n_positives,
         "user_tower_seconds": stage1,
         "train_seconds": time.perf_counter() - started,
     }

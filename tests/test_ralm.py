@@ -21,6 +21,7 @@ from models.train_ralm import (
     LATEST,
     LogUniformSampler,
     LookalikeData,
+    SeedClusters,
     fit_ralm,
     item_seeds,
     latest_checkpoint,
@@ -191,6 +192,41 @@ def test_lookalike_negatives(data: tuple[Dataset, Dataset], sampling: str) -> No
     want = {"uniform": uniform, "popularity": la.popularity,
             "mixed": 0.5 * (uniform + la.popularity)}[sampling]
     np.testing.assert_allclose(freq, want, atol=0.01)
+
+
+def test_seed_centroids_leave_the_scored_user_out() -> None:
+    """With ``exclude``, a row's centroids are the means of its item's other seeds."""
+    clusters = SeedClusters([np.array([0, 1, 2, 3]), np.array([1, 4])], n_users=5, k=2)
+    clusters.slots[:] = [0, 0, 1, 1, 0, 1]  # item 0: {0,1} {2,3}; item 1: {1} {4}
+    z = torch.arange(10, dtype=torch.float32).view(5, 2)
+    cent, mask = clusters.centroids(z, np.array([0, 0, 1]), exclude=np.array([1, 4, 1]))
+    np.testing.assert_allclose(cent[0].numpy(), [z[0].numpy(), (z[2] + z[3]).numpy() / 2])
+    np.testing.assert_allclose(cent[1].numpy(), [(z[0] + z[1]).numpy() / 2,
+                                                 (z[2] + z[3]).numpy() / 2])
+    # user 1 was all of item 1's slot 0
+    assert mask.tolist() == [[True, True], [True, True], [False, True]]
+    np.testing.assert_allclose(cent[2, 1].numpy(), z[4].numpy())
+
+
+def test_leave_out_examples_are_every_click_before_it_happened(
+        data: tuple[Dataset, Dataset]) -> None:
+    """Positives are all training clicks on items with another seed; queries are pre-click users."""
+    train = data[0]
+    cfg = RalmConfig.tiny(lookalike_examples="leave_out")
+    features = FeatureSpace.build(train, cfg.history_len)
+    clicks = ClickLog(train, features)
+    tower = UserTower(features, cfg).eval()
+    la = LookalikeData(tower, clicks, train, cfg)
+    seeds = item_seeds(train.user, train.item, train.ts, la.n_items, cfg.max_seeds)
+    multi = np.array([len(s) > 1 for s in seeds])
+    assert la.n_positives == int(multi[train.item].sum())
+    assert (la.query_user[la.pos_query] == clicks.user[la.pos_query]).all()
+    assert (la.pos_item == clicks.dense_item[la.pos_query]).all()
+    first = clicks.indptr[:-1][np.diff(clicks.indptr) > 0][:3]  # first clicks: no history yet
+    batch = clicks.encode(clicks.user[first], first)
+    assert (batch.items == 0).all()
+    with torch.no_grad():
+        np.testing.assert_allclose(la.queries[first].numpy(), tower(batch).numpy(), atol=1e-6)
 
 
 def test_validation_split_stays_inside_the_training_period(ml_like: Dataset) -> None:
