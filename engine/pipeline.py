@@ -75,7 +75,8 @@ def ensure_checkpoint(s: Settings, train: Dataset, retrain: bool) -> Path:
     return train_ralm(train, RalmConfig(), s.checkpoint_dir)
 
 
-def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int) -> WorkerProcess:
+def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int,
+                 env: dict[str, str] | None = None) -> WorkerProcess:
     port = free_port()
     log_path = run_dir / f"{kind}-{i}.log"
     cmd = [sys.executable, "-m", "engine.cli", "worker", kind,
@@ -83,7 +84,7 @@ def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int) -> W
            "--cache-dir", str(s.cache_dir), "--checkpoint", str(ckpt)]
     if s.kafka.topic_prefix:
         cmd += ["--topic-prefix", s.kafka.topic_prefix]
-    env = {**os.environ, "LOOKALIKE_KAFKA__PARTITIONS": str(s.kafka.partitions)}
+    env = {**os.environ, "LOOKALIKE_KAFKA__PARTITIONS": str(s.kafka.partitions), **(env or {})}
     with log_path.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     return WorkerProcess(kind, proc, f"http://127.0.0.1:{port}/metrics", log_path)

@@ -93,3 +93,16 @@ def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
         return [t.name for t in new]
     finally:
         admin.close()
+
+
+def create_topic(cfg: KafkaConfig, name: str, partitions: int = 1, timeout_s: float = 30.0) -> None:
+    """One extra topic by its full name (benchmarks' probe topics); an existing one is kept."""
+    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers,
+                             client_id=f"{cfg.client_id}-admin",
+                             request_timeout_ms=int(timeout_s * 1000))
+    try:
+        admin.create_topics([NewTopic(name, partitions, 1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
