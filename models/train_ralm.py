@@ -334,6 +334,7 @@ class LookalikeData:
         n_seeds = np.array([len(seeds[i]) for i in self.seeded], np.float64)
         self.popularity = n_seeds / n_seeds.sum() if len(n_seeds) else n_seeds
         self.sampling = cfg.lookalike_sampling
+        self.negative_side = cfg.lookalike_negative_side
 
     @property
     def n_positives(self) -> int:
@@ -352,15 +353,28 @@ class LookalikeData:
     def examples(
         self, n_neg: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Positives plus ``n_neg`` unclicked seeded items each: queries, items, labels."""
+        """Positives plus ``n_neg`` negatives each: queries, items, labels.
+
+        A negative keeps the positive's query and takes an unclicked seeded
+        item (``negative_side="item"``), or keeps the item and takes another
+        query whose user never clicked it (``"user"``: the paper's contrast,
+        an item's clickers against users who did not click it).
+        """
         queries = np.repeat(self.pos_query, n_neg)
-        users = self.query_user[queries].astype(np.int64)
-        items = self.negatives(len(queries), rng)
+        items = np.repeat(self.pos_item, n_neg)
+        if self.negative_side == "item":
+            items = self.negatives(len(queries), rng)
+        else:
+            queries = rng.integers(len(self.query_user), size=len(queries))
         for _ in range(10):  # resample the few negatives the user did click
-            hit = np.isin(users * self.n_items + items, self.clicked)
+            hit = np.isin(self.query_user[queries].astype(np.int64) * self.n_items + items,
+                          self.clicked)
             if not hit.any():
                 break
-            items[hit] = self.negatives(int(hit.sum()), rng)
+            if self.negative_side == "item":
+                items[hit] = self.negatives(int(hit.sum()), rng)
+            else:
+                queries[hit] = rng.integers(len(self.query_user), size=int(hit.sum()))
         labels = np.concatenate([np.ones(len(self.pos_query)), np.zeros(len(queries))])
         return (np.concatenate([self.pos_query, queries]), np.concatenate([self.pos_item, items]),
                 labels.astype(np.float32))

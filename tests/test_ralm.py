@@ -194,6 +194,21 @@ def test_lookalike_negatives(data: tuple[Dataset, Dataset], sampling: str) -> No
     np.testing.assert_allclose(freq, want, atol=0.01)
 
 
+def test_user_side_negatives_keep_the_item_and_change_the_user(
+        data: tuple[Dataset, Dataset]) -> None:
+    """The paper's contrast: an item's clickers against users who never clicked it."""
+    train = data[0]
+    cfg = RalmConfig.tiny(lookalike_negative_side="user")
+    features = FeatureSpace.build(train, cfg.history_len)
+    la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+    queries, items, labels = la.examples(3, np.random.default_rng(0))
+    pos, neg = labels == 1, labels == 0
+    np.testing.assert_array_equal(items[neg], np.repeat(items[pos], 3))
+    codes = la.query_user[queries[neg]].astype(np.int64) * la.n_items + items[neg]
+    assert not np.isin(codes, la.clicked).any()
+    assert len(np.unique(queries[neg])) > len(np.unique(queries[pos])) // 2  # spread over users
+
+
 def test_seed_centroids_leave_the_scored_user_out() -> None:
     """With ``exclude``, a row's centroids are the means of its item's other seeds."""
     clusters = SeedClusters([np.array([0, 1, 2, 3]), np.array([1, 4])], n_users=5, k=2)
