@@ -13,15 +13,14 @@ with offsets (bounded replay) replace this when the log outgrows memory.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.loop import Event, Stage
 from engine import topics as T
-from engine.clustering import ItemClusters
-from engine.codec import SeedBatch, decode_key, decode_seeds, encode_centroids, key_of
+from engine.clustering import ItemClusters, decode_poll
+from engine.codec import decode_key, encode_centroids, key_of
 from engine.config import Settings
 
 
@@ -35,19 +34,24 @@ class ClusteringStage(Stage):
         self.state = ItemClusters(settings.window)
         self._partition_of: dict[int, int] = {}
 
-    def decode(self, topic: str, record: ConsumerRecord) -> tuple[int, SeedBatch]:
-        return decode_key(record.key), decode_seeds(record.value)
+    def decode(self, topic: str, record: ConsumerRecord) -> tuple[int, bytes | None]:
+        """The key only: values are checked and decoded a poll at a time (``decode_poll``)."""
+        return decode_key(record.key), record.value
 
     def handle(self, events: list[Event]) -> None:
-        batches: dict[int, list[SeedBatch]] = defaultdict(list)
         produced: dict[int, int] = {}  # item -> newest click produce time (ms) it carries
-        for ev in events:
-            item, batch = ev.value
-            batches[item].append(batch)
+        items = [ev.value[0] for ev in events]
+        t0 = time.perf_counter()
+        runs, bad = decode_poll(items, [ev.value[1] for ev in events])
+        for i, err in bad:
+            assert self.loop is not None
+            self.loop.dead_letter(events[i].topic, events[i].record, err)
+        for ev, item in zip(events, items):
             self._partition_of[item] = ev.record.partition
             produced[item] = max(produced.get(item, 0), ev.record.timestamp)
-        t0 = time.perf_counter()
-        changed = self.state.apply_many(batches)
+        changed: dict[int, None] = {}
+        for cols in runs:
+            changed.update(dict.fromkeys(self.state.apply_columns(cols)))
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
         now = time.time()
         for item in changed:

@@ -3,27 +3,201 @@
 This is the state a clustering worker owns for the items of its partitions.
 New seeds go into the window (idempotently) and, when accepted, into the
 item's centroids by one mini-batch k-means step (``engine.kmeans``).
+
+Layout, for throughput. All items' centroids and counts sit in one
+preallocated table per embedding size ([capacity, k, d], [capacity, k]; an
+item owns a row), so a whole poll batch is one vectorised k-means step that
+updates the touched rows in place. A poll's seed records are decoded into
+columns at once (``SeedColumns``), and the per-seed work left in Python is
+the window's bookkeeping (one dict operation). Window vectors are the
+biggest part of the state: their dtype is ``WindowConfig.vector_dtype``.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine import kmeans
-from engine.codec import ItemCentroids, SeedBatch
+from engine.codec import _MAX_DIM, _SEED_MAGIC, BadEvent, ItemCentroids, SeedBatch, decode_seeds
 from engine.config import WindowConfig
 from engine.seed_window import SeedWindow
 
+_HEAD = struct.Struct("<2sIHH")  # codec's seed header and the version's length
+
+class _Table:
+    """Centroids and counts of many items, one row each; grows by doubling."""
+
+    def __init__(self, k: int, dim: int, capacity: int = 64):
+        self.centroids = np.zeros((capacity, k, dim), np.float32)
+        self.counts = np.zeros((capacity, k), np.float32)
+        self.sqnorms = np.zeros((capacity, k), np.float32)  # |centroid|², kept current
+        self._free: list[int] = []
+        self._next = 0
+
+    def take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next == len(self.counts):
+            self.centroids = np.concatenate([self.centroids, np.zeros_like(self.centroids)])
+            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
+            self.sqnorms = np.concatenate([self.sqnorms, np.zeros_like(self.sqnorms)])
+        self._next += 1
+        return self._next - 1
+
+    def release(self, row: int) -> None:
+        self.centroids[row] = 0.0
+        self.counts[row] = 0.0
+        self.sqnorms[row] = 0.0
+        self._free.append(row)
+
+    def set(self, rows: np.ndarray | int, centroids: np.ndarray, counts: np.ndarray) -> None:
+        self.centroids[rows], self.counts[rows] = centroids, counts
+        self.sqnorms[rows] = (self.centroids[rows] ** 2).sum(-1)
+
+
+class ItemState:
+    """One item: its window and a row of its table (``centroids``/``counts`` are views)."""
+
+    __slots__ = ("window", "last_seed_ts", "model_version", "row", "dim", "_table")
+
+    def __init__(self, window: SeedWindow, table: _Table, row: int, model_version: str = ""):
+        self.window = window
+        self.last_seed_ts = 0.0
+        self.model_version = model_version
+        self.row = row
+        self.dim = table.centroids.shape[2]
+        self._table = table
+
+    @property
+    def centroids(self) -> np.ndarray:  # [k, d]
+        return self._table.centroids[self.row]
+
+    @centroids.setter
+    def centroids(self, value: np.ndarray) -> None:
+        self._table.set(self.row, value, self.counts)
+
+    @property
+    def counts(self) -> np.ndarray:  # [k]
+        return self._table.counts[self.row]
+
+    @counts.setter
+    def counts(self, value: np.ndarray) -> None:
+        self._table.counts[self.row] = value
+
 
 @dataclass
-class ItemState:
-    window: SeedWindow
-    centroids: np.ndarray  # [k, d]
-    counts: np.ndarray  # [k]
-    last_seed_ts: float = 0.0
+class SeedColumns:
+    """A poll's seed records as columns: record r holds seeds ``starts[r]:starts[r+1]``."""
+
+    items: list[int]  # per record
+    starts: list[int]  # per record, and the total at the end
+    users: np.ndarray  # int64 [n]
+    ts: np.ndarray  # float64 [n]
+    vectors: np.ndarray  # float32 [n, d]
     model_version: str = ""
+
+    @classmethod
+    def from_batches(cls, batches: dict[int, list[SeedBatch]]) -> list[SeedColumns]:
+        """Runs of records with one (dim, model version), in order."""
+        runs: list[SeedColumns] = []
+        group: list[tuple[int, SeedBatch]] = []
+        for item, bs in batches.items():
+            for b in bs:
+                if group and (b.vectors.shape[1], b.model_version) != _kind(group[-1][1]):
+                    runs.append(cls._of(group))
+                    group = []
+                group.append((item, b))
+        if group:
+            runs.append(cls._of(group))
+        return runs
+
+    @classmethod
+    def _of(cls, group: list[tuple[int, SeedBatch]]) -> SeedColumns:
+        starts = np.r_[0, np.cumsum([len(b.users) for _, b in group])].tolist()
+        return cls([i for i, _ in group], starts,
+                   np.concatenate([b.users for _, b in group]).astype(np.int64, copy=False),
+                   np.concatenate([b.ts for _, b in group]).astype(np.float64, copy=False),
+                   np.concatenate([b.vectors for _, b in group]).astype(np.float32, copy=False),
+                   group[0][1].model_version)
+
+
+def _kind(b: SeedBatch) -> tuple[int, str]:
+    return b.vectors.shape[1], b.model_version
+
+
+def decode_poll(
+    items: list[int], raws: list[bytes | None],
+) -> tuple[list[SeedColumns], list[tuple[int, BadEvent]]]:
+    """A poll's ``S1`` records (item of each) as columns, and the bad ones by index.
+
+    Accepts and rejects exactly what ``codec.decode_seeds`` does, with its
+    reasons, but checks values and copies payloads once per poll instead of
+    once per record (per record: ~10 µs, more than the rest of the work).
+    Runs of records with one embedding size and model version, in order.
+    """
+    good: list[tuple[int, int, int, str, int]] = []  # record, n, dim, version, payload offset
+    bad: list[tuple[int, BadEvent]] = []
+    last_ver, last_str = b"", ""
+    for r, raw in enumerate(raws):
+        if raw is None or len(raw) < _HEAD.size:
+            bad.append((r, _reason(raw)))
+            continue
+        magic, n, dim, vlen = _HEAD.unpack_from(raw)
+        ver = raw[_HEAD.size:_HEAD.size + vlen]
+        if (magic != _SEED_MAGIC or not 0 < dim <= _MAX_DIM
+                or len(raw) != _HEAD.size + vlen + n * (16 + 4 * dim)):
+            bad.append((r, _reason(raw)))
+            continue
+        if ver != last_ver:
+            last_ver, last_str = ver, ver.decode("utf-8", "replace")
+        good.append((r, n, dim, last_str, _HEAD.size + vlen))
+    runs: list[SeedColumns] = []
+    lo = 0
+    for hi in range(1, len(good) + 1):
+        if hi == len(good) or good[hi][2:4] != good[lo][2:4]:
+            cols, bad_run = _decode_run(items, raws, good[lo:hi])
+            bad.extend(bad_run)
+            if cols.items:
+                runs.append(cols)
+            lo = hi
+    return runs, sorted(bad, key=lambda e: e[0])
+
+
+def _reason(raw: bytes | None) -> BadEvent:
+    """The codec's own rejection of a record (the rare path)."""
+    try:
+        decode_seeds(raw)
+    except BadEvent as e:
+        return e
+    return BadEvent("bad_binary", "seed batch rejected")
+
+
+def _decode_run(
+    items: list[int], raws: list[bytes | None], heads: list[tuple[int, int, int, str, int]],
+) -> tuple[SeedColumns, list[tuple[int, BadEvent]]]:
+    dim, ver = heads[0][2], heads[0][3]
+    blobs = [(raws[r], n, off) for r, n, _, _, off in heads]
+    users = np.frombuffer(b"".join([b[o:o + 8 * n] for b, n, o in blobs]), "<i8")
+    ts = np.frombuffer(b"".join([b[o + 8 * n:o + 16 * n] for b, n, o in blobs]), "<f8")
+    vecs = np.frombuffer(b"".join([b[o + 16 * n:] for b, n, o in blobs]), "<f4").reshape(-1, dim)
+    sizes = np.array([h[1] for h in heads], np.int64)
+    ok = (users >= 0) & np.isfinite(ts) & np.isfinite(vecs).all(1)
+    if ok.all():
+        starts = np.r_[0, np.cumsum(sizes)].tolist()
+        return SeedColumns([items[h[0]] for h in heads], starts, users, ts, vecs, ver), []
+    seed_rec = np.repeat(np.arange(len(heads)), sizes)
+    rec_ok = np.ones(len(heads), bool)
+    rec_ok[seed_rec[~ok]] = False
+    keep = rec_ok[seed_rec]
+    good = np.flatnonzero(rec_ok)
+    cols = SeedColumns([items[heads[g][0]] for g in good],
+                       np.r_[0, np.cumsum(sizes[good])].tolist(),
+                       users[keep], ts[keep], vecs[keep], ver)
+    err = BadEvent("bad_binary", "negative id or non-finite value in seed batch")
+    return cols, [(heads[g][0], err) for g in np.flatnonzero(~rec_ok)]
 
 
 class ItemClusters:
@@ -32,41 +206,37 @@ class ItemClusters:
     def __init__(self, cfg: WindowConfig):
         self.cfg = cfg
         self.items: dict[int, ItemState] = {}
+        self._tables: dict[int, _Table] = {}  # by embedding size
         self._held = 0  # seeds in all windows, kept current (read on every batch)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _table(self, dim: int) -> _Table:
+        t = self._tables.get(dim)
+        if t is None:
+            t = self._tables[dim] = _Table(self.cfg.k, dim)
+        return t
+
     def _state(self, item: int, dim: int, version: str) -> ItemState:
         st = self.items.get(item)
-        if st is None or st.centroids.shape[1] != dim or st.model_version != version:
+        if st is None or st.dim != dim or st.model_version != version:
             # a new embedding space (model change) cannot be averaged into the old one
             if st is not None:
-                self._held -= len(st.window)
-            c, n = kmeans.empty(self.cfg.k, dim)
-            st = ItemState(SeedWindow(self.cfg.size), c, n, model_version=version)
+                self._forget(st)
+            table = self._table(dim)
+            st = ItemState(SeedWindow(self.cfg.size, self.cfg.vector_dtype), table, table.take(),
+                           model_version=version)
             self.items[item] = st
         return st
 
-    def _add(self, st: ItemState, b: SeedBatch) -> list[int]:
-        """Rows of ``b`` the window accepted (new seeds or newer clicks of held ones)."""
-        before = len(st.window)
-        keep = [i for i in range(len(b.users))
-                if st.window.add(int(b.users[i]), float(b.ts[i]), b.vectors[i])]
-        self._held += len(st.window) - before
-        return keep
+    def _forget(self, st: ItemState) -> None:
+        self._held -= len(st.window)
+        st._table.release(st.row)
 
     def apply(self, item: int, batch: SeedBatch) -> bool:
         """Add one item's new seeds; True if its window (and centroids) changed."""
-        st = self._state(item, batch.vectors.shape[1], batch.model_version)
-        accepted = self._add(st, batch)
-        if not accepted:
-            return False
-        st.centroids, st.counts = kmeans.partial_fit(
-            st.centroids, st.counts, batch.vectors[accepted], self.cfg.count_cap
-        )
-        st.last_seed_ts = max(st.last_seed_ts, float(batch.ts[accepted].max()))
-        return True
+        return bool(self.apply_many({item: [batch]}))
 
     def apply_many(self, batches: dict[int, list[SeedBatch]]) -> list[int]:
         """``apply`` for a whole poll batch: one vectorised k-means step for all items.
@@ -74,34 +244,46 @@ class ItemClusters:
         Returns the items whose windows changed. Same result as ``apply`` item
         by item (windows identical, centroids equal up to float rounding).
         """
-        changed: list[int] = []
-        points: list[np.ndarray] = []
-        for item, bs in batches.items():
-            accepted = []
-            for b in bs:
-                st = self._state(item, b.vectors.shape[1], b.model_version)
-                keep = self._add(st, b)
-                if keep:
-                    accepted.append(b.vectors[keep])
-                    st.last_seed_ts = max(st.last_seed_ts, float(b.ts[keep].max()))
-            if accepted:
-                changed.append(item)
-                points.append(np.concatenate(accepted))
-        if not changed:
-            return changed
-        states = [self.items[i] for i in changed]
-        if len({s.centroids.shape for s in states}) > 1:  # mixed dims: rare, go one by one
-            for st, x in zip(states, points):
-                st.centroids, st.counts = kmeans.partial_fit(
-                    st.centroids, st.counts, x, self.cfg.count_cap)
-            return changed
-        owner = np.repeat(np.arange(len(changed)), [len(x) for x in points])
-        cent, counts = kmeans.partial_fit_many(
-            np.stack([s.centroids for s in states]), np.stack([s.counts for s in states]),
-            np.concatenate(points), owner, self.cfg.count_cap)
-        for j, st in enumerate(states):
-            st.centroids, st.counts = cent[j], counts[j]
-        return changed
+        changed: dict[int, None] = {}
+        for cols in SeedColumns.from_batches(batches):
+            changed.update(dict.fromkeys(self.apply_columns(cols)))
+        return list(changed)
+
+    def apply_columns(self, cols: SeedColumns) -> list[int]:
+        """The worker's path: a poll's decoded records of one dim and model version.
+
+        Per seed only the window's bookkeeping and a vector copy run in
+        Python; the k-means step is one call for the whole poll.
+        """
+        dim, ver, vectors = cols.vectors.shape[1], cols.model_version, cols.vectors
+        users, ts, starts = cols.users.tolist(), cols.ts.tolist(), cols.starts
+        accepted: list[int] = []  # seed index of every accepted seed, in arrival order
+        owner: list[int] = []  # its item's table row
+        changed: dict[int, None] = {}
+        held = 0
+        for r, item in enumerate(cols.items):
+            st = self.items.get(item)
+            if st is None or st.model_version != ver or st.dim != dim:
+                st = self._state(item, dim, ver)
+            win = st.window
+            before, newest, n_acc = len(win), st.last_seed_ts, len(accepted)
+            for j in range(starts[r], starts[r + 1]):
+                row = win.admit(users[j], ts[j], dim)
+                if row >= 0:
+                    win.write(row, vectors[j])
+                    accepted.append(j)
+                    owner.append(st.row)
+                    newest = max(newest, ts[j])
+            if len(accepted) > n_acc:
+                held += len(win) - before
+                st.last_seed_ts = newest
+                changed[item] = None
+        self._held += held
+        if accepted:
+            table = self._table(dim)
+            kmeans.partial_fit_rows(table.centroids, table.counts, vectors[accepted],
+                                    np.asarray(owner), self.cfg.count_cap, table.sqnorms)
+        return list(changed)
 
     def refresh(self, item: int, seed: int = 0) -> None:
         """Full k-means of the item's current window (drops forgotten seeds' pull)."""
@@ -109,18 +291,54 @@ class ItemClusters:
         if len(st.window):
             st.centroids, st.counts = kmeans.fit(st.window.vectors(), self.cfg.k, seed=seed)
 
+    def refresh_all(self, iters: int = 1, chunk: int = 1024) -> int:
+        """Warm Lloyd steps of every item's centroids on its current window, batched.
+
+        Drops forgotten seeds' pull like ``refresh``, but starts from the
+        current centroids (no re-seeding), so it is cheap enough to run over
+        all items: ``chunk`` items per batched step. Returns the items refreshed.
+        """
+        done = 0
+        for table_items in self._by_table().values():
+            for lo in range(0, len(table_items), chunk):
+                self._refresh_chunk(table_items[lo:lo + chunk], iters)
+                done += len(table_items[lo:lo + chunk])
+        return done
+
+    def _by_table(self) -> dict[int, list[ItemState]]:
+        out: dict[int, list[ItemState]] = {}
+        for st in self.items.values():
+            if len(st.window):
+                out.setdefault(st.dim, []).append(st)
+        return out
+
+    def _refresh_chunk(self, states: list[ItemState], iters: int) -> None:
+        table = states[0]._table
+        rows = np.array([s.row for s in states])
+        lengths = np.array([len(s.window) for s in states])
+        x = np.zeros((len(states), int(lengths.max()), states[0].dim), np.float32)
+        for b, s in enumerate(states):
+            x[b, :lengths[b]] = s.window.stored()
+        table.set(rows, *kmeans.lloyd_batched(
+            x, lengths, table.centroids[rows], table.counts[rows], iters))
+
     def record(self, item: int, now: float) -> ItemCentroids:
         st = self.items[item]
         return ItemCentroids(
-            st.centroids, st.counts, len(st.window), now, st.last_seed_ts, st.model_version
+            st.centroids.copy(), st.counts.copy(), len(st.window), now, st.last_seed_ts,
+            st.model_version,
         )
 
     def seeds_held(self) -> int:
         return self._held
+
+    def window_bytes(self) -> int:
+        """Array bytes of all windows (vectors and timestamps)."""
+        return sum(st.window.nbytes() for st in self.items.values())
 
     def drop(self, items: set[int]) -> None:
         """Forget items whose partition moved to another worker."""
         for i in items:
             st = self.items.pop(i, None)
             if st is not None:
-                self._held -= len(st.window)
+                self._forget(st)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -53,6 +53,12 @@ class WindowConfig(BaseModel):
         256.0,
         description="cap on a centroid's count so it keeps tracking the window "
         "(None: plain mini-batch k-means, whose steps shrink forever)",
+    )
+    vector_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="how window vectors are stored; float16 halves the biggest part of a "
+        "clustering worker's memory (a full window: size x dim x 2 bytes, plus ~158 bytes "
+        "of bookkeeping per seed)",
     )
 
 

@@ -143,41 +143,65 @@ def partial_fit_many(
     owner: np.ndarray,
     count_cap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``partial_fit`` of M items in one vectorised step.
+    """``partial_fit`` of M items in one vectorised step; returns new arrays.
 
     centroids [M, k, d], counts [M, k], points x [P, d] in arrival order with
     ``owner`` [P] in 0..M-1. Equals calling ``partial_fit`` per item with its
-    points in order (tests compare): points fill an item's empty slots first
-    (slots fill in order, so an item's used slots are a prefix), the rest go
-    to the nearest used centroid; then one running-mean update per slot. One
-    call per poll batch instead of one per item is what lets a clustering
-    worker keep up with ~10^5 seed events/s.
+    points in order (tests compare).
     """
     centroids = np.array(centroids, np.float32)  # one copy; callers' arrays stay as they were
     counts = np.array(counts, np.float32)
-    m, k, dim = centroids.shape
+    partial_fit_rows(centroids, counts, x, owner, count_cap)
+    return centroids, counts
+
+
+def partial_fit_rows(
+    centroids: np.ndarray,
+    counts: np.ndarray,
+    x: np.ndarray,
+    owner: np.ndarray,
+    count_cap: float | None = None,
+    sqnorms: np.ndarray | None = None,
+) -> None:
+    """``partial_fit_many`` in place on the rows ``owner`` names of a [capacity, k, d] table.
+
+    Only the touched rows are read and written, so a worker keeps all its
+    items' centroids in one preallocated table and pays per poll for the
+    items the poll touched, not for the table. ``sqnorms`` [capacity, k], if
+    given, holds every centroid's squared norm and is kept current (it saves
+    recomputing them per point).
+
+    Points fill an item's empty slots first (slots fill in order, so an
+    item's used slots are a prefix), the rest go to the nearest used
+    centroid; then one running-mean update per slot. One call per poll batch
+    instead of one per item is what lets a clustering worker keep up with
+    ~10^5 seed events/s.
+    """
     x = np.asarray(x, np.float32)
     owner = np.asarray(owner, np.int64)
     if len(x) == 0:
-        return centroids, counts
+        return
+    k = centroids.shape[1]
     # rank of each point among its item's points (arrival order)
     order = np.argsort(owner, kind="stable")
     first = np.r_[0, np.flatnonzero(np.diff(owner[order])) + 1]
     rank = np.empty(len(x), np.int64)
     rank[order] = np.arange(len(x)) - np.repeat(first, np.diff(np.r_[first, len(x)]))
-    used = (counts > 0).sum(1)  # [M]
-    fills = rank < (k - used[owner])
-    slot = used[owner[fills]] + rank[fills]
-    centroids[owner[fills], slot] = x[fills]
-    counts[owner[fills], slot] = 1.0
+    used = (counts[owner] > 0).sum(1)  # [P]: used slots of each point's item
+    fills = rank < (k - used)
+    if fills.any():
+        rows, slot = owner[fills], used[fills] + rank[fills]
+        centroids[rows, slot] = x[fills]
+        counts[rows, slot] = 1.0
+        if sqnorms is not None:
+            sqnorms[rows, slot] = (x[fills] ** 2).sum(1)
     rest = ~fills
     if not rest.any():
-        return centroids, counts
+        return
     xr, gr = x[rest], owner[rest]
-    touched, local = np.unique(gr, return_inverse=True)
-    ct = centroids[touched]  # [T, k, d]: each touched item once
-    dots = (ct[local] @ xr[:, :, None])[..., 0]  # [P', k]
-    d2 = ((ct * ct).sum(2))[local] - 2.0 * dots  # + |x|², the same for every slot
+    cg = centroids[gr]  # [P', k, d]: the one copy of the step
+    sq = sqnorms[gr] if sqnorms is not None else np.einsum("pkd,pkd->pk", cg, cg)
+    d2 = sq - 2.0 * np.einsum("pkd,pd->pk", cg, xr)  # + |x|², the same for every slot
     d2[counts[gr] <= 0] = np.inf
     flat = gr * k + d2.argmin(1)  # (item, slot) of each point
     by_slot = np.argsort(flat, kind="stable")
@@ -189,6 +213,49 @@ def partial_fit_many(
     if count_cap is not None:
         old = np.minimum(old, count_cap)
     total = old + n
-    centroids[items, slots] = (centroids[items, slots] * old[:, None] + sums) / total[:, None]
+    new = ((centroids[items, slots] * old[:, None] + sums) / total[:, None]).astype(np.float32)
+    centroids[items, slots] = new
     counts[items, slots] = total
-    return centroids, counts
+    if sqnorms is not None:
+        sqnorms[items, slots] = (new * new).sum(1)
+
+
+def lloyd_batched(
+    x: np.ndarray, lengths: np.ndarray, centroids: np.ndarray, counts: np.ndarray,
+    iters: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd steps of B items at once, from their current centroids (a warm refresh).
+
+    x [B, S, d] windows padded to S rows (item b's first ``lengths[b]`` rows
+    are its points), centroids [B, k, d], counts [B, k] (0: empty slot, never
+    assigned). Each step assigns every point to its nearest used centroid and
+    moves each centroid to its points' mean; a centroid left without points
+    stays and gets count 0. Returns new centroids and counts (= cluster
+    sizes). One step equals a fresh scikit-learn ``MiniBatchKMeans`` with
+    ``init`` = the current centroids doing ``partial_fit(window)`` per item
+    (tests compare); batched matmuls in torch do it for thousands of items
+    per call instead of one Python round trip each.
+    """
+    import torch
+
+    b, s, d = x.shape
+    k = centroids.shape[1]
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    ct = torch.from_numpy(np.array(centroids, np.float32))
+    used = torch.from_numpy(np.asarray(counts) > 0)
+    valid = torch.arange(s)[None, :] < torch.from_numpy(np.asarray(lengths, np.int64))[:, None]
+    flat_x = xt.reshape(b * s, d)
+    base = (torch.arange(b) * k)[:, None]
+    n = torch.zeros(b * k)
+    for _ in range(iters):
+        d2 = torch.baddbmm((ct * ct).sum(2)[:, None, :], xt, ct.transpose(1, 2), alpha=-2.0)
+        d2.masked_fill_(~used[:, None, :], float("inf"))
+        flat = torch.where(valid, base + d2.argmin(2), b * k).reshape(-1)  # padding: bucket b*k
+        sums = torch.zeros(b * k + 1, d).index_add_(0, flat, flat_x)[:-1]
+        n = torch.bincount(flat, minlength=b * k + 1)[:-1].to(torch.float32)
+        moved = n > 0
+        ct = ct.reshape(b * k, d)
+        ct[moved] = sums[moved] / n[moved, None]
+        ct = ct.reshape(b, k, d)
+        used = moved.reshape(b, k) | used  # an emptied slot keeps its centroid this step
+    return ct.numpy(), n.reshape(b, k).numpy()
