@@ -116,10 +116,19 @@ def protocol_metrics(
 ) -> dict[str, float]:
     """Every figure of one score matrix [U, C] on the split: user view and audience view.
 
+    The user view's first prec@K is also given for returning users (with
+    training clicks) and new users (profile only): on a time split most test
+    users are new, and no look-alike score can read a history they do not have.
+
     ``audience_scores`` (default ``scores``) rank the users of each item: for
     popularity, whose user view is a constant per item, it is user activity.
     """
     out = user_view("", scores, proto.seen, proto.clicked, k_list)
+    for group, rows in (("returning", proto.activity > 0), ("new", proto.activity == 0)):
+        rows &= proto.clicked.any(1)
+        part = (user_view("", scores[rows], proto.seen[rows], proto.clicked[rows], k_list[:1])
+                if rows.any() else {f"prec@{k_list[0]}": float("nan")})
+        out[f"prec@{k_list[0]}_{group}"] = part[f"prec@{k_list[0]}"]
     aud = scores if audience_scores is None else audience_scores
     out["audience_auc"] = _audience_auc(aud, proto.seen, proto.clicked)
     for k in k_list:

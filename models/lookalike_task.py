@@ -80,7 +80,8 @@ MAIN_ROWS = {
 }
 #: rows of the audience-by-seeds curve
 CURVE_ROWS = tuple(MAIN_ROWS)
-METRICS = ("auc", "user_auc", "prec@10", "prec@50", "audience_auc", "audience_prec@10")
+METRICS = ("auc", "user_auc", "prec@10", "prec@50", "prec@10_returning", "prec@10_new",
+           "audience_auc", "audience_prec@10")
 
 
 def ablation_rows(k_values: Sequence[int], cfg: RalmConfig) -> dict[str, str]:
@@ -226,8 +227,9 @@ def _summary(per_seed: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         out[row] = {}
         for metric in per_seed[0]["rows"][row]:
             v = np.array([r["rows"][row][metric] for r in per_seed], np.float64)
-            out[row][metric] = {"mean": float(np.nanmean(v)),
-                                "std": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0,
+            ok = v[np.isfinite(v)]  # a metric can be undefined (no new users in a split)
+            out[row][metric] = {"mean": float(ok.mean()) if len(ok) else float("nan"),
+                                "std": float(ok.std(ddof=1)) if len(ok) > 1 else 0.0,
                                 "values": v.tolist()}
     return out
 
@@ -365,8 +367,8 @@ def _pm(cell: dict[str, float]) -> str:
 
 
 def _table(result: dict, names: Sequence[str]) -> list[str]:
-    head = ["model", "AUC", "user AUC", "prec@10", "prec@50", "audience AUC",
-            "audience prec@10"]
+    head = ["model", "AUC", "user AUC", "prec@10", "prec@50", "prec@10 returning users",
+            "prec@10 new users", "audience AUC", "audience prec@10"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name in names:
         row = result["summary"][name]
