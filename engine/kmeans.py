@@ -244,18 +244,15 @@ def lloyd_batched(
     ct = torch.from_numpy(np.array(centroids, np.float32))
     used = torch.from_numpy(np.asarray(counts) > 0)
     valid = torch.arange(s)[None, :] < torch.from_numpy(np.asarray(lengths, np.int64))[:, None]
-    flat_x = xt.reshape(b * s, d)
-    base = (torch.arange(b) * k)[:, None]
-    n = torch.zeros(b * k)
+    weight = valid.to(torch.float32)[:, :, None]  # padding rows weigh 0
+    n = torch.zeros(b, k)
     for _ in range(iters):
         d2 = torch.baddbmm((ct * ct).sum(2)[:, None, :], xt, ct.transpose(1, 2), alpha=-2.0)
         d2.masked_fill_(~used[:, None, :], float("inf"))
-        flat = torch.where(valid, base + d2.argmin(2), b * k).reshape(-1)  # padding: bucket b*k
-        sums = torch.zeros(b * k + 1, d).index_add_(0, flat, flat_x)[:-1]
-        n = torch.bincount(flat, minlength=b * k + 1)[:-1].to(torch.float32)
+        onehot = torch.zeros(b, s, k).scatter_(2, d2.argmin(2, keepdim=True), weight)
+        sums = torch.bmm(onehot.transpose(1, 2), xt)  # [B, k, d]: a matmul beats index_add_
+        n = onehot.sum(1)
         moved = n > 0
-        ct = ct.reshape(b * k, d)
-        ct[moved] = sums[moved] / n[moved, None]
-        ct = ct.reshape(b, k, d)
-        used = moved.reshape(b, k) | used  # an emptied slot keeps its centroid this step
-    return ct.numpy(), n.reshape(b, k).numpy()
+        ct = torch.where(moved[:, :, None], sums / n.clamp(min=1.0)[:, :, None], ct)
+        used = moved | used  # an emptied slot keeps its centroid this step
+    return ct.numpy(), n.numpy()

@@ -198,7 +198,7 @@ def full_windows(cfg: WindowConfig, n_items: int, seed: int) -> ItemClusters:
     """``n_items`` items whose windows are full, fed through the streaming path."""
     rng = np.random.default_rng(seed)
     state = ItemClusters(cfg)
-    chunk = 256
+    chunk = 32  # items per step: the step copies k x d centroids per point
     for lo in tqdm(range(0, n_items, chunk), desc="fill windows", unit="chunk", leave=False):
         items = list(range(lo, min(n_items, lo + chunk)))
         per = cfg.size
