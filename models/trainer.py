@@ -1,0 +1,177 @@
+"""The one trainer of the model zoo: epochs, early stopping, best epoch, budget, seeds.
+
+Why one: the figures of docs/models.md compare models at the same wall-clock budget
+and the same stopping rule, which holds only if one loop trains them all. A model
+supplies its batches and its loss (models/recommender.py); the trainer owns the rest:
+
+1. seeds (``torch.manual_seed`` for weights and dropout, one numpy generator for
+   batches and negatives) and the torch thread count, restored afterwards;
+2. per epoch: Adam over the model's batches, then the validation metric
+   (models/evaluator.py) on ``split.valid``;
+3. the best epoch's weights kept in memory (and written as a checkpoint when asked);
+4. stop at `epochs`, after `patience` epochs without a better validation value, or
+   before an epoch that would not end within `max_seconds` of the start (training and
+   validation both count, as a wall-clock cap does);
+5. the best weights are restored into the model.
+
+Same seed, same thread count, same data: the same weights, bit for bit (CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from models.evaluator import Protocol, evaluate
+from models.recommender import Recommender
+from models.splits import Split
+
+
+class TrainerConfig(BaseModel):
+    """Optimisation and stopping settings shared by every model."""
+
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(10, ge=1, description="epochs without validation gain before stop")
+    metric: str = Field("ndcg@10", description="validation metric to maximise")
+    valid_mask_history: bool = Field(False, description="mask seen items when validating")
+    max_seconds: float | None = Field(None, gt=0, description="wall-clock budget")
+    seed: int = 0
+    threads: int | None = Field(1, ge=1, description="torch threads; None leaves torch's")
+    progress: bool = True
+    checkpoint: Path | None = Field(None, description="write the best epoch here")
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: mean training loss, validation metrics and where the time went."""
+
+    epoch: int
+    loss: float
+    valid: dict[str, float]
+    train_seconds: float
+    valid_seconds: float
+    elapsed: float  # since the start of training
+
+
+@dataclass
+class TrainResult:
+    """What a fit did: every epoch, the best one, and why it stopped."""
+
+    model: str
+    metric: str
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_value: float = float("-inf")
+    stopped: str = "epochs"  # "epochs" | "patience" | "budget"
+    seconds: float = 0.0
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean training time of an epoch (validation excluded)."""
+        return float(np.mean([r.train_seconds for r in self.history])) if self.history else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "metric": self.metric, "best_epoch": self.best_epoch,
+                "best_value": self.best_value, "stopped": self.stopped,
+                "epochs": self.epochs, "seconds": self.seconds,
+                "seconds_per_epoch": self.seconds_per_epoch,
+                "history": [asdict(r) for r in self.history]}
+
+
+class Trainer:
+    """Fits any `Recommender` on a `Split` (see the module docstring for the steps)."""
+
+    def __init__(self, config: TrainerConfig | None = None, **overrides: Any) -> None:
+        base = config.model_dump() if config is not None else {}
+        self.config = TrainerConfig(**{**base, **overrides})
+
+    def fit(self, model: Recommender, split: Split) -> TrainResult:
+        cfg = self.config
+        threads = torch.get_num_threads()
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        try:
+            torch.manual_seed(cfg.seed)
+            model.prepare(split.item_ids)
+            return self._loop(model, split, np.random.default_rng(cfg.seed))
+        finally:
+            torch.set_num_threads(threads)
+
+    def _loop(self, model: Recommender, split: Split, rng: np.random.Generator) -> TrainResult:
+        cfg = self.config
+        module = model.module_
+        assert module is not None
+        optimiser = torch.optim.Adam(module.parameters(), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay)
+        protocol = Protocol(None, mask_history=cfg.valid_mask_history)
+        result = TrainResult(model.name, cfg.metric)
+        best_state: dict[str, torch.Tensor] | None = None
+        start = time.perf_counter()
+        bar = tqdm(total=cfg.epochs, desc=f"train {model.name}", unit="epoch",
+                   disable=not cfg.progress)
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                if self._over_budget(result, time.perf_counter() - start):
+                    result.stopped = "budget"
+                    break
+                record = self._epoch(model, optimiser, split, rng, protocol, epoch, start)
+                result.history.append(record)
+                value = record.valid.get(cfg.metric, float("nan"))
+                bar.update()
+                bar.set_postfix(loss=f"{record.loss:.4f}", **{cfg.metric: f"{value:.4f}"})
+                if value > result.best_value:
+                    result.best_epoch, result.best_value = epoch, value
+                    best_state = copy.deepcopy(module.state_dict())
+                    if cfg.checkpoint is not None:
+                        model.save(cfg.checkpoint, {"epoch": epoch, cfg.metric: value})
+                elif epoch - result.best_epoch >= cfg.patience:
+                    result.stopped = "patience"
+                    break
+        finally:
+            bar.close()
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _epoch(self, model: Recommender, optimiser: torch.optim.Optimizer, split: Split,
+               rng: np.random.Generator, protocol: Protocol, epoch: int,
+               start: float) -> EpochRecord:
+        module = model.module_
+        assert module is not None
+        t0 = time.perf_counter()
+        module.train()
+        losses = []
+        for batch in model.batches(split.train, rng):
+            optimiser.zero_grad(set_to_none=True)
+            loss = model.loss(batch)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        t1 = time.perf_counter()
+        valid = evaluate(model, split.valid, protocol, ks=(10,)).mean() if len(split.valid) else {}
+        t2 = time.perf_counter()
+        return EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), valid,
+                           t1 - t0, t2 - t1, t2 - start)
+
+    def _over_budget(self, result: TrainResult, elapsed: float) -> bool:
+        """Would one more epoch, as long as the last, end past `max_seconds`?"""
+        budget = self.config.max_seconds
+        if budget is None or not result.history:
+            return False
+        last = result.history[-1]
+        return elapsed + last.train_seconds + last.valid_seconds > budget

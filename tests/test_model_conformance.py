@@ -1,0 +1,117 @@
+"""The conformance suite every registered model passes (River's `check_estimator` habit).
+
+A model joins by registering (models/recommender.py); its `_unit_test_params` keep it
+small. The data is a tiny planted sequence task: each user clicks consecutive items
+(i, i+1, i+2, ... mod N), so a model that learns anything finds the next click.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import Dataset, Items, Users, build_dataset
+from models.recommender import NotFittedError, Recommender, get_model, model_names
+from models.splits import Split, leave_one_out, random_split
+from models.trainer import TrainResult
+
+N_USERS, N_ITEMS = 60, 30
+
+
+def tiny_dataset(seed: int = 0) -> Dataset:
+    """Users clicking runs of consecutive items, ids offset so ids != indices."""
+    rng = np.random.default_rng(seed)
+    users, items, ts = [], [], []
+    for u in range(N_USERS):
+        n = int(rng.integers(12, 20))
+        start = int(rng.integers(N_ITEMS))
+        users += [1000 + u] * n
+        items += [(start + k) % N_ITEMS + 500 for k in range(n)]
+        ts += list(1e9 + u + 100.0 * np.arange(n))
+    no_users = Users(ids=np.zeros(0), age=np.zeros(0), gender=[], occupation=[], zip_code=[])
+    no_items = Items(ids=np.zeros(0), title=[], year=np.zeros(0), genres=[])
+    return build_dataset("tiny", np.array(users), np.array(items), np.ones(len(users)),
+                         np.array(ts), no_users, no_items)
+
+
+def tiny_split(model_cls: type[Recommender]) -> Split:
+    ds = tiny_dataset()
+    return leave_one_out(ds) if model_cls.split == "loo" else random_split(ds)
+
+
+def fit(name: str, seed: int = 0) -> tuple[Recommender, TrainResult, Split]:
+    cls = get_model(name)
+    params = cls._unit_test_params()
+    model = cls(**params["config"])
+    split = tiny_split(cls)
+    result = model.fit(split, seed=seed, progress=False, **params["trainer"])
+    return model, result, split
+
+
+@pytest.fixture(scope="module", params=model_names())
+def fitted(request: pytest.FixtureRequest) -> tuple[Recommender, TrainResult, Split]:
+    return fit(request.param)
+
+
+def test_registry_lists_models():
+    assert "sasrec" in model_names()
+    with pytest.raises(KeyError, match="unknown model"):
+        get_model("no-such-model")
+
+
+def test_loss_goes_down_and_it_learns(fitted):
+    model, result, _ = fitted
+    losses = [r.loss for r in result.history]
+    assert result.epochs >= 2 and losses[-1] < losses[0]
+    assert result.best_value > 0.3  # chance is ~10/30 hit, far less NDCG
+    assert 1 <= result.best_epoch <= result.epochs
+    assert result.seconds_per_epoch > 0
+
+
+def test_save_load_round_trip_gives_identical_scores(fitted, tmp_path):
+    model, _, split = fitted
+    path = model.save(tmp_path / "m.pt", metrics={"note": 1})
+    for loader in (type(model), Recommender):
+        again = loader.load(path)
+        assert type(again) is type(model) and again.version_ == model.version_
+        assert again.config == model.config
+        np.testing.assert_array_equal(again.item_ids_, model.item_ids_)
+        histories = split.test.history.rows(range(len(split.test)))
+        assert torch.equal(again.score_many(histories), model.score_many(histories))
+
+
+def test_unseen_user_is_scored_from_their_clicks(fitted):
+    model, _, _ = fitted
+    clicks = [503, 504, 505]  # external ids; no user id involved
+    scores = model.score([clicks, [], [99999]])  # an unknown item id is ignored
+    assert scores.shape == (3, N_ITEMS) and np.isfinite(scores).all()
+    top = model.recommend(clicks, k=5)
+    assert len(top) == 5 and not set(top) & set(clicks)
+    assert set(top) <= set(model.item_ids_.tolist())
+    assert 506 in model.recommend(clicks, k=10)  # the planted next click
+
+
+def test_rank_returns_ids_best_first(fitted):
+    model, _, _ = fitted
+    ranked = model.rank([503, 504], items=[501, 510, 505, 12345])
+    assert sorted(i for i, _ in ranked) == [501, 505, 510]
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    assert len(model.rank([503])) == N_ITEMS
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_deterministic_with_a_seed(name):
+    a, ra, split = fit(name, seed=3)
+    b, rb, _ = fit(name, seed=3)
+    histories = split.test.history.rows(range(len(split.test)))
+    assert [r.loss for r in ra.history] == [r.loss for r in rb.history]
+    assert torch.equal(a.score_many(histories), b.score_many(histories))
+    c, _, _ = fit(name, seed=4)
+    assert not torch.equal(a.score_many(histories), c.score_many(histories))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_unfitted_model_refuses_to_score(name):
+    with pytest.raises(NotFittedError):
+        get_model(name)().score([[1, 2]])
