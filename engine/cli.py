@@ -308,6 +308,176 @@ def evaluate_cold_start_cmd(
     typer.echo(f"wrote {out_dir}/cold-start.json, cold-start.png")
 
 
+# ------------------------------------------------------------------- model zoo
+# Names of models/recommender.py's registry, listed here so that `lookalike --help` does
+# not import torch; tests/test_model_conformance.py checks the two lists agree.
+ZOO_MODELS = ("sasrec",)
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="model setting KEY=VALUE (repeatable), e.g. --set loss=ce")]
+
+
+def _zoo_train(name: str, dataset: str, max_seconds: float | None, epochs: int | None,
+               patience: int | None, lr: float | None, seed: int, threads: int,
+               metric: str | None, settings: list[str] | None, out: Path | None,
+               cache_dir: Path | None, config: Path | None) -> None:
+    """Fit a registered model on its family's split; write checkpoint, JSON and PNG."""
+    import orjson
+
+    from engine.data import load_dataset
+    from models.recommender import get_model
+    from models.splits import make_split
+    from models.trainer import plot_learning_curve
+
+    s = _settings(config, cache_dir=cache_dir)
+    cls = get_model(name)
+    try:
+        model = cls(**_key_values(settings))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    split = make_split(load_dataset(dataset, s.data_dir), cls.split, seed=seed)
+    typer.echo(split.summary())
+    options = {"epochs": epochs, "patience": patience, "lr": lr, "metric": metric,
+               "max_seconds": max_seconds}
+    result = model.fit(split, seed=seed, threads=threads,
+                       **{k: v for k, v in options.items() if v is not None})
+    report = {"model": name, "dataset": dataset, "split": split.summary(), "seed": seed,
+              "threads": threads, "config": model.config.model_dump(),
+              "trainer": {k: v for k, v in options.items() if v is not None},
+              "train": result.to_json()}
+    ckpt = model.save(s.checkpoint_dir / name / "pending.pt", metrics=report)
+    final = ckpt.rename(ckpt.with_name(f"{model.version_}.pt"))
+    report["checkpoint"] = str(final)
+    out_dir = out or s.cache_dir / "reports" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    plot_learning_curve(result, out_dir / "learning-curve.png")
+    typer.echo(f"{name}: {result.epochs} epochs ({result.stopped}), best epoch "
+               f"{result.best_epoch} valid {result.metric} {result.best_value:.4f}, "
+               f"{result.seconds_per_epoch:.2f} s/epoch, {result.seconds:.0f} s")
+    typer.echo(f"wrote {final}, {out_dir}/train.json, learning-curve.png")
+
+
+def _key_values(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set wants KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: str,
+                  ks: list[int], seed: int, out: Path | None, cache_dir: Path | None,
+                  config: Path | None) -> None:
+    """Evaluate a checkpoint on its split's test set: both variants, JSON (+ per-user NPZ)."""
+    import numpy as np
+    import orjson
+
+    from engine.data import load_dataset
+    from models.evaluator import PROTOCOLS, evaluate_protocol
+    from models.recommender import get_model
+    from models.splits import make_split
+    from models.trainer import plot_learning_curve, result_from_json
+
+    s = _settings(config, cache_dir=cache_dir)
+    protocols = list(PROTOCOLS) if protocol == "all" else [protocol]
+    if any(p not in PROTOCOLS for p in protocols):
+        raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)} or all")
+    found = sorted((s.checkpoint_dir / name).glob(f"{name}-*.pt"))  # versions sort by time
+    path = checkpoint or (found[-1] if found else None)
+    if path is None:
+        typer.echo(f"error: no {name} checkpoint in {s.checkpoint_dir / name}: run "
+                   f"`lookalike train {name}` or pass --checkpoint", err=True)
+        raise typer.Exit(1)
+    cls = get_model(name)
+    model = cls.load(path)
+    trained = _checkpoint_metrics(path)
+    split = make_split(load_dataset(dataset, s.data_dir), cls.split,
+                       seed=int(trained.get("seed", 0)))
+    out_dir = out or s.cache_dir / "reports" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in protocols:
+        results = evaluate_protocol(model, split.test, p, ks=ks, seed=seed)
+        report = {"model": name, "checkpoint": str(path), "version": model.version_,
+                  "protocol": p, "dataset": dataset, "split": split.summary(),
+                  "sampling_seed": seed, "train": trained.get("train", {}),
+                  "config": model.config.model_dump(),
+                  "variants": {v: r.to_json() for v, r in results.items()}}
+        (out_dir / f"evaluate-{p}.json").write_bytes(
+            orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        np.savez_compressed(out_dir / f"evaluate-{p}-per-user.npz", users=split.test.users,
+                            **{f"{v}/{m}": a for v, r in results.items()
+                               for m, a in r.per_user.items()})
+        for v, r in results.items():
+            means = r.mean()
+            cut = f"@{10 if 10 in ks else max(ks)}"
+            shown = ", ".join(f"{m} {means[m]:.4f}" for m in means if m.endswith(cut))
+            typer.echo(f"{name} {p} ({v}: {r.protocol.name}): {shown}")
+    if trained.get("train"):
+        plot_learning_curve(result_from_json(trained["train"]), out_dir / "learning-curve.png")
+    typer.echo(f"wrote {out_dir}/evaluate-*.json, per-user .npz, learning-curve.png")
+
+
+def _checkpoint_metrics(path: Path) -> dict:
+    from models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).get("metrics", {})
+
+
+def _add_zoo_commands(name: str) -> None:
+    @train_app.command(name)
+    def train_zoo_cmd(
+        dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = (
+            "ml-100k"),
+        max_seconds: Annotated[float | None, typer.Option(
+            help="wall-clock budget of training, e.g. 600")] = None,
+        epochs: Annotated[int | None, typer.Option(help="at most this many epochs")] = None,
+        patience: Annotated[int | None, typer.Option(
+            help="stop after this many epochs without validation gain")] = None,
+        lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
+        metric: Annotated[str | None, typer.Option(
+            help="validation metric for early stopping (default ndcg@10)")] = None,
+        seed: Annotated[int, typer.Option()] = 0,
+        threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+        set_: SetOpt = None,
+        out: Annotated[Path | None, typer.Option(
+            help="report folder (default <cache_dir>/reports/<model>)")] = None,
+        cache_dir: CacheOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        _zoo_train(name, dataset, max_seconds, epochs, patience, lr, seed, threads, metric,
+                   set_, out, cache_dir, config)
+
+    @evaluate_app.command(name)
+    def evaluate_zoo_cmd(
+        protocol: Annotated[str, typer.Option(
+            help="loo-full, loo-uni100 or all (each: RecBole's variant and the paper's)")] = (
+            "all"),
+        checkpoint: Annotated[Path | None, typer.Option(help="default: the newest")] = None,
+        dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = (
+            "ml-100k"),
+        k: Annotated[list[int] | None, typer.Option(
+            "--k", "-k", help="cut-offs (repeatable; default 5, 10, 20)")] = None,
+        seed: Annotated[int, typer.Option(help="seed of the sampled negatives")] = 0,
+        out: Annotated[Path | None, typer.Option(
+            help="report folder (default <cache_dir>/reports/<model>)")] = None,
+        cache_dir: CacheOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        _zoo_evaluate(name, protocol, checkpoint, dataset, k or [5, 10, 20], seed, out,
+                      cache_dir, config)
+
+    train_zoo_cmd.__doc__ = (f"Train {name} (model zoo) on its split with early stopping; "
+                             "write a checkpoint, train.json and learning-curve.png.")
+    evaluate_zoo_cmd.__doc__ = (f"Evaluate the newest {name} checkpoint on the test users; "
+                                "write evaluate-<protocol>.json with 95% CIs.")
+
+
+for _name in ZOO_MODELS:
+    _add_zoo_commands(_name)
+
+
 # ------------------------------------------------------------------- benchmarks
 @app.command()
 def bench(

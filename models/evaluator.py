@@ -34,7 +34,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -95,6 +95,15 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol.name, "settings": self.protocol.__dict__,
                 "users": len(self.users), "metrics": self.mean(), "ci95": self.summary()}
+
+
+def evaluate_protocol(model: Recommender, data: EvalSet, protocol: str,
+                      ks: Sequence[int] = (5, 10, 20), seed: int = 0) -> dict[str, EvalResult]:
+    """Both variants (RecBole's and the paper's) of a named protocol in `PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    return {variant: evaluate(model, data, replace(p, seed=seed), ks)
+            for variant, p in PROTOCOLS[protocol].items()}
 
 
 def evaluate(model: Recommender, data: EvalSet, protocol: Protocol | None = None,

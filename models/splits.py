@@ -184,3 +184,12 @@ def _positions(n: int, ratios: tuple[float, float, float],
     perm = rng.permutation(n)
     return (np.sort(perm[:n_train]), np.sort(perm[n_train:n_train + n_valid]),
             np.sort(perm[n_train + n_valid:]))
+
+
+def make_split(ds: Dataset, protocol: str, seed: int = 0) -> Split:
+    """The split a model family is evaluated on: "loo" or "random" (8:1:1, seeded)."""
+    if protocol == "loo":
+        return leave_one_out(ds)
+    if protocol == "random":
+        return random_split(ds, seed=seed)
+    raise ValueError(f"unknown split {protocol!r}; expected 'loo' or 'random'")

@@ -175,3 +175,39 @@ class Trainer:
             return False
         last = result.history[-1]
         return elapsed + last.train_seconds + last.valid_seconds > budget
+
+
+def plot_learning_curve(result: TrainResult, path: Path, title: str = "") -> Path:
+    """Training loss and the validation metric per epoch, the best epoch marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch for r in result.history]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(epochs, [r.loss for r in result.history], color="tab:blue", label="train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    metric_ax = loss_ax.twinx()
+    metric_ax.plot(epochs, [r.valid.get(result.metric, float("nan")) for r in result.history],
+                   color="tab:orange", label=f"valid {result.metric}")
+    metric_ax.set_ylabel(f"validation {result.metric}", color="tab:orange")
+    if result.best_epoch:
+        metric_ax.axvline(result.best_epoch, color="grey", linestyle=":", label="best epoch")
+    loss_ax.set_title(title or f"{result.model}: {result.epochs} epochs, stopped by "
+                      f"{result.stopped}, {result.seconds_per_epoch:.1f} s/epoch")
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9), fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def result_from_json(data: dict[str, Any]) -> TrainResult:
+    """The `TrainResult` that `TrainResult.to_json` wrote (e.g. kept in a checkpoint)."""
+    return TrainResult(data["model"], data["metric"],
+                       [EpochRecord(**r) for r in data.get("history", [])],
+                       data["best_epoch"], data["best_value"], data["stopped"], data["seconds"])

@@ -115,3 +115,37 @@ def test_deterministic_with_a_seed(name):
 def test_unfitted_model_refuses_to_score(name):
     with pytest.raises(NotFittedError):
         get_model(name)().score([[1, 2]])
+
+
+def test_cli_lists_every_registered_model():
+    from engine.cli import ZOO_MODELS
+
+    assert sorted(ZOO_MODELS) == model_names()
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_cli_train_then_evaluate_writes_reports(name, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    ds = tiny_dataset()
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rows = zip(ds.users.ids[ds.user], ds.items.ids[ds.item], ds.rating, ds.ts, strict=True)
+    (folder / "u.data").write_text("".join(f"{u}\t{i}\t{int(r)}\t{int(t)}\n"
+                                           for u, i, r, t in rows))
+    params = get_model(name)._unit_test_params()
+    sets = [a for k, v in params["config"].items() for a in ("--set", f"{k}={v}")]
+    common = ["--dataset", str(folder), "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "out")]
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", name, "--epochs", "2", *sets, *common])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", name, "--protocol", "all", "-k", "10", *common])
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"train.json", "learning-curve.png", "evaluate-loo-full.json",
+            "evaluate-loo-uni100.json"} <= names
+    report = (tmp_path / "out" / "evaluate-loo-full.json").read_text()
+    assert '"recbole"' in report and '"paper"' in report and '"ci95"' in report
