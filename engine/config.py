@@ -60,6 +60,10 @@ class WindowConfig(BaseModel):
         "clustering worker's memory (a full window: size x dim x 2 bytes, plus ~158 bytes "
         "of bookkeeping per seed)",
     )
+    publish_interval_s: float = Field(
+        0.2, ge=0, description="an item's centroids are published at most this often "
+        "(changes in between are coalesced); adds at most this much to freshness",
+    )
 
 
 class ScoringConfig(BaseModel):
