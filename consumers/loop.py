@@ -84,6 +84,9 @@ class Stage:
     def tick(self, now: float) -> None:
         """Periodic work, called after every poll (also when it was empty)."""
 
+    def drain(self) -> None:
+        """On a clean stop, before the last flush: send what ``tick`` was holding back."""
+
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
         """New partitions: load or start their state."""
 
@@ -269,6 +272,7 @@ class ConsumerLoop:
         if self.consumer is not None:
             try:
                 if self.consumer.assignment():
+                    self.stage.drain()
                     self._flush_and_commit()
             except KafkaError as e:
                 log.warning("final commit failed: %s", e)
