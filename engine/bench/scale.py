@@ -1,0 +1,210 @@
+"""Scale: what an item window and a user state cost, and how each stage's cost grows.
+
+Two sweeps, each timing the state path the workers run (no broker: the broker's
+cost per message does not depend on how many items or users there are):
+
+- items 1k -> 100k: ``ItemClusters.apply_columns`` (the clustering worker's
+  path) fed ``seeds_per_item`` seeds per item in poll-sized runs;
+- users 10k -> 3M: ``UserStore.click`` (the scoring worker's user state).
+
+"Linear or better" means the cost *per event* stays flat as the state grows;
+the figure with a target is the ratio of the per-event cost at the largest
+size to that at the smallest. Memory is measured per item and per user
+(tracemalloc on a sample) and stated as the bound the configuration sets: a
+full window (``window.size`` seeds) per item, and a user at ``history_len``
+recent clicks and ``max_seen`` remembered items, times ``max_users``.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from consumers.scoring import UserStore
+from engine.bench.report import BenchOptions, BenchReport
+from engine.clustering import ItemClusters, SeedColumns
+from engine.codec import Click
+from engine.config import Settings, WindowConfig
+
+DIM = 128  # the production embedding size
+POLL = 2_000  # seeds per poll (the clustering worker's max_poll_records order)
+
+
+@dataclass
+class Sweep:
+    item_sizes: tuple[int, ...]
+    seeds_per_item: int
+    user_sizes: tuple[int, ...]
+    clicks_per_user: int
+    sample: int  # items / users measured with tracemalloc (full states: a tenth)
+
+
+FULL = Sweep((1_000, 3_000, 10_000, 30_000, 100_000), 8,
+             (10_000, 100_000, 300_000, 1_000_000, 3_000_000), 3, 5_000)
+QUICK = Sweep((200, 2_000), 4, (1_000, 10_000), 2, 500)
+
+
+def run(opts: BenchOptions) -> BenchReport:
+    sweep = QUICK if opts.quick else FULL
+    s = opts.settings
+    report = BenchReport("scale", settings={"sweep": sweep.__dict__, "dim": DIM,
+                                            "window": s.window.model_dump(),
+                                            "scoring": s.scoring.model_dump()})
+    items = [item_cost(s.window, n, sweep.seeds_per_item, opts.seed)
+             for n in tqdm(sweep.item_sizes, desc="items sweep", leave=False)]
+    users = [user_cost(s, n, sweep.clicks_per_user) for n in
+             tqdm(sweep.user_sizes, desc="users sweep", leave=False)]
+    _item_figures(report, s.window, sweep, items)
+    _user_figures(report, s, sweep, users)
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    plot(sweep, items, users, opts.out_dir / "scale.png")
+    report.settings["plot"] = "scale.png"
+    return report
+
+
+# ---------------------------------------------------------------- items
+
+
+def item_cost(cfg: WindowConfig, n_items: int, seeds_per_item: int, seed: int) -> float:
+    """Seconds per seed event through ``apply_columns`` with ``n_items`` live items."""
+    rng = np.random.default_rng(seed)
+    state = ItemClusters(cfg)
+    order = rng.permutation(np.repeat(np.arange(n_items), seeds_per_item))
+    users = rng.permutation(len(order)).astype(np.int64)  # distinct: every seed is new
+    elapsed = 0.0
+    for lo in range(0, len(order), POLL):
+        cols = _columns(order[lo:lo + POLL], users[lo:lo + POLL], lo, rng)
+        t = time.perf_counter()
+        state.apply_columns(cols)
+        elapsed += time.perf_counter() - t
+    return elapsed / len(order)
+
+
+def _columns(items: np.ndarray, users: np.ndarray, t0: int,
+             rng: np.random.Generator) -> SeedColumns:
+    """One record per seed, as a Zipf-free worst case (no two seeds share a record)."""
+    n = len(items)
+    return SeedColumns(items.tolist(), list(range(n + 1)), users,
+                       np.arange(t0, t0 + n, dtype=np.float64),
+                       rng.standard_normal((n, DIM), dtype=np.float32))
+
+
+def window_bytes(cfg: WindowConfig, n_items: int, seeds: int, seed: int = 0) -> float:
+    """Measured bytes per item holding ``seeds`` seeds (windows, centroids, bookkeeping)."""
+    rng = np.random.default_rng(seed)
+    order = np.repeat(np.arange(n_items), seeds)
+    cols = _columns(order, np.arange(len(order), dtype=np.int64), 0, rng)
+    return _traced(lambda: _fill(cfg, cols)) / n_items
+
+
+def _fill(cfg: WindowConfig, cols: SeedColumns) -> ItemClusters:
+    state = ItemClusters(cfg)
+    state.apply_columns(cols)
+    return state
+
+
+# ---------------------------------------------------------------- users
+
+
+def user_cost(s: Settings, n_users: int, clicks_per_user: int) -> float:
+    """Seconds per click through ``UserStore.click`` with ``n_users`` live users."""
+    cfg = s.scoring
+    store = UserStore(cfg.history_len, max(cfg.max_users, n_users), cfg.max_seen)
+    rng = np.random.default_rng(0)
+    clicks = [Click(int(u), int(i), 0.0) for u, i in zip(
+        np.tile(np.arange(n_users), clicks_per_user),
+        rng.integers(43_500, size=n_users * clicks_per_user), strict=True)]
+    t = time.perf_counter()
+    for c in clicks:
+        store.click(c)
+    return (time.perf_counter() - t) / len(clicks)
+
+
+def user_bytes(s: Settings, n_users: int, clicks: int) -> float:
+    """Measured bytes per user after ``clicks`` distinct clicks each."""
+    cfg = s.scoring
+
+    def build() -> UserStore:
+        store = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen)
+        for u in range(n_users):
+            for j in range(clicks):
+                store.click(Click(u, 1_000_000 + j, 0.0))
+        return store
+
+    return _traced(build) / n_users
+
+
+def _traced(build: Callable[[], object]) -> float:
+    """Bytes still allocated by what ``build`` returns (amortised growth included:
+    measure enough items or users that preallocated capacity does not dominate)."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        kept = build()
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    del kept
+    return float(used)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _item_figures(report: BenchReport, cfg: WindowConfig, sweep: Sweep,
+                  cost: list[float]) -> None:
+    for n, c in zip(sweep.item_sizes, cost, strict=True):
+        report.add(f"clustering: µs per seed event at {n:,} items", 1e6 * c, "µs")
+    report.add(f"clustering cost growth per event, {sweep.item_sizes[0]:,} -> "
+               f"{sweep.item_sizes[-1]:,} items", cost[-1] / cost[0], "x", "<= 2.0",
+               "flat = total cost linear in events")
+    per = window_bytes(cfg, sweep.sample, sweep.seeds_per_item)
+    full = window_bytes(cfg, sweep.sample // 10, cfg.size)
+    report.add(f"item state, {sweep.seeds_per_item} seeds", per, "bytes/item",
+               note="tracemalloc: window, centroids, bookkeeping")
+    report.add(f"item state, full window ({cfg.size} seeds)", full, "bytes/item",
+               note=f"the bound window.size sets ({cfg.vector_dtype} vectors, dim {DIM})")
+
+
+def _user_figures(report: BenchReport, s: Settings, sweep: Sweep, cost: list[float]) -> None:
+    cfg = s.scoring
+    for n, c in zip(sweep.user_sizes, cost, strict=True):
+        report.add(f"scoring user state: µs per click at {n:,} users", 1e6 * c, "µs")
+    report.add(f"user state cost growth per click, {sweep.user_sizes[0]:,} -> "
+               f"{sweep.user_sizes[-1]:,} users", cost[-1] / cost[0], "x", "<= 2.0",
+               "flat = total cost linear in clicks")
+    light = user_bytes(s, sweep.sample, sweep.clicks_per_user)
+    full = user_bytes(s, sweep.sample // 10, max(cfg.history_len, cfg.max_seen))
+    report.add(f"user state, {sweep.clicks_per_user} clicks", light, "bytes/user")
+    report.add(f"user state, full (history {cfg.history_len}, seen {cfg.max_seen})", full,
+               "bytes/user", note="the bound history_len and max_seen set")
+    report.add(f"user state bound at max_users={cfg.max_users:,}", full * cfg.max_users / 2**30,
+               "GiB", note="full users x scoring.max_users")
+
+
+def plot(sweep: Sweep, items: list[float], users: list[float], path: Path) -> None:
+    """Per-event cost vs state size, log x: a flat line is linear total cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(sweep.item_sizes, 1e6 * np.array(items), "o-")
+    a.set(xscale="log", xlabel="live items", ylabel="µs per seed event",
+          title="clustering worker state", ylim=(0, None))
+    b.plot(sweep.user_sizes, 1e6 * np.array(users), "o-", color="tab:orange")
+    b.set(xscale="log", xlabel="live users", ylabel="µs per click",
+          title="scoring worker user state", ylim=(0, None))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle("Cost per event as state grows (flat = linear total cost)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
