@@ -102,10 +102,14 @@ class Stage:
     # ------------------------------------------------------------- helpers
     def send(self, topic: str, key: bytes | None, value: bytes | None, count: int = 1,
              headers: list[tuple[str, bytes]] | None = None,
-             timestamp_ms: int | None = None) -> None:
-        """Send one message on a base topic; ``count`` logical records it carries."""
+             timestamp_ms: int | None = None, partition: int | None = None) -> None:
+        """Send one message on a base topic; ``count`` logical records it carries.
+
+        ``partition``: for packed messages, which hold many keys' records (the
+        sender picks the partition those keys hash to); None: by ``key``.
+        """
         assert self.loop is not None
-        self.loop.send(self.names.name(topic), key, value, headers, timestamp_ms)
+        self.loop.send(self.names.name(topic), key, value, headers, timestamp_ms, partition)
         self.metrics.produced.labels(self.name, topic).inc(count)
 
 
@@ -131,10 +135,10 @@ class ConsumerLoop:
     # ------------------------------------------------------------- kafka io
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None,
-             timestamp_ms: int | None = None) -> None:
+             timestamp_ms: int | None = None, partition: int | None = None) -> None:
         assert self.producer is not None
         self.producer.send(topic, key=key, value=value, headers=headers or [],
-                           timestamp_ms=timestamp_ms)
+                           timestamp_ms=timestamp_ms, partition=partition)
 
     def dead_letter(self, topic: str, record: ConsumerRecord, err: BadEvent) -> None:
         headers = [

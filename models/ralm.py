@@ -386,6 +386,38 @@ class RalmModel:
         mask = torch.from_numpy(np.asarray(counts) > 0)
         return self.lookalike.score(_tensor(users), _tensor(centroids), mask, g).numpy()
 
+    def score_gram(
+        self,
+        users: np.ndarray,
+        centroids: np.ndarray,
+        counts: np.ndarray,
+        item_global: np.ndarray,
+        gram: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`score` for serving, in numpy: equal within float32 rounding (tested).
+
+        ``gram`` [B, C, k, k] holds each item's E Eᵀ over its centroids (user
+        independent, kept by the centroid table). Then ||E_local||² = wᵀ G w and
+        E_local·u = w·(E u), so one matmul gives E·q and E·u for every
+        centroid and the [B, C, h] local embeddings are never formed.
+        """
+        b, c, k, h = centroids.shape
+        la = self.lookalike
+        u = np.ascontiguousarray(users, np.float32)
+        q = u @ la.local_w.weight.detach().numpy().T  # E_u W_l
+        d = np.matmul(centroids.reshape(b, c * k, h), np.stack([u, q], axis=2))
+        d = d.reshape(b, c, k, 2)
+        mask = np.asarray(counts) > 0
+        logits = np.where(mask, np.tanh(d[..., 1]), np.float32(-1e9))
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        w = e / e.sum(-1, keepdims=True) * mask  # masked_softmax
+        local_dot = (w * d[..., 0]).sum(-1)  # E_local · u
+        local_sq = np.maximum((np.matmul(gram, w[..., None])[..., 0] * w).sum(-1), 0.0)
+        u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12)[:, None]
+        local_cos = local_dot / np.maximum(np.sqrt(local_sq), 1e-12) / u_norm
+        global_cos = np.matmul(item_global, u[:, :, None])[..., 0] / u_norm
+        return (la.alpha * global_cos + la.beta * local_cos).astype(np.float32)
+
     def score_user(
         self,
         user: np.ndarray,

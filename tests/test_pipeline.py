@@ -108,7 +108,10 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
                                     scoring.table.counts[cand], scoring.table.global_vec[cand])
         top = np.argsort(-full, kind="stable")[:7]
         np.testing.assert_allclose(scores, full[top], atol=1e-5)
-        assert got == scoring.table.item_ids[cand[top]].tolist()
+        # the worker scores in numpy (RalmModel.score_gram): near-ties may swap, nothing else
+        ref = dict(zip(scoring.table.item_ids[cand].tolist(), full.tolist()))
+        assert set(got) <= set(ref)
+        np.testing.assert_allclose([ref[i] for i in got], full[top], atol=1e-5)
 
         # a user the worker never saw still gets recommendations, marked cold
         produce(s, "score-requests", [(key_of(77_777_777), orjson.dumps(

@@ -1,0 +1,250 @@
+"""``lookalike bench score``: recommendation latency and throughput of the scoring worker.
+
+Targets (issue 4), with 43,500 items of 20 centroids each in the worker's
+centroid table:
+
+- worker-side latency per request at batch 1 (decode, user embedding, Faiss
+  shortlist, RALM re-rank, JSON, hand-off to the producer): p99 <= 2 ms;
+- batched: >= 2,000 users/s;
+- end to end (request produced -> recommendation consumed, through the
+  broker and a running worker): p99 <= 2x the p99 of a raw kafka-python
+  produce -> consume round trip measured in the same run, with the same
+  client settings, while the worker runs.
+
+Model: an untrained RALM at the default shape (latency does not depend on the
+weights). Centroids: each item's 20 centroids are noisy mixes of real user
+embeddings (the model's, of synthetic users), so cosines have realistic
+spread; counts are random, a few slots empty.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from kafka import TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from tqdm import tqdm
+
+from consumers.kafka import make_consumer, make_producer
+from consumers.loop import ConsumerLoop, Event
+from consumers.runner import start_worker
+from consumers.scoring import ScoringStage
+from engine import topics as T
+from engine.bench.ingest import (
+    PAPER_ITEMS,
+    bench_broker,
+    bench_dataset,
+    bench_model,
+    bench_settings,
+    warm_clicks,
+)
+from engine.bench.report import BenchOptions, BenchReport
+from engine.codec import ItemCentroids, encode_json, key_of
+from engine.config import Settings
+from models.ralm import RalmModel
+
+
+@dataclass(frozen=True)
+class ScoreSize:
+    items: int
+    users: int
+    requests: int  # batch-1 worker-side and end-to-end samples
+    batch: int  # users per batched call
+    batches: int
+    round_trips: int
+
+
+def size_of(opts: BenchOptions) -> ScoreSize:
+    if opts.quick:
+        return ScoreSize(items=2_000, users=500, requests=50, batch=32, batches=2, round_trips=30)
+    return ScoreSize(items=PAPER_ITEMS, users=20_000, requests=2_000, batch=256, batches=8,
+                     round_trips=1_000)
+
+
+def fill_table(stage: ScoringStage, model: RalmModel, n_items: int, seed: int,
+               progress: bool) -> None:
+    """Every item gets k centroids: noisy mixes of real user embeddings."""
+    rng = np.random.default_rng(seed)
+    users = stage._embed(list(stage.users.users.values())[:4096],
+                         [st.profile for st in list(stage.users.users.values())[:4096]])
+    k, dim = stage.table.k, stage.table.dim
+    ids = np.asarray(model.features.catalog_ids, np.int64)[:n_items]
+    for item in tqdm(ids.tolist(), desc="centroid table", unit="item", disable=not progress,
+                     mininterval=0.5):
+        mix = users[rng.integers(0, len(users), (k, 4))].mean(1)
+        cent = (mix + rng.normal(0, 0.05, (k, dim))).astype(np.float32)
+        counts = rng.integers(1, 30, k).astype(np.float32)
+        counts[rng.random(k) < 0.1] = 0.0  # a few empty k-means slots
+        stage.table.upsert(item, ItemCentroids(cent, counts, int(counts.sum()), time.time()))
+    stage.table.refresh(model.item_global)
+
+
+def request(user: int, i: int, k: int = 10) -> bytes:
+    return encode_json({"user_id": user, "k": k, "request_id": f"r-{i}"})
+
+
+class _Record:
+    """Just what ``ScoringStage.decode``/``handle`` read of a ConsumerRecord."""
+
+    __slots__ = ("value", "partition", "timestamp", "topic", "offset", "key")
+
+    def __init__(self, value: bytes, key: bytes):
+        self.value, self.key = value, key
+        self.partition, self.timestamp, self.topic, self.offset = 0, 0, T.SCORE_REQUESTS, 0
+
+
+def worker_side(stage: ScoringStage, users: list[int], batch: int,
+                progress: bool, desc: str) -> np.ndarray:
+    """Seconds per ``handle`` call of ``batch`` decoded requests (the producer is real)."""
+    out = []
+    n = len(users) // batch
+    for b in tqdm(range(n), desc=desc, unit="call", disable=not progress, mininterval=0.5):
+        chunk = users[b * batch:(b + 1) * batch]
+        t0 = time.perf_counter()
+        events = [Event(T.SCORE_REQUESTS, rec, stage.decode(T.SCORE_REQUESTS, rec))
+                  for rec in (_Record(request(u, i), key_of(u)) for i, u in enumerate(chunk))]
+        stage.handle(events)
+        out.append(time.perf_counter() - t0)
+        if b % 50 == 49:
+            assert stage.loop is not None and stage.loop.producer is not None
+            stage.loop.producer.flush()
+    return np.asarray(out)
+
+
+def raw_round_trips(s: Settings, n: int, progress: bool) -> np.ndarray:
+    """Seconds from produce to consume of one small message, one at a time."""
+    name = s.kafka.topic_prefix + "bench-round-trip"
+    admin = KafkaAdminClient(bootstrap_servers=s.kafka.bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(name, 1, 1)])
+    finally:
+        admin.close()
+    producer = make_producer(s.kafka, linger_ms=0)
+    consumer = make_consumer(s.kafka, None, fetch_max_wait_ms=ScoringStage.fetch_max_wait_ms)
+    try:
+        _assign_at_end(consumer, name)
+        return _ping(producer, consumer, lambda i: (name, request(1, i)), n, progress, "raw rtt")
+    finally:
+        consumer.close(autocommit=False)
+        producer.close(timeout=5)
+
+
+def _assign_at_end(consumer, topic: str) -> None:
+    """Assign every partition of ``topic`` at its end, resolved now (not at the first poll)."""
+    parts = None
+    for _ in range(100):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            break
+        time.sleep(0.05)
+    tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)
+
+
+def _ping(producer, consumer, make, n: int, progress: bool, desc: str,
+          timeout_s: float = 30.0) -> np.ndarray:
+    """Send one message, wait for the next record on ``consumer``; n times, one in flight."""
+    out = []
+    for i in tqdm(range(n), desc=desc, unit="req", disable=not progress, mininterval=0.5):
+        topic, value = make(i)
+        t0 = time.perf_counter()
+        producer.send(topic, key=b"1", value=value)
+        producer.flush()
+        got = False
+        while not got:
+            got = any(consumer.poll(timeout_ms=100, max_records=1).values())
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"{desc}: no reply to message {i} in {timeout_s:.0f} s")
+        out.append(time.perf_counter() - t0)
+    return np.asarray(out)
+
+
+def end_to_end(s: Settings, users: list[int], progress: bool) -> np.ndarray:
+    """Seconds from a score request produced to its recommendation consumed."""
+    producer = make_producer(s.kafka, linger_ms=0)
+    consumer = make_consumer(s.kafka, None, fetch_max_wait_ms=ScoringStage.fetch_max_wait_ms)
+    try:
+        _assign_at_end(consumer, s.kafka.topic_prefix + T.RECOMMENDATIONS)
+        req_topic = s.kafka.topic_prefix + T.SCORE_REQUESTS
+        return _ping(producer, consumer,
+                     lambda i: (req_topic, request(users[i % len(users)], i)),
+                     len(users), progress, "end to end")
+    finally:
+        consumer.close(autocommit=False)
+        producer.close(timeout=5)
+
+
+def _pcts(x: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(x, 50) * 1e3), float(np.percentile(x, 99) * 1e3)
+
+
+def run(opts: BenchOptions) -> BenchReport:
+    size = size_of(opts)
+    progress = not opts.quick
+    ds = bench_dataset(size.users, size.items, opts.seed, clicks_per_user=20)
+    model = bench_model(ds, opts.seed)
+    torch.set_num_threads(opts.settings.scoring.threads)
+    with bench_broker(opts) as bootstrap:
+        s = bench_settings(opts, bootstrap, "score")
+        s = s.model_copy(update={"window": s.window.model_copy(update={"k": model.k})})
+        stage = ScoringStage(s, model)
+        warm = warm_clicks(ds, len(ds))
+        stage._apply_clicks(warm, [-1] * len(warm))
+        fill_table(stage, model, size.items, opts.seed, progress)
+        rng = np.random.default_rng(opts.seed)
+        known = np.fromiter(stage.users.users, np.int64)
+        picks = rng.choice(known, size.requests + size.batch * size.batches).tolist()
+        # worker side: the stage alone with a real producer, before its loop runs
+        loop = ConsumerLoop(stage)
+        loop.producer = make_producer(s.kafka)
+        try:
+            worker_side(stage, picks[:50], 1, False, "warm-up")
+            one = worker_side(stage, picks[:size.requests], 1, progress, "batch 1")
+            many = worker_side(stage, picks[size.requests:], size.batch, progress,
+                               f"batch {size.batch}")
+        finally:
+            loop.producer.close(timeout=10)
+        worker = start_worker(stage)
+        try:
+            if not worker.loop.ready.wait(60):
+                raise RuntimeError("the scoring worker did not join its group in time")
+            e2e = end_to_end(s, picks[:size.round_trips], progress)
+            raw = raw_round_trips(s, size.round_trips, progress)
+        finally:
+            worker.stop()
+    return _report(size, s, model, one, many, e2e, raw, bool(opts.bootstrap_servers))
+
+
+def _report(size: ScoreSize, s: Settings, model: RalmModel, one: np.ndarray, many: np.ndarray,
+            e2e: np.ndarray, raw: np.ndarray, given_broker: bool) -> BenchReport:
+    report = BenchReport("score")
+    p50, p99 = _pcts(one)
+    e50, e99 = _pcts(e2e)
+    r50, r99 = _pcts(raw)
+    report.settings = {
+        "items": size.items, "k": model.k, "dim": model.dim, "users": size.users,
+        "candidates": s.scoring.candidates, "top_k": s.scoring.top_k,
+        "threads": s.scoring.threads, "model": model.version,
+        "requests_batch_1": size.requests, "batch": size.batch, "batches": size.batches,
+        "round_trips": size.round_trips, "fetch_max_wait_ms": ScoringStage.fetch_max_wait_ms,
+        "broker": "given" if given_broker else "embedded (Tansu)",
+    }
+    report.add("worker-side p99, batch 1", p99, "ms", "<= 2",
+               "decode + embed + Faiss shortlist + RALM re-rank + JSON + producer hand-off")
+    report.add("worker-side p50, batch 1", p50, "ms")
+    report.add(f"batched throughput (batch {size.batch})", size.batch * len(many) / many.sum(),
+               "users/s", ">= 2000")
+    report.add("end-to-end p99 / raw round-trip p99", e99 / r99, "ratio", "<= 2",
+               "request produced -> recommendation consumed, vs produce -> consume")
+    report.add("end-to-end p50", e50, "ms")
+    report.add("end-to-end p99", e99, "ms")
+    report.add("raw kafka-python round trip p50", r50, "ms",
+               note="same client settings, same run, worker running")
+    report.add("raw kafka-python round trip p99", r99, "ms")
+    return report

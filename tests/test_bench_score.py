@@ -1,0 +1,17 @@
+"""``lookalike bench score`` runs end to end on the test broker (quick sizes)."""
+
+import math
+
+from engine.bench import BenchOptions, runner
+
+
+def test_score_bench_reports_finite_positive_figures(broker, tmp_path, settings):
+    opts = BenchOptions(settings=settings, out_dir=tmp_path, quick=True,
+                        bootstrap_servers=broker.bootstrap_servers)
+    report = runner("score")(opts)
+    figures = {f.name: f for f in report.figures}
+    assert figures["worker-side p99, batch 1"].target == "<= 2"
+    assert figures["end-to-end p99 / raw round-trip p99"].target == "<= 2"
+    assert any(f.unit == "users/s" and f.target == ">= 2000" for f in report.figures)
+    assert all(math.isfinite(f.value) and f.value > 0 for f in report.figures)
+    assert report.settings["items"] > 0 and report.machine["cores"] >= 1

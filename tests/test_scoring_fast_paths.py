@@ -1,0 +1,178 @@
+"""The scoring worker's fast paths equal the reference code they replace."""
+
+import numpy as np
+import pytest
+import torch
+from kafka.partitioner.default import murmur2
+
+from consumers.replay import profiles_of
+from consumers.scoring import ScoringStage, _chunks
+from engine.centroid_table import CentroidTable
+from engine.codec import (
+    BadEvent,
+    Click,
+    ItemCentroids,
+    SeedBatch,
+    SeedPack,
+    decode_click,
+    decode_seed_message,
+    decode_seed_pack,
+    encode_seed_pack,
+    encode_seeds,
+    key_of,
+)
+from engine.config import load_settings
+from engine.synthetic import SyntheticSpec, generate
+from models.features import FeatureSpace
+from models.ralm import RalmConfig, RalmModel
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate(SyntheticSpec(n_users=200, n_items=300, clicks_per_user=30, seed=3))
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    torch.manual_seed(0)
+    cfg = RalmConfig.tiny(history_len=8)
+    return RalmModel.new(cfg, FeatureSpace.build(data, cfg.history_len), version="t")
+
+
+class _Sink:
+    """Stands in for the consumer loop: keeps what the stage sends."""
+
+    def __init__(self, partitions: int = 3):
+        self.sent = []
+        self.producer = self
+        self._parts = set(range(partitions))
+
+    def partitions_for(self, topic):
+        return self._parts
+
+    def send(self, topic, key, value, headers=None, timestamp_ms=None, partition=None):
+        self.sent.append((key, value, partition))
+
+
+def _stage(model, history_len=8) -> ScoringStage:
+    s = load_settings(None)
+    s = s.model_copy(update={"scoring": s.scoring.model_copy(update={"history_len": history_len})})
+    stage = ScoringStage(s, model)
+    stage.loop = _Sink()
+    return stage
+
+
+def _clicks(data, n):
+    prof = profiles_of(data)
+    return [Click(int(data.users.ids[data.user[i]]), int(data.items.ids[data.item[i]]),
+                  float(data.ts[i]), prof[data.user[i]]) for i in range(n)]
+
+
+def test_score_gram_equals_score(model):
+    rng = np.random.default_rng(0)
+    b, c, k, h = 3, 17, model.k, model.dim
+    users = rng.normal(size=(b, h)).astype(np.float32)
+    cent = rng.normal(size=(b, c, k, h)).astype(np.float32)
+    counts = rng.integers(0, 3, (b, c, k)).astype(np.float32)
+    counts[0, 0] = 0  # an item whose slots are all empty
+    glob = model.item_global(cent.reshape(-1, k, h), counts.reshape(-1, k)).reshape(b, c, h)
+    gram = cent @ cent.transpose(0, 1, 3, 2)
+    want = model.score(users, cent, counts, glob)
+    got = model.score_gram(users, cent, counts, glob, gram)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_embed_from_cached_rows_equals_embed_users(data, model):
+    stage = _stage(model, history_len=6)  # shorter than the model's 8: the ring wraps
+    clicks = _clicks(data, 3000)
+    stage._apply_clicks(clicks, [0] * len(clicks))
+    users = list(stage.users.users)[:40]
+    states = [stage.users.get(u) for u in users] + [None]
+    profiles = [st.profile for st in states[:-1]] + [None]
+    assert max(st.clicks for st in states[:-1]) > 6
+    got = stage._embed(states, profiles)
+    want = model.embed_users(profiles, [list(st.history) if st else [] for st in states],
+                             [st.clicks if st else 0 for st in states])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_user_slots_are_reused_after_eviction(data, model):
+    stage = _stage(model)
+    stage.users.max_users = 5
+    clicks = _clicks(data, 500)
+    stage._apply_clicks(clicks, [0] * len(clicks))
+    assert len(stage.users) == 5
+    states = list(stage.users.users.values())
+    assert len({st.slot for st in states}) == 5 and max(st.slot for st in states) <= 5
+    want = model.embed_users([s.profile for s in states], [list(s.history) for s in states],
+                             [s.clicks for s in states])
+    np.testing.assert_allclose(stage._embed(states, [s.profile for s in states]), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_packed_seeds_go_to_the_partition_of_their_item(data, model):
+    stage = _stage(model)
+    stage.pack_seeds = True
+    stage.seed_pack_bytes = 40 * (16 + 4 * model.dim)  # small packs: chunking is exercised
+    clicks = _clicks(data, 600)
+    n = len(clicks)
+    vecs = np.random.default_rng(1).normal(size=(n, model.dim)).astype(np.float32)
+    items = np.array([c.item_id for c in clicks])
+    stage._emit_seeds(items, np.array([c.user_id for c in clicks]),
+                      np.array([c.ts for c in clicks]), vecs, np.arange(n))
+    got: dict[int, list] = {}
+    for key, value, partition in stage.loop.sent:
+        assert key is None
+        pack = decode_seed_pack(value)
+        assert len(pack.users) <= 40 or len(pack.items) == 1
+        for item, batch in pack.batches():
+            assert partition == (murmur2(key_of(item)) & 0x7FFFFFFF) % 3
+            assert item not in got  # one pack holds all of an item's seeds of the poll
+            got[item] = batch.users.tolist()
+    want: dict[int, list] = {}
+    for c in clicks:
+        want.setdefault(c.item_id, []).append(c.user_id)
+    assert got == want
+
+
+def test_chunks_keep_items_whole():
+    starts = np.array([0, 3, 4, 10, 11])
+    assert _chunks(starts, 12, 5) == [(0, 4), (4, 10), (10, 12)]
+    assert _chunks(np.array([0]), 9, 5) == [(0, 9)]
+
+
+def test_seed_pack_round_trip_and_s1_compatibility():
+    rng = np.random.default_rng(0)
+    pack = SeedPack(np.array([7, 9]), np.array([0, 2, 3]), np.array([1, 2, 3]),
+                    np.array([1.0, 2.0, 3.0]), rng.normal(size=(3, 4)).astype(np.float32), "v")
+    out = decode_seed_message(None, encode_seed_pack(pack))
+    assert [(i, b.users.tolist()) for i, b in out] == [(7, [1, 2]), (9, [3])]
+    np.testing.assert_array_equal(out[1][1].vectors, pack.vectors[2:])
+    s1 = encode_seeds(SeedBatch(np.array([5]), np.array([1.0]), pack.vectors[:1], "v"))
+    assert [(i, b.users.tolist()) for i, b in decode_seed_message(b"12", s1)] == [(12, [5])]
+    raw = encode_seed_pack(pack)
+    for bad in (raw[:-1], raw[:10], raw.replace(b"S2", b"S3", 1)):
+        with pytest.raises(BadEvent):
+            decode_seed_pack(bad)
+
+
+def test_profile_cache_still_rejects_a_boolean_age():
+    ok = b'{"user_id": 1, "item_id": 2, "profile": {"age": 1, "gender": "M"}}'
+    assert decode_click(ok, 0.0).profile.age == 1.0
+    with pytest.raises(BadEvent):
+        decode_click(ok.replace(b'"age": 1', b'"age": true'), 0.0)
+    with pytest.raises(BadEvent):
+        decode_click(ok.replace(b'"M"', b'["M"]'), 0.0)
+
+
+def test_batched_search_equals_faiss_search():
+    rng = np.random.default_rng(0)
+    table = CentroidTable(3, 8, min_seeds=1)
+    for item in range(500):
+        cent = rng.normal(size=(3, 8)).astype(np.float32)
+        table.upsert(item, ItemCentroids(cent, np.ones(3, np.float32), 3, 0.0))
+    table.refresh(lambda c, n: c.mean(1) / np.linalg.norm(c.mean(1), axis=1, keepdims=True))
+    users = rng.normal(size=(40, 8)).astype(np.float32)
+    batched = table.search(users, 30)
+    one_by_one = np.concatenate([table.search(u[None], 30) for u in users])
+    np.testing.assert_array_equal(batched, one_by_one)
