@@ -130,6 +130,9 @@ class Trainer:
                     break
                 record = self._epoch(model, optimiser, split, rng, protocol, epoch, start)
                 result.history.append(record)
+                if record.valid and cfg.metric not in record.valid:
+                    raise ValueError(f"unknown validation metric {cfg.metric!r}; "
+                                     f"one of {', '.join(record.valid)}")
                 value = record.valid.get(cfg.metric, float("nan"))
                 bar.update()
                 bar.set_postfix(loss=f"{record.loss:.4f}", **{cfg.metric: f"{value:.4f}"})

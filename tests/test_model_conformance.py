@@ -149,3 +149,38 @@ def test_cli_train_then_evaluate_writes_reports(name, tmp_path):
             "evaluate-loo-uni100.json"} <= names
     report = (tmp_path / "out" / "evaluate-loo-full.json").read_text()
     assert '"recbole"' in report and '"paper"' in report and '"ci95"' in report
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_early_stopping_restores_the_best_epoch(name, tmp_path, monkeypatch):
+    import models.trainer as trainer
+    from models.evaluator import EvalResult, Protocol
+
+    values = iter([0.1, 0.3, 0.2, 0.25, 0.2, 0.9])  # best at epoch 2, patience 3
+
+    def fake_evaluate(*args, **kwargs):
+        v = next(values)
+        return EvalResult(Protocol(), np.zeros(1), {"ndcg@10": np.array([v])})
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    cls = get_model(name)
+    params = cls._unit_test_params()
+    model = cls(**params["config"])
+    result = model.fit(tiny_split(cls), progress=False, epochs=20, patience=3,
+                       checkpoint=tmp_path / "best.pt",
+                       **{k: v for k, v in params["trainer"].items() if k != "epochs"})
+    assert (result.stopped, result.epochs, result.best_epoch) == ("patience", 5, 2)
+    best = cls.load(tmp_path / "best.pt")
+    histories = [np.arange(5), np.arange(3, 9)]
+    assert torch.equal(best.score_many(histories), model.score_many(histories))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_budget_and_metric_checks(name):
+    cls = get_model(name)
+    params = cls._unit_test_params()
+    split = tiny_split(cls)
+    result = cls(**params["config"]).fit(split, progress=False, epochs=50, max_seconds=1e-3)
+    assert (result.stopped, result.epochs) == ("budget", 1)
+    with pytest.raises(ValueError, match="unknown validation metric"):
+        cls(**params["config"]).fit(split, progress=False, epochs=1, metric="auc")
