@@ -27,8 +27,15 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.loop import Event, Stage
 from engine import topics as T
-from engine.clustering import ItemClusters, decode_poll
-from engine.codec import decode_key, encode_centroids, key_of
+from engine.clustering import ItemClusters, SeedColumns, decode_poll
+from engine.codec import (
+    PACK_MAGIC,
+    BadEvent,
+    decode_key,
+    decode_seed_pack,
+    encode_centroids,
+    key_of,
+)
 from engine.config import Settings
 
 
@@ -44,28 +51,53 @@ class ClusteringStage(Stage):
         self._dirty: dict[int, int] = {}  # changed, unpublished item -> newest click time (ms)
         self._next_publish = 0.0
 
-    def decode(self, topic: str, record: ConsumerRecord) -> tuple[int, bytes | None]:
-        """The key only: values are checked and decoded a poll at a time (``decode_poll``)."""
+    def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
+        """The key only (None for an ``S2`` pack, which names its items inside): values
+        are checked and decoded a poll at a time (``decode_poll``)."""
+        if record.value is not None and record.value[:2] == PACK_MAGIC:
+            return None, record.value
         return decode_key(record.key), record.value
 
     def handle(self, events: list[Event]) -> None:
-        produced: dict[int, int] = {}  # item -> newest click produce time (ms) it carries
-        items = [ev.value[0] for ev in events]
         t0 = time.perf_counter()
-        runs, bad = decode_poll(items, [ev.value[1] for ev in events])
-        for i, err in bad:
-            assert self.loop is not None
-            self.loop.dead_letter(events[i].topic, events[i].record, err)
-        for ev, item in zip(events, items):
-            self._partition_of[item] = ev.record.partition
-            produced[item] = max(produced.get(item, 0), ev.record.timestamp)
-        changed: dict[int, None] = {}
-        for cols in runs:
-            changed.update(dict.fromkeys(self.state.apply_columns(cols)))
+        for cols, evs in self._columns(events):
+            produced = _produced(cols, evs)
+            for item in self.state.apply_columns(cols):
+                self._dirty[item] = max(self._dirty.get(item, 0), produced[item])
+            part = evs[0].record.partition  # a run's records share it: keyed by item
+            for item in cols.items:
+                self._partition_of[item] = part
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
-        for item in changed:
-            self._dirty[item] = max(self._dirty.get(item, 0), produced[item])
         self._report_state()
+
+    def _columns(self, events: list[Event]) -> list[tuple[SeedColumns, list[Event]]]:
+        """The poll as seed columns, in record order: runs of ``S1`` records decoded
+        together, each ``S2`` pack as it is; bad records are dead-lettered."""
+        out: list[tuple[SeedColumns, list[Event]]] = []
+        run: list[Event] = []
+        for ev in [*events, None]:
+            if ev is not None and ev.value[0] is not None:
+                run.append(ev)
+                continue
+            if run:
+                out.extend(self._decode_run(run))
+                run = []
+            if ev is not None:
+                try:
+                    out.append((SeedColumns.from_pack(decode_seed_pack(ev.value[1])), [ev]))
+                except BadEvent as err:
+                    self._dead(ev, err)
+        return out
+
+    def _decode_run(self, run: list[Event]) -> list[tuple[SeedColumns, list[Event]]]:
+        runs, bad = decode_poll([ev.value[0] for ev in run], [ev.value[1] for ev in run])
+        for i, err in bad:
+            self._dead(run[i], err)
+        return [(cols, run) for cols in runs]
+
+    def _dead(self, ev: Event, err: BadEvent) -> None:
+        assert self.loop is not None
+        self.loop.dead_letter(ev.topic, ev.record, err)
 
     def tick(self, now: float) -> None:
         if self._dirty and now >= self._next_publish:
@@ -102,3 +134,14 @@ class ClusteringStage(Stage):
             del self._dirty[item]
         self._partition_of = {i: p for i, p in self._partition_of.items() if p not in gone}
         self._report_state()
+
+
+def _produced(cols: SeedColumns, evs: list[Event]) -> dict[int, int]:
+    """Item -> newest produce time (ms) of the clicks behind its seeds in this run."""
+    if len(evs) == 1:  # one record (an S2 pack): one time for all its items
+        return dict.fromkeys(cols.items, evs[0].record.timestamp)
+    out: dict[int, int] = {}
+    for ev in evs:
+        item = ev.value[0]
+        out[item] = max(out.get(item, 0), ev.record.timestamp)
+    return out

@@ -161,15 +161,12 @@ class ScoringStage(Stage):
     topics = (T.CLICKS, T.SCORE_REQUESTS)
     fetch_max_wait_ms = 10  # requests are latency-sensitive (see CONVENTIONS.md)
     score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
-    #: seed-events as one S2 pack per partition and poll instead of one S1
-    #: message per item (kafka-python's producer is the ingest bottleneck);
-    #: needs clustering workers that read S2 (``codec.decode_seed_message``)
-    pack_seeds = False
     seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
 
     def __init__(self, settings: Settings, model: RalmModel):
         super().__init__(settings)
         cfg = settings.scoring
+        self.pack_seeds = cfg.pack_seeds
         # numpy's OpenBLAS defaults to one thread per core: on 2 busy cores a
         # [5000, 128] x [128, 2] product then took 16 ms instead of 0.4 ms
         torch.set_num_threads(cfg.threads)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import kmeans
-from engine.codec import _MAX_DIM, _SEED_MAGIC, BadEvent, ItemCentroids, SeedBatch, decode_seeds
+from engine.codec import (
+    _MAX_DIM,
+    _SEED_MAGIC,
+    BadEvent,
+    ItemCentroids,
+    SeedBatch,
+    SeedPack,
+    decode_seeds,
+)
 from engine.config import WindowConfig
 from engine.seed_window import SeedWindow
 
@@ -113,6 +121,13 @@ class SeedColumns:
         if group:
             runs.append(cls._of(group))
         return runs
+
+    @classmethod
+    def from_pack(cls, p: SeedPack) -> SeedColumns:
+        """An ``S2`` pack is already in column form."""
+        return cls(p.items.tolist(), p.starts.tolist(), p.users.astype(np.int64, copy=False),
+                   p.ts.astype(np.float64, copy=False), p.vectors.astype(np.float32, copy=False),
+                   p.model_version)
 
     @classmethod
     def _of(cls, group: list[tuple[int, SeedBatch]]) -> SeedColumns:

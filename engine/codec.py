@@ -217,6 +217,7 @@ _SEED_HEAD = struct.Struct("<2sIH")  # magic, n, dim
 _SEED_MAGIC = b"S1"
 _PACK_HEAD = struct.Struct("<2sIIH")  # magic, items, seeds, dim
 _PACK_MAGIC = b"S2"
+PACK_MAGIC = _PACK_MAGIC  # how a reader tells an S2 pack from an S1 batch
 _CENT_HEAD = struct.Struct("<2sHHIdd")  # magic, k, dim, n_seeds, updated_at, last_seed_ts
 _CENT_MAGIC = b"C1"
 _MAX_DIM = 4096

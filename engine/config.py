@@ -83,6 +83,10 @@ class ScoringConfig(BaseModel):
         "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"
     )
     threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
+    pack_seeds: bool = Field(
+        True, description="seed-events as one S2 message per partition and poll, not one S1 "
+        "message per item: kafka-python's producer sends ~15k messages/s at best, and a poll "
+        "touches nearly one item per click (clustering workers read both)")
 
 
 class MetricsConfig(BaseModel):

@@ -6,7 +6,14 @@ import numpy as np
 
 from consumers.clustering import ClusteringStage
 from consumers.runner import start_worker
-from engine.codec import SeedBatch, decode_centroids, encode_seeds, key_of
+from engine.codec import (
+    SeedBatch,
+    SeedPack,
+    decode_centroids,
+    encode_seed_pack,
+    encode_seeds,
+    key_of,
+)
 from engine.scrape import scrape, total
 from tests.kafka_fixtures import produce, read_all, wait_until
 
@@ -68,3 +75,37 @@ def test_two_workers_own_disjoint_items_and_publish_centroids(settings):
     finally:
         for w in workers:
             w.stop()
+
+
+def test_packed_seed_events_land_in_their_items_windows(settings):
+    """S2 packs (many items per message) and S1 batches mix; a corrupt pack is dead-lettered."""
+    settings = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"size": 1000, "k": 4}),
+        "kafka": settings.kafka.model_copy(update={"partitions": 1}),
+    })
+    stage = ClusteringStage(settings)
+    worker = start_worker(stage)
+    try:
+        wait_until(lambda: worker.loop.ready.is_set() and worker.loop.consumer.assignment(),
+                   what="partition assigned")
+        rng = np.random.default_rng(1)
+        items = np.array([3, 5, 8])
+        starts = np.array([0, 2, 3, 6])
+        users = np.array([10, 11, 10, 12, 13, 14])
+        pack = SeedPack(items, starts, users, np.arange(6, dtype=np.float64),
+                        rng.normal(size=(6, 8)).astype(np.float32), "v1")
+        single = SeedBatch(np.array([15]), np.array([9.0]),
+                           rng.normal(size=(1, 8)).astype(np.float32), "v1")
+        raw = encode_seed_pack(pack)
+        produce(settings, "seed-events", [(None, raw), (key_of(3), encode_seeds(single)),
+                                          (None, raw[:-4])])
+        wait_until(lambda: stage.state.seeds_held() == 7, what="seeds in windows")
+        want = {3: {10, 11, 15}, 5: {10}, 8: {12, 13, 14}}
+        assert {i: set(st.window.users()) for i, st in stage.state.items.items()} == want
+        latest = {int(r.key): decode_centroids(r.value)
+                  for r in read_all(settings, "seed-centroids", expect=3)}
+        assert {i: c.n_seeds for i, c in latest.items()} == {i: len(u) for i, u in want.items()}
+        dlq = read_all(settings, "seed-events.dlq", expect=1)
+        assert [dict(r.headers)["reason"] for r in dlq] == [b"bad_binary"]
+    finally:
+        worker.stop()
