@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -54,42 +54,60 @@ from engine.config import Settings
 from models.ralm import RalmModel
 
 log = logging.getLogger(__name__)
+_NONE_SEEN = np.zeros(0, np.int64)
+ID_BLOCK = 4096  # users per block of item-id rings
 
 
 @dataclass(slots=True)
 class UserState:
-    """What the worker keeps per user.
+    """What the worker keeps per user, besides their rows of the store's arrays.
 
-    ``history``: the recent clicks (newest last); ``seen``: the items never to
-    recommend again, a longer bounded record (an ordered set, oldest first);
-    ``slot``: the user's row of ``UserStore.rows``, the model's view of the
-    history.
+    ``slot``: the user's row of ``UserStore.rows`` (catalogue rows of recent
+    clicks, the model's view) and ``UserStore.ids`` (item ids of recent
+    clicks: the history, and the items never to recommend again).
     """
 
-    history: deque[int]
-    seen: dict[int, None] = field(default_factory=dict)
+    store: UserStore
+    slot: int
     profile: Profile | None = None
     clicks: int = 0
     partition: int = -1  # of the clicks topic: the state leaves with it
-    last_ts: float = field(default=0.0)
-    slot: int = -1
+    last_ts: float = 0.0
+
+    @property
+    def history(self) -> list[int]:
+        """Item ids of the last ``history_len`` clicks, oldest first."""
+        return self.store.recent_ids(self, self.store.history_len)
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Item ids of the last ``max_seen`` clicks (repeats possible): never recommended."""
+        return self.store.id_ring(self.slot)[:min(self.clicks, self.store.id_len)]
 
 
 class UserStore:
     """Users of this worker's partitions, least recently active evicted first.
 
-    Besides the per-user objects, ``rows[slot]`` holds the catalogue rows of
-    each user's last ``ring_len`` clicks as a ring (click i at ``i % ring_len``):
-    the user tower's input for a whole batch is one gather, no re-encoding of
-    50 clicks per user per click.
+    Per user, two rings in store-wide arrays (click i at ``i % len``):
+    ``rows[slot]`` the catalogue rows of the last ``ring_len`` clicks, so the
+    user tower's input for a whole batch is one gather; ``id_ring(slot)`` the
+    item ids of the last max(``max_seen``, ``history_len``) clicks, in blocks
+    of ``ID_BLOCK`` users (growing by copying would move gigabytes). Why arrays:
+    per-user Python containers cost ~75 KB for a full user (a 1,000-entry
+    dict of int objects), 70 GB at a million users; the rings cost 8 bytes per
+    remembered click, so memory is bounded by ``max_users`` × (``max_seen`` ×
+    8 + ``ring_len`` × 4 + ~300) bytes, as ``lookalike bench scale`` measures.
     """
 
     def __init__(self, history_len: int, max_users: int, max_seen: int,
                  ring_len: int | None = None):
         self.history_len, self.max_users, self.max_seen = history_len, max_users, max_seen
         self.ring_len = ring_len or history_len
+        self.id_len = max(max_seen, history_len)
         self.users: OrderedDict[int, UserState] = OrderedDict()
-        self.rows = np.zeros((min(1024, max_users + 1), self.ring_len), np.int32)
+        cap = min(1024, max_users + 1)
+        self.rows = np.zeros((cap, self.ring_len), np.int32)
+        self._ids: list[np.ndarray] = []  # blocks of ID_BLOCK users' id rings
         self._free: list[int] = []
         self._next_slot = 0
 
@@ -110,10 +128,9 @@ class UserStore:
             self.rows[slot] = 0
             return slot
         if self._next_slot == len(self.rows):
-            grown = np.zeros((min(2 * len(self.rows), self.max_users + 1), self.ring_len),
-                             np.int32)
-            grown[: len(self.rows)] = self.rows
-            self.rows = grown
+            self.rows = _grown(self.rows, min(2 * len(self.rows), self.max_users + 1))
+        if self._next_slot == ID_BLOCK * len(self._ids):
+            self._ids.append(np.zeros((ID_BLOCK, self.id_len), np.int64))
         self._next_slot += 1
         return self._next_slot - 1
 
@@ -121,25 +138,35 @@ class UserStore:
         """Apply one click; ``row`` is the item's catalogue row (0: unknown to the model)."""
         st = self.users.get(c.user_id)
         if st is None:
-            st = UserState(deque(maxlen=self.history_len), slot=self._take_slot())
+            st = UserState(self, self._take_slot())
             self.users[c.user_id] = st
             if len(self.users) > self.max_users:
                 self._free.append(self.users.popitem(last=False)[1].slot)
         else:
             self.users.move_to_end(c.user_id)
         st.partition = partition
-        st.history.append(c.item_id)
         self.rows[st.slot, st.clicks % self.ring_len] = row
-        st.seen.pop(c.item_id, None)
-        st.seen[c.item_id] = None
-        if len(st.seen) > self.max_seen:
-            del st.seen[next(iter(st.seen))]
+        self._ids[st.slot // ID_BLOCK][st.slot % ID_BLOCK, st.clicks % self.id_len] = c.item_id
         st.clicks += 1
         if c.ts > st.last_ts:
             st.last_ts = c.ts
         if c.profile is not None:
             st.profile = c.profile
         return st
+
+    def recent_ids(self, st: UserState, n: int) -> list[int]:
+        """Item ids of the user's last ``n`` clicks (at most ``id_len``), oldest first."""
+        n = min(n, st.clicks, self.id_len)
+        pos = (np.arange(st.clicks - n, st.clicks)) % self.id_len
+        return self.id_ring(st.slot)[pos].tolist()
+
+    def id_ring(self, slot: int) -> np.ndarray:
+        """[id_len] the item-id ring of a slot (click i at ``i % id_len``)."""
+        return self._ids[slot // ID_BLOCK][slot % ID_BLOCK]
+
+    def nbytes(self) -> int:
+        """Bytes of the store's arrays (the Python objects per user come on top)."""
+        return self.rows.nbytes + sum(b.nbytes for b in self._ids)
 
     def model_rows(self, states: list[UserState | None]) -> tuple[np.ndarray, np.ndarray]:
         """[B, ring_len] catalogue rows, oldest click first (as ``FeatureSpace.encode``
@@ -351,7 +378,7 @@ class ScoringStage(Stage):
         (``RalmModel.score_gram``, equal to ``RalmModel.score``).
         """
         cfg = self.settings.scoring
-        seen = [s.seen.keys() if s else set() for s in states]
+        seen = [s.seen if s else _NONE_SEEN for s in states]
         want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
         slots = self.table.search(users, want + max(len(s) for s in seen))
         if slots.shape[1] == 0:
@@ -366,8 +393,8 @@ class ScoringStage(Stage):
                 k = ks[b] or cfg.top_k
                 items = t.item_ids[safe[b - lo]]
                 ok = slots[b] >= 0
-                if seen[b]:
-                    ok &= ~np.isin(items, np.fromiter(seen[b], np.int64, len(seen[b])))
+                if len(seen[b]):
+                    ok &= ~np.isin(items, seen[b])
                 keep = np.flatnonzero(ok)
                 sc = scores[b - lo, keep]
                 order = keep[np.argsort(-sc, kind="stable")][:k]
@@ -513,4 +540,10 @@ def _chunks(item_starts: np.ndarray, end: int, max_seeds: int) -> list[tuple[int
             a = cur
         cur = e
     out.append((a, cur))
+    return out
+
+
+def _grown(a: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows, *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
     return out

@@ -71,7 +71,9 @@ class ScoringConfig(BaseModel):
 
     history_len: int = Field(50, ge=1, description="recent clicks kept per user")
     max_users: int = Field(1_000_000, ge=1, description="users held per worker (LRU beyond)")
-    max_seen: int = Field(1_000, ge=1, description="clicked items per user never re-recommended")
+    max_seen: int = Field(
+        500, ge=1, description="a user's last N clicked items are never re-recommended "
+        "(8 bytes each per user: with max_users this bounds the user state)")
     top_k: int = Field(10, ge=1)
     max_k: int = Field(500, ge=1, description="largest K a request may ask for")
     candidates: int = Field(200, ge=1, description="Faiss candidates ranked by RALM attention")

@@ -127,17 +127,27 @@ def user_cost(s: Settings, n_users: int, clicks_per_user: int) -> float:
 
 
 def user_bytes(s: Settings, n_users: int, clicks: int) -> float:
-    """Measured bytes per user after ``clicks`` distinct clicks each."""
+    """Bytes per user after ``clicks`` clicks each, at steady state.
+
+    The store's arrays grow in blocks, so their allocated size over a small
+    sample overstates a user: counted instead exactly per slot (its ring
+    rows), plus the measured Python objects per user.
+    """
     cfg = s.scoring
+    kept: list[UserStore] = []
 
     def build() -> UserStore:
         store = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen)
         for u in range(n_users):
             for j in range(clicks):
                 store.click(Click(u, 1_000_000 + j, 0.0))
+        kept.append(store)
         return store
 
-    return _traced(build) / n_users
+    traced = _traced(build)
+    store = kept[0]
+    per_slot = store.rows.itemsize * store.ring_len + 8 * store.id_len
+    return (traced - store.nbytes()) / n_users + per_slot
 
 
 def _traced(build: Callable[[], object]) -> float:
