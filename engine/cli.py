@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -162,7 +163,13 @@ def worker(
     config: ConfigOpt = None,
 ) -> None:
     """Run one worker of a stage's consumer group until Ctrl-C/SIGTERM."""
-    from consumers.runner import KINDS, NoCheckpointError, build_stage, start_worker
+    from consumers.runner import (
+        KINDS,
+        NoCheckpointError,
+        build_stage,
+        start_worker,
+        tune_gc_for_a_worker,
+    )
 
     if kind not in KINDS:
         raise typer.BadParameter(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -177,6 +184,7 @@ def worker(
     except NoCheckpointError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
+    tune_gc_for_a_worker()
     w = start_worker(stage, s.metrics.port, metrics_addr, stop)
     typer.echo(f"{kind} worker: metrics on http://{metrics_addr}:{w.metrics_port}/metrics",
                err=True)
@@ -344,7 +352,7 @@ def _zoo_train(name: str, dataset: str, max_seconds: float | None, epochs: int |
               "threads": threads, "config": model.config.model_dump(),
               "trainer": {k: v for k, v in options.items() if v is not None},
               "train": result.to_json()}
-    ckpt = model.save(s.checkpoint_dir / name / "pending.pt", metrics=report)
+    ckpt = model.save(s.checkpoint_dir / name / f"pending-{os.getpid()}.pt", metrics=report)
     final = ckpt.rename(ckpt.with_name(f"{model.version_}.pt"))
     report["checkpoint"] = str(final)
     out_dir = out or s.cache_dir / "reports" / name
@@ -375,22 +383,24 @@ def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: st
     import orjson
 
     from engine.data import load_dataset
-    from models.evaluator import PROTOCOLS, evaluate_protocol
+    from models.evaluator import evaluate_protocol, protocols_for
     from models.recommender import get_model
     from models.splits import make_split
     from models.trainer import plot_learning_curve, result_from_json
 
     s = _settings(config, cache_dir=cache_dir)
-    protocols = list(PROTOCOLS) if protocol == "all" else [protocol]
-    if any(p not in PROTOCOLS for p in protocols):
-        raise typer.BadParameter(f"--protocol must be one of {', '.join(PROTOCOLS)} or all")
+    cls = get_model(name)
+    allowed = protocols_for(cls.split)
+    protocols = allowed if protocol == "all" else [protocol]
+    if any(p not in allowed for p in protocols):
+        raise typer.BadParameter(f"--protocol must be one of {', '.join(allowed)} or all "
+                                 f"for {name} (split {cls.split!r})")
     found = sorted((s.checkpoint_dir / name).glob(f"{name}-*.pt"))  # versions sort by time
     path = checkpoint or (found[-1] if found else None)
     if path is None:
         typer.echo(f"error: no {name} checkpoint in {s.checkpoint_dir / name}: run "
                    f"`lookalike train {name}` or pass --checkpoint", err=True)
         raise typer.Exit(1)
-    cls = get_model(name)
     model = cls.load(path)
     trained = _checkpoint_metrics(path)
     split = make_split(load_dataset(dataset, s.data_dir), cls.split,
@@ -452,7 +462,8 @@ def _add_zoo_commands(name: str) -> None:
     @evaluate_app.command(name)
     def evaluate_zoo_cmd(
         protocol: Annotated[str, typer.Option(
-            help="loo-full, loo-uni100 or all (each: RecBole's variant and the paper's)")] = (
+            help="loo-full, loo-uni100 (RecBole's variant and the paper's), ro-full, "
+            "or all of the model's split")] = (
             "all"),
         checkpoint: Annotated[Path | None, typer.Option(help="default: the newest")] = None,
         dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = (
