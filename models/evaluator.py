@@ -63,13 +63,21 @@ class Protocol:
             "-nohist" if self.negatives is not None and self.exclude_history else "")
 
 
-# The sequential protocols, RecBole's way and the SASRec paper's way (docs/models.md).
+# The protocols by name; the sequential ones RecBole's way and the SASRec paper's way
+# (docs/models.md).
 PROTOCOLS: dict[str, dict[str, Protocol]] = {
     "loo-full": {"recbole": Protocol(None, mask_history=False),
                  "paper": Protocol(None, mask_history=True)},
     "loo-uni100": {"recbole": Protocol(100, mask_history=False, exclude_history=False),
                    "paper": Protocol(100, mask_history=True, exclude_history=True)},
+    # general CF on the random 8:1:1 split: full ranking, known clicks masked (both agree)
+    "ro-full": {"recbole": Protocol(None, mask_history=True)},
 }
+
+
+def protocols_for(split: str) -> list[str]:
+    """The protocol names that apply to a split ("loo" or "random")."""
+    return [p for p in PROTOCOLS if p.startswith("loo-" if split == "loo" else "ro-")]
 
 
 @dataclass

@@ -73,14 +73,6 @@ class Ragged:
     def rows(self, index: np.ndarray | Sequence[int]) -> list[np.ndarray]:
         return [self[int(i)] for i in index]
 
-    def take(self, index: np.ndarray) -> Ragged:
-        """The rows at `index`, as a new `Ragged`."""
-        return Ragged.from_rows(self.rows(index))
-
-    def row_ids(self) -> np.ndarray:
-        """The row of every value: ``values[k]`` belongs to row ``row_ids()[k]``."""
-        return np.repeat(np.arange(len(self)), self.lengths)
-
 
 @dataclass(frozen=True, eq=False)
 class EvalSet:

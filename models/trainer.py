@@ -166,7 +166,8 @@ class Trainer:
             optimiser.step()
             losses.append(float(loss.detach()))
         t1 = time.perf_counter()
-        valid = evaluate(model, split.valid, protocol, ks=(10,)).mean() if len(split.valid) else {}
+        ks = sorted({10, *_cutoff(self.config.metric)})
+        valid = evaluate(model, split.valid, protocol, ks=ks).mean() if len(split.valid) else {}
         t2 = time.perf_counter()
         return EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), valid,
                            t1 - t0, t2 - t1, t2 - start)
@@ -178,6 +179,12 @@ class Trainer:
             return False
         last = result.history[-1]
         return elapsed + last.train_seconds + last.valid_seconds > budget
+
+
+def _cutoff(metric: str) -> list[int]:
+    """[K] of a ``name@K`` metric, else []."""
+    _, _, k = metric.partition("@")
+    return [int(k)] if k.isdigit() and int(k) > 0 else []
 
 
 def plot_learning_curve(result: TrainResult, path: Path, title: str = "") -> Path:

@@ -14,7 +14,9 @@ from models.evaluator import (
     Protocol,
     confidence_interval,
     evaluate,
+    evaluate_protocol,
     metrics_from_hits,
+    protocols_for,
 )
 from models.recommender import Recommender
 from models.splits import EvalSet, Ragged
@@ -136,3 +138,13 @@ def test_per_user_values_and_confidence_interval():
     low, high = confidence_interval(np.r_[np.ones(50), np.zeros(50)], method="bootstrap")
     assert low < 0.5 < high
     assert res.to_json()["users"] == 4
+
+
+def test_protocols_by_split():
+    assert protocols_for("loo") == ["loo-full", "loo-uni100"]
+    assert protocols_for("random") == ["ro-full"]
+    assert PROTOCOLS["ro-full"]["recbole"].mask_history
+    both = evaluate_protocol(fixed(), one_user([0, 1], [2]), "loo-full", ks=(1,))
+    assert both["recbole"].mean()["hit@1"] == 0 and both["paper"].mean()["hit@1"] == 1
+    with pytest.raises(ValueError, match="unknown protocol"):
+        evaluate_protocol(fixed(), one_user([0], [1]), "nope")
