@@ -27,12 +27,10 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.loop import Event, Stage
 from engine import topics as T
-from engine.clustering import ItemClusters, SeedColumns, decode_poll
+from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import (
     PACK_MAGIC,
-    BadEvent,
     decode_key,
-    decode_seed_pack,
     encode_centroids,
     key_of,
 )
@@ -60,44 +58,19 @@ class ClusteringStage(Stage):
 
     def handle(self, events: list[Event]) -> None:
         t0 = time.perf_counter()
-        for cols, evs in self._columns(events):
-            produced = _produced(cols, evs)
+        runs, bad = decode_records([ev.value[0] for ev in events],
+                                   [ev.value[1] for ev in events])
+        for i, err in bad:
+            assert self.loop is not None
+            self.loop.dead_letter(events[i].topic, events[i].record, err)
+        for cols, idx in runs:
+            produced = _produced(cols, [events[i] for i in idx])
             for item in self.state.apply_columns(cols):
-                self._dirty[item] = max(self._dirty.get(item, 0), produced[item])
-            part = evs[0].record.partition  # a run's records share it: keyed by item
-            for item in cols.items:
-                self._partition_of[item] = part
+                self._dirty[item] = max(self._dirty.get(item, 0), produced[item][0])
+            for item, (_, partition) in produced.items():
+                self._partition_of[item] = partition
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
         self._report_state()
-
-    def _columns(self, events: list[Event]) -> list[tuple[SeedColumns, list[Event]]]:
-        """The poll as seed columns, in record order: runs of ``S1`` records decoded
-        together, each ``S2`` pack as it is; bad records are dead-lettered."""
-        out: list[tuple[SeedColumns, list[Event]]] = []
-        run: list[Event] = []
-        for ev in [*events, None]:
-            if ev is not None and ev.value[0] is not None:
-                run.append(ev)
-                continue
-            if run:
-                out.extend(self._decode_run(run))
-                run = []
-            if ev is not None:
-                try:
-                    out.append((SeedColumns.from_pack(decode_seed_pack(ev.value[1])), [ev]))
-                except BadEvent as err:
-                    self._dead(ev, err)
-        return out
-
-    def _decode_run(self, run: list[Event]) -> list[tuple[SeedColumns, list[Event]]]:
-        runs, bad = decode_poll([ev.value[0] for ev in run], [ev.value[1] for ev in run])
-        for i, err in bad:
-            self._dead(run[i], err)
-        return [(cols, run) for cols in runs]
-
-    def _dead(self, ev: Event, err: BadEvent) -> None:
-        assert self.loop is not None
-        self.loop.dead_letter(ev.topic, ev.record, err)
 
     def tick(self, now: float) -> None:
         if self._dirty and now >= self._next_publish:
@@ -136,12 +109,14 @@ class ClusteringStage(Stage):
         self._report_state()
 
 
-def _produced(cols: SeedColumns, evs: list[Event]) -> dict[int, int]:
-    """Item -> newest produce time (ms) of the clicks behind its seeds in this run."""
-    if len(evs) == 1:  # one record (an S2 pack): one time for all its items
-        return dict.fromkeys(cols.items, evs[0].record.timestamp)
-    out: dict[int, int] = {}
+def _produced(cols: SeedColumns, evs: list[Event]) -> dict[int, tuple[int, int]]:
+    """Item -> (newest produce time (ms) of the clicks behind its seeds, partition)."""
+    if len(evs) == 1 and evs[0].value[0] is None:  # an S2 pack: one record, many items
+        rec = evs[0].record
+        return dict.fromkeys(cols.items, (rec.timestamp, rec.partition))
+    out: dict[int, tuple[int, int]] = {}
     for ev in evs:
         item = ev.value[0]
-        out[item] = max(out.get(item, 0), ev.record.timestamp)
+        newest = max(out.get(item, (0, 0))[0], ev.record.timestamp)
+        out[item] = (newest, ev.record.partition)
     return out

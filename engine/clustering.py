@@ -28,6 +28,7 @@ from engine.codec import (
     ItemCentroids,
     SeedBatch,
     SeedPack,
+    decode_seed_pack,
     decode_seeds,
 )
 from engine.config import WindowConfig
@@ -179,6 +180,36 @@ def decode_poll(
                 runs.append(cols)
             lo = hi
     return runs, sorted(bad, key=lambda e: e[0])
+
+
+def decode_records(
+    items: list[int | None], raws: list[bytes | None],
+) -> tuple[list[tuple[SeedColumns, list[int]]], list[tuple[int, BadEvent]]]:
+    """A poll of ``seed-events`` records, ``S1`` (item = key) and ``S2`` packs (item
+    None: the pack names its items) mixed, as seed columns in record order.
+
+    Returns (columns, the record indices behind them) and the bad records by
+    index with their reason. Runs of ``S1`` records go through ``decode_poll``
+    together; a pack is already in column form.
+    """
+    out: list[tuple[SeedColumns, list[int]]] = []
+    bad: list[tuple[int, BadEvent]] = []
+    run: list[int] = []
+    for r in [*range(len(raws)), None]:
+        if r is not None and items[r] is not None:
+            run.append(r)
+            continue
+        if run:
+            runs, bad_run = decode_poll([items[i] for i in run], [raws[i] for i in run])
+            bad.extend((run[i], err) for i, err in bad_run)
+            out.extend((cols, run) for cols in runs)
+            run = []
+        if r is not None:
+            try:
+                out.append((SeedColumns.from_pack(decode_seed_pack(raws[r])), [r]))
+            except BadEvent as err:
+                bad.append((r, err))
+    return out, bad
 
 
 def _reason(raw: bytes | None) -> BadEvent:

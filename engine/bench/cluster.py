@@ -8,13 +8,13 @@ inertia within 1% of it; a window's memory is stated in bytes.
 Data: the synthetic click stream at the RALM paper's catalogue (43,500 items,
 Zipf popularity); each click's seed vector is its user's planted cluster
 centre plus noise (128-d). Seeds are packed as the scoring worker sends them
-(one ``S1`` record per item per scoring poll of 2,000 clicks) and consumed in
-polls of 2,000 records, like ``ClusteringStage``. Figures:
+(``S2`` packs of up to 960 seeds, 512 KB) and consumed a few packs per poll,
+like ``ClusteringStage``. Figures:
 
-- state path: ``decode_poll`` + ``ItemClusters.apply_columns``, what
+- state path: ``decode_records`` + ``ItemClusters.apply_columns``, what
   ``ClusteringStage.handle`` runs, after a warm-up half that has seen the
-  catalogue; its same-run baseline is the per-record path it replaced
-  (``codec.decode_seeds`` and one ``kmeans.partial_fit`` per record);
+  catalogue; its same-run baseline is the per-item path it replaced
+  (one decoded batch and one ``kmeans.partial_fit`` per item);
 - worker loop: the real ``ConsumerLoop`` on a broker (embedded unless
   ``--bootstrap-servers``), records produced beforehand, timed from partition
   assignment to the last batch committed (includes publishing centroids);
@@ -32,7 +32,6 @@ import time
 import tracemalloc
 import uuid
 import warnings
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,8 +41,8 @@ from tqdm import tqdm
 
 from engine import kmeans
 from engine.bench.report import BenchOptions, BenchReport
-from engine.clustering import ItemClusters, SeedColumns, decode_poll
-from engine.codec import SeedBatch, decode_seeds, encode_seeds, key_of
+from engine.clustering import ItemClusters, SeedColumns, decode_records
+from engine.codec import SeedPack, decode_seed_message, encode_seed_pack, key_of
 from engine.config import Settings, WindowConfig
 from engine.seed_window import SeedWindow, bytes_bound
 from engine.synthetic import SyntheticSpec, iter_chunks, planted_clusters
@@ -51,9 +50,10 @@ from engine.synthetic import SyntheticSpec, iter_chunks, planted_clusters
 PAPER_ITEMS = 43_500
 TARGET_RATE = 100_000.0
 DIM = 128
-POLL = 2_000  # clicks per scoring poll, records per clustering poll (Stage.max_poll_records)
+POLL = 960  # seeds per S2 pack: what fits the scoring worker's 512 KB pack at 128-d
+RECORDS_PER_POLL = 4  # packs per clustering poll (~1 MB per partition fetch)
 
-Record = tuple[int, bytes]
+Record = tuple[int | None, bytes]  # (item key or None for a pack, value)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def size_of(opts: BenchOptions) -> ClusterSize:
 
 
 def seed_stream(n: int, seed: int, items: int = PAPER_ITEMS) -> list[list[Record]]:
-    """Clustering polls of ``S1`` records, as scoring workers would send them."""
+    """Clustering polls of ``S2`` packs, as scoring workers send them (one per poll)."""
     spec = SyntheticSpec(n_users=max(10_000, n // 2), n_items=items, n_clusters=50,
                          clicks_per_user=10.0, seed=seed)
     user, item, ts = next(iter_chunks(spec, chunk=n))
@@ -87,28 +87,30 @@ def seed_stream(n: int, seed: int, items: int = PAPER_ITEMS) -> list[list[Record
     records: list[Record] = []
     for lo in tqdm(range(0, len(user), POLL), desc="encode seed events", unit="poll",
                    leave=False, mininterval=0.5):
-        per: dict[int, list[int]] = defaultdict(list)
-        for j, it in enumerate(item[lo:lo + POLL].tolist(), lo):
-            per[it].append(j)
-        for it, rows in per.items():
-            records.append((it, encode_seeds(SeedBatch(user[rows], ts[rows], vec[rows], "bench"))))
-    return [records[i:i + POLL] for i in range(0, len(records), POLL)]
+        sl = slice(lo, lo + POLL)
+        order = np.argsort(item[sl], kind="stable")  # grouped by item, click order kept
+        its = item[sl][order]
+        firsts = np.flatnonzero(np.r_[True, its[1:] != its[:-1]])
+        pack = SeedPack(its[firsts].astype(np.int64), np.r_[firsts, len(its)].astype(np.int64),
+                        user[sl][order], ts[sl][order], vec[sl][order], "bench")
+        records.append((None, encode_seed_pack(pack)))
+    return [records[i:i + RECORDS_PER_POLL] for i in range(0, len(records), RECORDS_PER_POLL)]
 
 
 def seeds_in(polls: list[list[Record]]) -> int:
-    return sum(int.from_bytes(raw[2:6], "little") for p in polls for _, raw in p)
+    return sum(int.from_bytes(raw[6:10], "little") for p in polls for _, raw in p)
 
 
 # ---------------------------------------------------------------- state path
 
 
 def state_path(state: ItemClusters, polls: list[list[Record]], desc: str) -> float:
-    """Seconds to take ``polls`` through decode_poll + apply_columns."""
+    """Seconds to take ``polls`` through decode_records + apply_columns (the worker's path)."""
     t = 0.0
     for p in tqdm(polls, desc=desc, unit="poll", leave=False, mininterval=0.5):
         t0 = time.perf_counter()
-        runs, _ = decode_poll([i for i, _ in p], [raw for _, raw in p])
-        for cols in runs:
+        runs, _ = decode_records([i for i, _ in p], [raw for _, raw in p])
+        for cols, _idx in runs:
             state.apply_columns(cols)
         t += time.perf_counter() - t0
     return t
@@ -120,8 +122,7 @@ def per_record_baseline(cfg: WindowConfig, polls: list[list[Record]]) -> float:
     cents: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     t0 = time.perf_counter()
     for p in tqdm(polls, desc="per-record baseline", unit="poll", leave=False, mininterval=0.5):
-        for item, raw in p:
-            b = decode_seeds(raw)
+        for item, b in [ib for key, raw in p for ib in decode_seed_message(_key(key), raw)]:
             w = windows.setdefault(item, SeedWindow(cfg.size))
             keep = [i for i in range(len(b.users))
                     if w.add(int(b.users[i]), float(b.ts[i]), b.vectors[i])]
@@ -129,6 +130,10 @@ def per_record_baseline(cfg: WindowConfig, polls: list[list[Record]]) -> float:
                 c, n = cents.get(item) or kmeans.empty(cfg.k, DIM)
                 cents[item] = kmeans.partial_fit(c, n, b.vectors[keep], cfg.count_cap)
     return time.perf_counter() - t0
+
+
+def _key(item: int | None) -> bytes | None:
+    return None if item is None else key_of(item)
 
 
 # ---------------------------------------------------------------- worker loop
@@ -164,7 +169,7 @@ def worker_loop(opts: BenchOptions, polls: list[list[Record]]) -> float:
         producer = make_producer(s.kafka, linger_ms=5)
         for item, raw in tqdm(records, desc="produce seed events", unit="msg", leave=False,
                               mininterval=0.5):
-            producer.send(topic, key=key_of(item), value=raw)
+            producer.send(topic, key=_key(item), value=raw)
         producer.flush()
         producer.close()
         stage = ClusteringStage(s)
@@ -177,15 +182,16 @@ def worker_loop(opts: BenchOptions, polls: list[list[Record]]) -> float:
 
 
 def _drain(loop, stage, n: int) -> float:
-    """Seed events/s from the end of the first non-empty poll (group join and first
-    fetch excluded) to the last batch committed."""
+    """Seed events/s from the start of the first poll that returns records (group join
+    excluded) to the last batch committed."""
     got, t0, seeds0 = 0, 0.0, 0
     with tqdm(total=n, desc="clustering worker", unit="msg", leave=False,
               mininterval=0.5) as bar:
         while got < n:
+            started, held = time.perf_counter(), stage.state.seeds_held()
             k = loop.poll_once()
             if k and not t0:
-                t0, seeds0 = time.perf_counter(), stage.state.seeds_held()
+                t0, seeds0 = started, held
             got += k
             bar.update(k)
     return (stage.state.seeds_held() - seeds0) / (time.perf_counter() - t0)
@@ -285,8 +291,8 @@ def run(opts: BenchOptions) -> BenchReport:
     rate = n_measured / state_path(state, measured, "state path")
     base_polls = _first_seeds(measured, size.baseline_seeds)
     report.add("state path seed events/s", rate, "events/s",
-               note=f"decode_poll + apply_columns, warm state of {len(state):,} items, "
-               f"{n_measured:,} events")
+               note=f"decode_records + apply_columns (S2 packs), warm state of "
+               f"{len(state):,} items, {n_measured:,} events")
     report.add("state path / 100k target", rate / TARGET_RATE, "x", ">= 1")
     base_rate = seeds_in(base_polls) / per_record_baseline(cfg, base_polls)
     report.add("state path / per-record path", rate / base_rate, "x",
