@@ -207,7 +207,8 @@ def plot_learning_curve(result: TrainResult, path: Path, title: str = "") -> Pat
         metric_ax.axvline(result.best_epoch, color="grey", linestyle=":", label="best epoch")
     loss_ax.set_title(title or f"{result.model}: {result.epochs} epochs, stopped by "
                       f"{result.stopped}, {result.seconds_per_epoch:.1f} s/epoch")
-    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9), fontsize="small")
+    handles = loss_ax.get_legend_handles_labels()[0] + metric_ax.get_legend_handles_labels()[0]
+    metric_ax.legend(handles=handles, loc="center right", fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
