@@ -16,6 +16,8 @@ first k seeds each found a centroid.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -155,6 +157,22 @@ def partial_fit_many(
     return centroids, counts
 
 
+_local = threading.local()
+
+
+def _scratch(n: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A reused [n, *shape] float32 buffer for the step's one gather (per thread).
+
+    A fresh 10 MB array per poll is mapped, page-faulted and unmapped every
+    time; on a busy machine that cost more than the arithmetic.
+    """
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[1:] != shape or len(buf) < n:
+        buf = _local.buf = np.empty((max(n, 2 * len(buf) if buf is not None and
+                                         buf.shape[1:] == shape else n), *shape), np.float32)
+    return buf[:n]
+
+
 def partial_fit_rows(
     centroids: np.ndarray,
     counts: np.ndarray,
@@ -199,7 +217,7 @@ def partial_fit_rows(
     if not rest.any():
         return
     xr, gr = x[rest], owner[rest]
-    cg = centroids[gr]  # [P', k, d]: the one copy of the step
+    cg = np.take(centroids, gr, axis=0, out=_scratch(len(gr), centroids.shape[1:]))
     sq = sqnorms[gr] if sqnorms is not None else np.einsum("pkd,pkd->pk", cg, cg)
     d2 = sq - 2.0 * np.einsum("pkd,pd->pk", cg, xr)  # + |x|², the same for every slot
     d2[counts[gr] <= 0] = np.inf
