@@ -307,23 +307,40 @@ class ItemClusters:
         owner: list[int] = []  # its item's table row
         changed: dict[int, None] = {}
         held = 0
+        items = self.items
         for r, item in enumerate(cols.items):
-            st = self.items.get(item)
+            st = items.get(item)
             if st is None or st.model_version != ver or st.dim != dim:
                 st = self._state(item, dim, ver)
             win = st.window
-            before, newest, n_acc = len(win), st.last_seed_ts, len(accepted)
-            for j in range(starts[r], starts[r + 1]):
-                row = win.admit(users[j], ts[j], dim)
-                if row >= 0:
-                    win.write(row, vectors[j])
-                    accepted.append(j)
-                    owner.append(st.row)
-                    newest = max(newest, ts[j])
-            if len(accepted) > n_acc:
-                held += len(win) - before
-                st.last_seed_ts = newest
-                changed[item] = None
+            lo, hi = starts[r], starts[r + 1]
+            before, newest = len(win._rows), st.last_seed_ts
+            if hi - lo == 1:  # most records of a Zipf stream: one seed
+                row = win.admit(users[lo], ts[lo], dim)
+                if row < 0:
+                    continue
+                win._vecs[row] = vectors[lo]
+                accepted.append(lo)
+                owner.append(st.row)
+                if ts[lo] > newest:
+                    newest = ts[lo]
+            else:
+                rows, js = [], []
+                for j in range(lo, hi):
+                    row = win.admit(users[j], ts[j], dim)
+                    if row >= 0:
+                        rows.append(row)
+                        js.append(j)
+                        if ts[j] > newest:
+                            newest = ts[j]
+                if not js:
+                    continue
+                win.write(rows, vectors[js])  # repeated rows: the last one wins
+                accepted.extend(js)
+                owner.extend([st.row] * len(js))
+            held += len(win._rows) - before
+            st.last_seed_ts = newest
+            changed[item] = None
         self._held += held
         if accepted:
             table = self._table(dim)
