@@ -184,3 +184,27 @@ def test_budget_and_metric_checks(name):
     assert (result.stopped, result.epochs) == ("budget", 1)
     with pytest.raises(ValueError, match="unknown validation metric"):
         cls(**params["config"]).fit(split, progress=False, epochs=1, metric="auc")
+
+
+def test_splits_the_suite_relies_on():
+    from models.splits import user_sequences
+
+    ds = tiny_dataset()
+    seqs = user_sequences(ds)
+    loo = leave_one_out(ds)
+    for row, u in enumerate(loo.test.users):
+        s = seqs[u]
+        assert loo.test.targets[row].tolist() == [s[-1]]
+        assert loo.valid.targets[row].tolist() == [s[-2]]
+        np.testing.assert_array_equal(loo.test.history[row], s[:-1])
+        np.testing.assert_array_equal(loo.train[u], s[:-2])
+    rnd = random_split(ds, seed=1)
+    for row, u in enumerate(rnd.test.users):
+        parts = [rnd.train[u], rnd.test.targets[row]]
+        valid_row = np.flatnonzero(rnd.valid.users == u)
+        if len(valid_row):
+            parts.append(rnd.valid.targets[valid_row[0]])
+        assert sorted(np.concatenate(parts).tolist()) == sorted(seqs[u].tolist())
+        assert len(rnd.test.history[row]) == len(seqs[u]) - len(rnd.test.targets[row])
+    again = random_split(ds, seed=1)
+    np.testing.assert_array_equal(again.train.values, rnd.train.values)
