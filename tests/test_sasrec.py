@@ -28,8 +28,8 @@ def test_output_at_t_ignores_later_clicks():
     assert not torch.allclose(a[0, 4:], b[0, 4:])
 
 
-def test_padding_is_invisible_to_real_positions():
-    """Changing what a pad position would see cannot leak: pads stay zero in every block."""
+def test_left_padding_is_finite_and_history_cut_to_max_len():
+    """All-pad rows would be NaN under a plain key mask; a query always sees itself."""
     model = small(dropout=0.0)
     net = model.net.eval()
     out = net(torch.tensor([[0, 0, 0, 3, 7, 9]]))
