@@ -363,8 +363,11 @@ class ItemClusters:
         """
         done = 0
         for table_items in self._by_table().values():
+            # similar window lengths per chunk: padding to the longest costs compute
+            table_items.sort(key=lambda st: len(st.window))
+            buf = np.empty((0,), np.float32)
             for lo in range(0, len(table_items), chunk):
-                self._refresh_chunk(table_items[lo:lo + chunk], iters)
+                buf = self._refresh_chunk(table_items[lo:lo + chunk], iters, buf)
                 done += len(table_items[lo:lo + chunk])
         return done
 
@@ -375,15 +378,23 @@ class ItemClusters:
                 out.setdefault(st.dim, []).append(st)
         return out
 
-    def _refresh_chunk(self, states: list[ItemState], iters: int) -> None:
+    def _refresh_chunk(self, states: list[ItemState], iters: int,
+                       buf: np.ndarray) -> np.ndarray:
+        """One batched step; ``buf`` is reused across chunks (returned, grown if needed):
+        a fresh padded array per chunk was ~130 MB of page faults each time."""
         table = states[0]._table
         rows = np.array([s.row for s in states])
         lengths = np.array([len(s.window) for s in states])
-        x = np.zeros((len(states), int(lengths.max()), states[0].dim), np.float32)
+        shape = (len(states), int(lengths.max()), states[0].dim)
+        if buf.size < np.prod(shape):
+            buf = np.empty(int(np.prod(shape)), np.float32)
+        x = buf[:np.prod(shape)].reshape(shape)
         for b, s in enumerate(states):
             x[b, :lengths[b]] = s.window.stored()
+            x[b, lengths[b]:] = 0.0  # weight 0, but 0 x NaN garbage would still be NaN
         table.set(rows, *kmeans.lloyd_batched(
             x, lengths, table.centroids[rows], table.counts[rows], iters))
+        return buf
 
     def record(self, item: int, now: float) -> ItemCentroids:
         st = self.items[item]
