@@ -100,3 +100,20 @@ def test_float16_windows_halve_vector_bytes():
     assert w.nbytes() == 8 * 16 * 2 and w.vectors().dtype == np.float32
     state.drop({1})
     assert len(state) == 0 and state.seeds_held() == 0
+
+
+def test_refresh_all_is_one_lloyd_step_per_item_whatever_the_chunking():
+    """Windows of very different lengths: chunked and sorted, each item gets its own step."""
+    rng = np.random.default_rng(3)
+    state = ItemClusters(WindowConfig(size=64, k=3, count_cap=None))
+    for item, n in enumerate([1, 5, 64, 2, 30, 64, 9]):
+        state.apply(item, SeedBatch(np.arange(n), np.arange(n, dtype=np.float64),
+                                    rng.normal(size=(n, 4)).astype(np.float32), "v"))
+    before = {i: (st.centroids.copy(), st.counts.copy(), st.window.stored().copy())
+              for i, st in state.items.items()}
+    assert state.refresh_all(chunk=2) == 7
+    for i, st in state.items.items():
+        c, n, x = before[i]
+        want_c, want_n = kmeans.lloyd_batched(x[None], np.array([len(x)]), c[None], n[None])
+        np.testing.assert_allclose(st.centroids, want_c[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(st.counts, want_n[0])
