@@ -158,6 +158,7 @@ def partial_fit_many(
 
 
 _local = threading.local()
+_SCRATCH_KEEP = 8192  # points: a kept buffer is at most 8192 x k x d floats (84 MB at 20 x 128)
 
 
 def _scratch(n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -166,6 +167,8 @@ def _scratch(n: int, shape: tuple[int, ...]) -> np.ndarray:
     A fresh 10 MB array per poll is mapped, page-faulted and unmapped every
     time; on a busy machine that cost more than the arithmetic.
     """
+    if n > _SCRATCH_KEEP:  # a rare huge batch (a replay): not worth holding on to
+        return np.empty((n, *shape), np.float32)
     buf = getattr(_local, "buf", None)
     if buf is None or buf.shape[1:] != shape or len(buf) < n:
         buf = _local.buf = np.empty((max(n, 2 * len(buf) if buf is not None and
