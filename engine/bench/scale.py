@@ -96,13 +96,20 @@ def _columns(items: np.ndarray, users: np.ndarray, t0: int,
 
 
 def window_bytes(cfg: WindowConfig, n_items: int, seeds: int, seed: int = 0) -> float:
-    """Measured bytes per item holding ``seeds`` seeds (windows, centroids, bookkeeping)."""
+    """Bytes per item holding ``seeds`` seeds (window, centroids, bookkeeping): the
+    difference between ``2 n_items`` and ``n_items`` items, so that what does not
+    grow with items (the k-means step's scratch buffer, empty table capacity) cancels."""
+    return (_item_state_bytes(cfg, 2 * n_items, seeds, seed)
+            - _item_state_bytes(cfg, n_items, seeds, seed)) / n_items
+
+
+def _item_state_bytes(cfg: WindowConfig, n_items: int, seeds: int, seed: int) -> float:
     rng = np.random.default_rng(seed)
     order = np.repeat(np.arange(n_items), seeds)
     users = np.arange(len(order), dtype=np.int64)
     polls = [_columns(order[lo:lo + POLL], users[lo:lo + POLL], lo, rng)
              for lo in range(0, len(order), POLL)]
-    return _traced(lambda: _fill(cfg, polls)) / n_items
+    return _traced(lambda: _fill(cfg, polls))
 
 
 def _fill(cfg: WindowConfig, polls: list[SeedColumns]) -> ItemClusters:
