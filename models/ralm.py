@@ -54,7 +54,11 @@ class RalmConfig(BaseModel):
     cosine softmax in stage 1 and an inner cut at 0.6 (more stage-2
     positives) each helped there; popularity-weighted or mixed stage-2
     negatives, 8 negatives, a higher stage-2 lr, k=5 and concatenation
-    instead of attention merge did not.
+    instead of attention merge did not. Stage 2 on every click with
+    leave-one-out seeds (``lookalike_examples="leave_out"``) raised prec@10
+    and lowered AUC; user-side negatives (``lookalike_negative_side="user"``)
+    raised the audience view and lost the user view (docs/ralm.md, "What was
+    tried"): both are options, neither the default.
     """
 
     seed: int = 0
