@@ -6,10 +6,11 @@ idempotence, acks); the version is pinned and nothing here relies on a default.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 
 from engine.config import KafkaConfig
@@ -83,3 +84,25 @@ def on_rebalance(
             assigned(set(partitions))
 
     return _Listener()
+
+
+def assign_all(consumer: KafkaConsumer, topic: str, at: str = "end",
+               timeout_s: float = 5.0) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` (no group), positioned at its ``"end"`` or
+    ``"beginning"``, resolved now rather than at the first poll (so that whatever is
+    produced next is seen)."""
+    parts = None
+    deadline = time.monotonic() + timeout_s
+    while not parts and time.monotonic() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            time.sleep(0.05)
+    tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+    consumer.assign(tps)
+    if at == "end":
+        consumer.seek_to_end(*tps)
+    else:
+        consumer.seek_to_beginning(*tps)
+    for tp in tps:
+        consumer.position(tp)
+    return tps

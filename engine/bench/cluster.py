@@ -32,14 +32,13 @@ import time
 import tracemalloc
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from engine import kmeans
+from engine.bench.ingest import bench_broker
 from engine.bench.report import BenchOptions, BenchReport
 from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import SeedPack, decode_seed_message, encode_seed_pack, key_of
@@ -137,18 +136,6 @@ def _key(item: int | None) -> bytes | None:
 
 
 # ---------------------------------------------------------------- worker loop
-
-
-@contextmanager
-def bench_broker(opts: BenchOptions) -> Iterator[str]:
-    """The given bootstrap servers, or an embedded broker we start and stop ourselves."""
-    if opts.bootstrap_servers:
-        yield opts.bootstrap_servers
-        return
-    from engine.broker import EmbeddedBroker
-
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap_servers
 
 
 def worker_loop(opts: BenchOptions, polls: list[list[Record]]) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from tqdm.auto import tqdm
 
-from consumers.kafka import make_consumer, make_producer
+from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.replay import profiles_of, replay
 from engine.bench.report import BenchOptions, BenchReport
 from engine.broker import EmbeddedBroker
@@ -156,17 +156,7 @@ def round_trips(s: Settings, n: int) -> np.ndarray:
 def _tail(s: Settings, topic: str) -> KafkaConsumer:
     """A group-less consumer at the end of every partition of ``topic``."""
     c = make_consumer(s.kafka, None, fetch_max_wait_ms=10)
-    parts = None
-    for _ in range(100):
-        parts = c.partitions_for_topic(topic)
-        if parts:
-            break
-        time.sleep(0.1)
-    tps = [TopicPartition(topic, p) for p in sorted(parts or [0])]
-    c.assign(tps)
-    c.seek_to_end(*tps)
-    for tp in tps:
-        c.position(tp)  # resolve the end now, before anything is produced
+    assign_all(c, topic)
     return c
 
 

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 import torch
-from kafka import TopicPartition
 from tqdm import tqdm
 
-from consumers.kafka import make_consumer
+from consumers.kafka import assign_all, make_consumer
 from consumers.loop import ConsumerLoop
 from consumers.replay import profiles_of, replay
 from consumers.scoring import ScoringStage
@@ -108,15 +107,7 @@ def assigned_reader(s: Settings, topic: str, **extra) -> tuple:
     """A group-less consumer assigned to every partition of ``topic``, from the beginning."""
     name = Topics(s.kafka.topic_prefix).name(topic)
     c = make_consumer(s.kafka, None, **extra)
-    parts = None
-    for _ in range(100):
-        parts = c.partitions_for_topic(name)
-        if parts:
-            break
-        time.sleep(0.05)
-    tps = [TopicPartition(name, p) for p in sorted(parts or [])]
-    c.assign(tps)
-    c.seek_to_beginning(*tps)
+    tps = assign_all(c, name, at="beginning")
     return c, tps
 
 

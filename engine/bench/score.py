@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from kafka import TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from tqdm import tqdm
 
-from consumers.kafka import make_consumer, make_producer
+from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.loop import ConsumerLoop, Event
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
@@ -125,26 +124,11 @@ def raw_round_trips(s: Settings, n: int, progress: bool) -> np.ndarray:
     producer = make_producer(s.kafka, linger_ms=0)
     consumer = make_consumer(s.kafka, None, fetch_max_wait_ms=ScoringStage.fetch_max_wait_ms)
     try:
-        _assign_at_end(consumer, name)
+        assign_all(consumer, name)
         return _ping(producer, consumer, lambda i: (name, request(1, i)), n, progress, "raw rtt")
     finally:
         consumer.close(autocommit=False)
         producer.close(timeout=5)
-
-
-def _assign_at_end(consumer, topic: str) -> None:
-    """Assign every partition of ``topic`` at its end, resolved now (not at the first poll)."""
-    parts = None
-    for _ in range(100):
-        parts = consumer.partitions_for_topic(topic)
-        if parts:
-            break
-        time.sleep(0.05)
-    tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
-    consumer.assign(tps)
-    consumer.seek_to_end(*tps)
-    for tp in tps:
-        consumer.position(tp)
 
 
 def _ping(producer, consumer, make, n: int, progress: bool, desc: str,
@@ -170,7 +154,7 @@ def end_to_end(s: Settings, users: list[int], progress: bool) -> np.ndarray:
     producer = make_producer(s.kafka, linger_ms=0)
     consumer = make_consumer(s.kafka, None, fetch_max_wait_ms=ScoringStage.fetch_max_wait_ms)
     try:
-        _assign_at_end(consumer, s.kafka.topic_prefix + T.RECOMMENDATIONS)
+        assign_all(consumer, s.kafka.topic_prefix + T.RECOMMENDATIONS)
         req_topic = s.kafka.topic_prefix + T.SCORE_REQUESTS
         return _ping(producer, consumer,
                      lambda i: (req_topic, request(users[i % len(users)], i)),
