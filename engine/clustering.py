@@ -15,15 +15,15 @@ biggest part of the state: their dtype is ``WindowConfig.vector_dtype``.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine import kmeans
 from engine.codec import (
-    _MAX_DIM,
-    _SEED_MAGIC,
+    MAX_DIM,
+    SEED_HEAD_WITH_VERSION,
+    SEED_MAGIC,
     BadEvent,
     ItemCentroids,
     SeedBatch,
@@ -34,7 +34,7 @@ from engine.codec import (
 from engine.config import WindowConfig
 from engine.seed_window import SeedWindow
 
-_HEAD = struct.Struct("<2sIHH")  # codec's seed header and the version's length
+_HEAD = SEED_HEAD_WITH_VERSION
 
 class _Table:
     """Centroids and counts of many items, one row each; grows by doubling."""
@@ -163,7 +163,7 @@ def decode_poll(
             continue
         magic, n, dim, vlen = _HEAD.unpack_from(raw)
         ver = raw[_HEAD.size:_HEAD.size + vlen]
-        if (magic != _SEED_MAGIC or not 0 < dim <= _MAX_DIM
+        if (magic != SEED_MAGIC or not 0 < dim <= MAX_DIM
                 or len(raw) != _HEAD.size + vlen + n * (16 + 4 * dim)):
             bad.append((r, _reason(raw)))
             continue

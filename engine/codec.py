@@ -218,9 +218,13 @@ _SEED_MAGIC = b"S1"
 _PACK_HEAD = struct.Struct("<2sIIH")  # magic, items, seeds, dim
 _PACK_MAGIC = b"S2"
 PACK_MAGIC = _PACK_MAGIC  # how a reader tells an S2 pack from an S1 batch
+SEED_MAGIC = _SEED_MAGIC
 _CENT_HEAD = struct.Struct("<2sHHIdd")  # magic, k, dim, n_seeds, updated_at, last_seed_ts
 _CENT_MAGIC = b"C1"
 _MAX_DIM = 4096
+MAX_DIM = _MAX_DIM  # the largest embedding a binary record may carry
+#: an S1 record's head with its version's length: what a poll-wide decoder reads first
+SEED_HEAD_WITH_VERSION = struct.Struct("<2sIHH")
 
 
 @dataclass
