@@ -83,9 +83,10 @@ class ClusteringStage(Stage):
 
     def publish(self, now: float) -> None:
         """The latest centroids of every item changed since the last publish."""
+        wire = self.settings.window.centroid_wire_dtype
         for item, produced_ms in self._dirty.items():
             if item in self.state.items:  # not dropped by a rebalance meanwhile
-                record = encode_centroids(self.state.record(item, now))
+                record = encode_centroids(self.state.record(item, now), wire)
                 self.send(T.SEED_CENTROIDS, key_of(item), record, timestamp_ms=produced_ms)
         self.metrics.centroids_published.labels(self.name).inc(len(self._dirty))
         self._dirty.clear()

@@ -60,6 +60,10 @@ class WindowConfig(BaseModel):
         "clustering worker's memory (a full window: size x dim x 2 bytes, plus ~158 bytes "
         "of bookkeeping per seed)",
     )
+    centroid_wire_dtype: Literal["float32", "float16"] = Field(
+        "float16", description="centroids on seed-centroids: float16 halves each record "
+        "(kafka-python sends ~1.5x more of them per second); values are cosine inputs, "
+        "float16's 3 digits are plenty")
     publish_interval_s: float = Field(
         0.2, ge=0, description="an item's centroids are published at most this often "
         "(changes in between are coalesced); adds at most this much to freshness",

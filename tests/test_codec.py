@@ -90,6 +90,22 @@ def test_centroids_round_trip_and_tombstone():
     assert decode_centroids(None) is None
 
 
+def test_float16_centroids_take_half_the_bytes_and_fall_back_when_they_would_overflow():
+    rng = np.random.default_rng(0)
+    c = ItemCentroids(rng.normal(size=(20, 128)).astype(np.float32), np.ones(20, np.float32),
+                      9, NOW, NOW, "v1")
+    half, full = encode_centroids(c, "float16"), encode_centroids(c)
+    assert half[:2] == b"C2" and full[:2] == b"C1"
+    assert len(full) - len(half) == 20 * 128 * 2
+    out = decode_centroids(half)
+    assert out.centroids.dtype == np.float32
+    np.testing.assert_allclose(out.centroids, c.centroids, rtol=1e-3, atol=1e-3)
+    big = ItemCentroids(c.centroids * 1e5, c.counts, 9, NOW, NOW, "v1")
+    assert encode_centroids(big, "float16")[:2] == b"C1"  # float16 would overflow to inf
+    with pytest.raises(BadEvent):
+        decode_centroids(half[:-2])
+
+
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_the_decoders(raw):
     for decode in (lambda r: decode_click(r, NOW), lambda r: decode_score_request(r, 100),
