@@ -51,7 +51,7 @@ class ClusteringStage(Stage):
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
         """The key only (None for an ``S2`` pack, which names its items inside): values
-        are checked and decoded a poll at a time (``decode_poll``)."""
+        are checked and decoded a poll at a time (``decode_records``)."""
         if record.value is not None and record.value[:2] == PACK_MAGIC:
             return None, record.value
         return decode_key(record.key), record.value
