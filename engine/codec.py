@@ -229,6 +229,31 @@ MAX_DIM = _MAX_DIM  # the largest embedding a binary record may carry
 SEED_HEAD_WITH_VERSION = struct.Struct("<2sIHH")
 
 
+def _version_at(raw: bytes, off: int) -> tuple[str, int]:
+    """The model version string at ``off`` (u16 length, utf-8) and the offset after it."""
+    (vlen,) = struct.unpack_from("<H", raw, off)
+    off += 2
+    return raw[off:off + vlen].decode("utf-8", "replace"), off + vlen
+
+
+def _seed_bytes(users: np.ndarray, ts: np.ndarray, vectors: np.ndarray) -> list[bytes]:
+    """The seed columns as S1 and S2 both lay them out: users, timestamps, vectors."""
+    return [np.ascontiguousarray(users, "<i8").tobytes(),
+            np.ascontiguousarray(ts, "<f8").tobytes(),
+            np.ascontiguousarray(vectors, "<f4").tobytes()]
+
+
+def _seed_arrays(raw: bytes, off: int, n: int, dim: int,
+                 what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_seed_bytes`` read back (zero-copy), rejecting negative ids and non-finite values."""
+    users = np.frombuffer(raw, "<i8", n, off)
+    ts = np.frombuffer(raw, "<f8", n, off + 8 * n)
+    vec = np.frombuffer(raw, "<f4", n * dim, off + 16 * n).reshape(n, dim)
+    if (users < 0).any() or not np.isfinite(ts).all() or not np.isfinite(vec).all():
+        raise BadEvent("bad_binary", f"negative id or non-finite value in {what}")
+    return users, ts, vec
+
+
 @dataclass
 class SeedBatch:
     """Seeds of one item from one scoring poll (item id is the message key)."""
@@ -245,9 +270,7 @@ def encode_seeds(b: SeedBatch) -> bytes:
     return b"".join([
         _SEED_HEAD.pack(_SEED_MAGIC, n, dim),
         struct.pack("<H", len(ver)), ver,
-        np.ascontiguousarray(b.users, "<i8").tobytes(),
-        np.ascontiguousarray(b.ts, "<f8").tobytes(),
-        np.ascontiguousarray(b.vectors, "<f4").tobytes(),
+        *_seed_bytes(b.users, b.ts, b.vectors),
     ])
 
 
@@ -258,19 +281,11 @@ def decode_seeds(raw: bytes | None) -> SeedBatch:
     if magic != _SEED_MAGIC or not 0 < dim <= _MAX_DIM:
         raise BadEvent("bad_binary", f"not a seed batch (magic {magic!r}, dim {dim})")
     off = _SEED_HEAD.size
-    (vlen,) = struct.unpack_from("<H", raw, off)
-    off += 2
-    ver = raw[off:off + vlen].decode("utf-8", "replace")
-    off += vlen
+    ver, off = _version_at(raw, off)
     need = off + n * (8 + 8 + 4 * dim)
     if len(raw) != need:
         raise BadEvent("bad_binary", f"seed batch of {n}x{dim} needs {need} bytes, got {len(raw)}")
-    users = np.frombuffer(raw, "<i8", n, off)
-    ts = np.frombuffer(raw, "<f8", n, off + 8 * n)
-    vec = np.frombuffer(raw, "<f4", n * dim, off + 16 * n).reshape(n, dim)
-    if (users < 0).any() or not np.isfinite(ts).all() or not np.isfinite(vec).all():
-        raise BadEvent("bad_binary", "negative id or non-finite value in seed batch")
-    return SeedBatch(users, ts, vec, ver)
+    return SeedBatch(*_seed_arrays(raw, off, n, dim, "seed batch"), ver)
 
 
 @dataclass
@@ -309,9 +324,7 @@ def encode_seed_pack(p: SeedPack) -> bytes:
         struct.pack("<H", len(ver)), ver,
         np.ascontiguousarray(p.items, "<i8").tobytes(),
         np.ascontiguousarray(counts, "<u4").tobytes(),
-        np.ascontiguousarray(p.users, "<i8").tobytes(),
-        np.ascontiguousarray(p.ts, "<f8").tobytes(),
-        np.ascontiguousarray(p.vectors, "<f4").tobytes(),
+        *_seed_bytes(p.users, p.ts, p.vectors),
     ])
 
 
@@ -322,27 +335,18 @@ def decode_seed_pack(raw: bytes | None) -> SeedPack:
     if magic != _PACK_MAGIC or not 0 < dim <= _MAX_DIM:
         raise BadEvent("bad_binary", f"not a seed pack (magic {magic!r}, dim {dim})")
     off = _PACK_HEAD.size
-    (vlen,) = struct.unpack_from("<H", raw, off)
-    off += 2
-    ver = raw[off:off + vlen].decode("utf-8", "replace")
-    off += vlen
+    ver, off = _version_at(raw, off)
     need = off + 12 * m + n * (8 + 8 + 4 * dim)
     if len(raw) != need:
         raise BadEvent("bad_binary", f"seed pack of {m} items, {n}x{dim} needs {need} bytes, "
                        f"got {len(raw)}")
     items = np.frombuffer(raw, "<i8", m, off)
     counts = np.frombuffer(raw, "<u4", m, off + 8 * m)
-    off += 12 * m
-    users = np.frombuffer(raw, "<i8", n, off)
-    ts = np.frombuffer(raw, "<f8", n, off + 8 * n)
-    vec = np.frombuffer(raw, "<f4", n * dim, off + 16 * n).reshape(n, dim)
     starts = np.zeros(m + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
     if starts[-1] != n or (items < 0).any():
         raise BadEvent("bad_binary", "seed pack counts do not add up, or a negative item id")
-    if (users < 0).any() or not np.isfinite(ts).all() or not np.isfinite(vec).all():
-        raise BadEvent("bad_binary", "negative id or non-finite value in seed pack")
-    return SeedPack(items, starts, users, ts, vec, ver)
+    return SeedPack(items, starts, *_seed_arrays(raw, off + 12 * m, n, dim, "seed pack"), ver)
 
 
 def decode_seed_message(key: bytes | None, raw: bytes | None) -> list[tuple[int, SeedBatch]]:
@@ -391,10 +395,7 @@ def decode_centroids(raw: bytes | None) -> ItemCentroids | None:
     if magic not in (_CENT_MAGIC, _CENT16_MAGIC) or not 0 < dim <= _MAX_DIM or not 0 < k <= MAX_K:
         raise BadEvent("bad_binary", f"not a centroid record (magic {magic!r}, k {k}, dim {dim})")
     off = _CENT_HEAD.size
-    (vlen,) = struct.unpack_from("<H", raw, off)
-    off += 2
-    ver = raw[off:off + vlen].decode("utf-8", "replace")
-    off += vlen
+    ver, off = _version_at(raw, off)
     width = 2 if magic == _CENT16_MAGIC else 4
     need = off + 4 * k + width * k * dim
     if len(raw) != need:
