@@ -127,7 +127,7 @@ def evaluate(model: Recommender, data: EvalSet, protocol: Protocol | None = None
         rows = np.arange(start, min(start + batch_size, len(data)))
         history = data.history.rows(rows)
         targets = data.targets.rows(rows)
-        scores = model.score_many(history).float()
+        scores = model.score_many(history, users=data.users[rows]).float()
         hits = _hits(scores, history, targets, protocol, max(ks), gen)
         parts.append(metrics_from_hits(hits, np.array([len(t) for t in targets]), ks))
     per_user = {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)

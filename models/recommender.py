@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from models.trainer import TrainResult
 
 # Modules that register a model; `get_model` imports them on first use.
-MODEL_MODULES = ("models.sasrec",)
+MODEL_MODULES = ("models.sasrec", "models.mult_vae")
 REGISTRY: dict[str, type[Recommender]] = {}
 SCORE_BATCH = 512
 
@@ -61,11 +61,16 @@ class Recommender(ABC):
     Config: ClassVar[type[BaseModel]]
     split: ClassVar[str] = "loo"  # the protocol its family is evaluated on (models/splits.py)
     trainer_defaults: ClassVar[dict[str, Any]] = {}  # e.g. its own learning rate
+    # True for models with a table of training users (NCF, CDAE, NGCF): `score_index` then
+    # also takes `users`, the dense user index of each row (-1: not a training user, whom
+    # the model folds in from their clicks). Others never see a user id.
+    user_bound: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel | None = None, **overrides: Any) -> None:
         base = config.model_dump() if config is not None else {}
         self.config = self.Config(**{**base, **overrides})  # validated in one place
         self.item_ids_: np.ndarray | None = None
+        self.user_ids_: np.ndarray | None = None  # user-bound models: dense user -> id
         self.module_: torch.nn.Module | None = None
         self.version_: str | None = None
 
@@ -92,9 +97,11 @@ class Recommender(ABC):
         return {"config": {}, "trainer": {"epochs": 5}}
 
     # ------------------------------------------------------------------ fitting
-    def prepare(self, item_ids: np.ndarray) -> None:
-        """Set the item vocabulary and build a fresh network for it."""
+    def prepare(self, item_ids: np.ndarray, user_ids: np.ndarray | None = None) -> None:
+        """Set the item (and, if user-bound, user) vocabulary; build a fresh network for it."""
         self.item_ids_ = np.asarray(item_ids, dtype=np.int64)
+        self.user_ids_ = (np.asarray(user_ids, dtype=np.int64)
+                          if self.user_bound and user_ids is not None else None)
         self._item_index = {int(i): k for k, i in enumerate(self.item_ids_.tolist())}
         self.module_ = self.build(len(self.item_ids_))
 
@@ -114,6 +121,11 @@ class Recommender(ABC):
         self._check_fitted()
         assert self.item_ids_ is not None
         return len(self.item_ids_)
+
+    @property
+    def n_users(self) -> int:
+        """Rows of a user-bound model's user table (0 otherwise)."""
+        return 0 if self.user_ids_ is None else len(self.user_ids_)
 
     # ------------------------------------------------------------------ public API (ids)
     def to_index(self, items: Iterable[int]) -> np.ndarray:
@@ -146,17 +158,28 @@ class Recommender(ABC):
         assert self.item_ids_ is not None
         return [int(self.item_ids_[i]) for i in top if torch.isfinite(scores[i])]
 
-    def score_many(self, histories: Sequence[np.ndarray],
-                   batch_size: int = SCORE_BATCH) -> torch.Tensor:
-        """`score_index` in eval mode, without grad, in batches."""
+    def score_many(self, histories: Sequence[np.ndarray], batch_size: int = SCORE_BATCH,
+                   users: np.ndarray | None = None) -> torch.Tensor:
+        """`score_index` in eval mode, without grad, in batches.
+
+        `users`: the dense user index of each row (`EvalSet.users`), passed on to user-bound
+        models only; without it every row is a new user, known only by their clicks.
+        """
         self._check_fitted()
         assert self.module_ is not None
         was_training = self.module_.training
         self.module_.eval()
         try:
             with torch.no_grad():
-                parts = [self.score_index(histories[i:i + batch_size])
-                         for i in range(0, len(histories), batch_size)]
+                if self.user_bound:
+                    u = (np.full(len(histories), -1, dtype=np.int64) if users is None
+                         else np.asarray(users, dtype=np.int64))
+                    parts = [self.score_index(histories[i:i + batch_size],  # type: ignore[call-arg]
+                                              users=u[i:i + batch_size])
+                             for i in range(0, len(histories), batch_size)]
+                else:
+                    parts = [self.score_index(histories[i:i + batch_size])
+                             for i in range(0, len(histories), batch_size)]
         finally:
             self.module_.train(was_training)
         return torch.cat(parts) if parts else torch.zeros(0, self.n_items)
@@ -171,6 +194,7 @@ class Recommender(ABC):
         return save_checkpoint(path, {
             "format": 1, "kind": self.name, "version": self.version_,
             "config": self.config.model_dump(), "item_ids": torch.from_numpy(self.item_ids_),
+            **({} if self.user_ids_ is None else {"user_ids": torch.from_numpy(self.user_ids_)}),
             "state": state, "metrics": metrics or {}, "created_at": time.time(),
         })
 
@@ -180,7 +204,8 @@ class Recommender(ABC):
         kind = None if cls is Recommender else cls.name
         payload = load_checkpoint(path, kind=kind, required=("config", "item_ids", "state"))
         model = get_model(payload["kind"])(**payload["config"])
-        model.prepare(payload["item_ids"].numpy())
+        users = payload.get("user_ids")
+        model.prepare(payload["item_ids"].numpy(), None if users is None else users.numpy())
         assert model.module_ is not None
         model.module_.load_state_dict(payload["state"])
         model.version_ = payload["version"]

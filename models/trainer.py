@@ -23,7 +23,7 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ class TrainerConfig(BaseModel):
     epochs: int = Field(200, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="sgd: plain SGD (NeuMF after pre-training, as in its paper)")
     patience: int = Field(10, ge=1, description="epochs without validation gain before stop")
     metric: str = Field("ndcg@10", description="validation metric to maximise")
     valid_mask_history: bool = Field(False, description="mask seen items when validating")
@@ -106,7 +108,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         try:
             torch.manual_seed(cfg.seed)
-            model.prepare(split.item_ids)
+            model.prepare(split.item_ids, split.user_ids)
             return self._loop(model, split, np.random.default_rng(cfg.seed))
         finally:
             torch.set_num_threads(threads)
@@ -115,8 +117,8 @@ class Trainer:
         cfg = self.config
         module = model.module_
         assert module is not None
-        optimiser = torch.optim.Adam(module.parameters(), lr=cfg.lr,
-                                     weight_decay=cfg.weight_decay)
+        kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+        optimiser = kind(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         protocol = Protocol(None, mask_history=cfg.valid_mask_history)
         result = TrainResult(model.name, cfg.metric)
         best_state: dict[str, torch.Tensor] | None = None

@@ -128,6 +128,7 @@ def test_cli_train_then_evaluate_writes_reports(name, tmp_path):
     from typer.testing import CliRunner
 
     from engine.cli import app
+    from models.evaluator import PROTOCOLS, protocols_for
 
     ds = tiny_dataset()
     folder = tmp_path / "tiny"
@@ -145,10 +146,12 @@ def test_cli_train_then_evaluate_writes_reports(name, tmp_path):
     res = runner.invoke(app, ["evaluate", name, "--protocol", "all", "-k", "10", *common])
     assert res.exit_code == 0, res.output
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"train.json", "learning-curve.png", "evaluate-loo-full.json",
-            "evaluate-loo-uni100.json"} <= names
-    report = (tmp_path / "out" / "evaluate-loo-full.json").read_text()
-    assert '"recbole"' in report and '"paper"' in report and '"ci95"' in report
+    protocols = protocols_for(get_model(name).split)  # loo-full, loo-uni100 | ro-full
+    assert {"train.json", "learning-curve.png", *(f"evaluate-{p}.json" for p in protocols)
+            } <= names
+    report = (tmp_path / "out" / f"evaluate-{protocols[0]}.json").read_text()
+    assert '"recbole"' in report and '"ci95"' in report
+    assert ('"paper"' in report) == (len(PROTOCOLS[protocols[0]]) == 2)
 
 
 @pytest.mark.parametrize("name", model_names())
