@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from models.trainer import TrainResult
 
 # Modules that register a model; `get_model` imports them on first use.
-MODEL_MODULES = ("models.sasrec", "models.mult_vae")
+MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf")
 REGISTRY: dict[str, type[Recommender]] = {}
 SCORE_BATCH = 512
 
