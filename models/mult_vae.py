@@ -93,9 +93,11 @@ class Clicks:
     rows: torch.Tensor  # (nnz,) int64, the row of each click
 
     @classmethod
-    def of(cls, histories: Sequence[np.ndarray]) -> Clicks:
-        """Distinct items per history (a repeated click counts once)."""
-        rows = [np.unique(np.asarray(h, dtype=np.int64)) for h in histories]
+    def of(cls, histories: Sequence[np.ndarray], distinct: bool = True) -> Clicks:
+        """Distinct items per history (a repeated click counts once), or, with
+        ``distinct=False``, every entry in its given order (to pair with weights)."""
+        rows = [np.unique(np.asarray(h, dtype=np.int64)) if distinct
+                else np.asarray(h, dtype=np.int64) for h in histories]
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         items = np.concatenate(rows) if len(rows) else np.zeros(0, np.int64)
         return cls(torch.from_numpy(items), torch.from_numpy(np.cumsum(lengths) - lengths),

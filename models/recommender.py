@@ -37,13 +37,13 @@ import torch
 from pydantic import BaseModel
 
 from models.checkpoint import load_checkpoint, make_version, save_checkpoint
-from models.splits import Ragged, Split
+from models.splits import EvalSet, Ragged, Split
 
 if TYPE_CHECKING:
     from models.trainer import TrainResult
 
 # Modules that register a model; `get_model` imports them on first use.
-MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf")
+MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf", "models.cdae", "models.autorec")
 REGISTRY: dict[str, type[Recommender]] = {}
 SCORE_BATCH = 512
 
@@ -90,6 +90,11 @@ class Recommender(ABC):
     @abstractmethod
     def score_index(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, n_items) scores for B users given their dense-index histories (no grad)."""
+
+    def extra_metrics(self, data: EvalSet) -> dict[str, float]:
+        """Figures of the model's own task on `data` (AutoRec: -RMSE of the held-out
+        ratings); the trainer adds them to each epoch's validation metrics."""
+        return {}
 
     @classmethod
     def _unit_test_params(cls) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class EvalSet:
     users: np.ndarray  # (n,) int64 dense user indices
     history: Ragged
     targets: Ragged
+    target_ratings: np.ndarray | None = None  # float32, aligned with targets.values
 
     def __post_init__(self) -> None:
         if not len(self.users) == len(self.history) == len(self.targets):
@@ -107,6 +108,7 @@ class Split:
     train: Ragged  # one row per dense user, time order
     valid: EvalSet
     test: EvalSet
+    train_ratings: np.ndarray | None = None  # float32, aligned with train.values (AutoRec)
 
     @property
     def n_items(self) -> int:
@@ -152,7 +154,12 @@ def random_split(ds: Dataset, ratios: tuple[float, float, float] = (0.8, 0.1, 0.
         raise ValueError(f"ratios must be three non-negative shares summing to 1, got {ratios}")
     rng = np.random.default_rng(seed)
     seqs = user_sequences(ds)
+    rated = Ragged.from_groups(ds.user, np.arange(len(ds)), len(ds.users))  # rows of ds
     cuts = [_positions(len(seqs[u]), ratios, rng) for u in range(len(seqs))]
+
+    def ratings(part: int, users: np.ndarray | range) -> np.ndarray:
+        rows = [rated[u][cuts[u][part]] for u in users]
+        return ds.rating[np.concatenate(rows)] if rows else np.zeros(0, np.float32)
     train = [seqs[u][c[0]] for u, c in enumerate(cuts)]
     valid = [seqs[u][c[1]] for u, c in enumerate(cuts)]
     known = [seqs[u][np.sort(np.concatenate(c[:2]))] for u, c in enumerate(cuts)]
@@ -162,9 +169,10 @@ def random_split(ds: Dataset, ratios: tuple[float, float, float] = (0.8, 0.1, 0.
     return Split(
         "random", ds.items.ids, ds.users.ids, Ragged.from_rows(train),
         EvalSet(has_valid, Ragged.from_rows([train[u] for u in has_valid]),
-                Ragged.from_rows([valid[u] for u in has_valid])),
+                Ragged.from_rows([valid[u] for u in has_valid]), ratings(1, has_valid)),
         EvalSet(has_test, Ragged.from_rows([known[u] for u in has_test]),
-                Ragged.from_rows([test[u] for u in has_test])),
+                Ragged.from_rows([test[u] for u in has_test]), ratings(2, has_test)),
+        ratings(0, range(len(seqs))),
     )
 
 

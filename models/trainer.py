@@ -169,7 +169,8 @@ class Trainer:
             losses.append(float(loss.detach()))
         t1 = time.perf_counter()
         ks = sorted({10, *_cutoff(self.config.metric)})
-        valid = evaluate(model, split.valid, protocol, ks=ks).mean() if len(split.valid) else {}
+        valid = ({**evaluate(model, split.valid, protocol, ks=ks).mean(),
+                  **model.extra_metrics(split.valid)} if len(split.valid) else {})
         t2 = time.perf_counter()
         return EpochRecord(epoch, float(np.mean(losses)) if losses else float("nan"), valid,
                            t1 - t0, t2 - t1, t2 - start)
