@@ -319,7 +319,8 @@ def evaluate_cold_start_cmd(
 # ------------------------------------------------------------------- model zoo
 # Names of models/recommender.py's registry, listed here so that `lookalike --help` does
 # not import torch; tests/test_model_conformance.py checks the two lists agree.
-ZOO_MODELS = ("autorec", "cdae", "multdae", "multvae", "ncf-gmf", "ncf-mlp", "neumf", "sasrec")
+ZOO_MODELS = ("autorec", "cdae", "lightgcn", "multdae", "multvae", "ncf-gmf", "ncf-mlp", "neumf",
+              "ngcf", "sasrec")
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="model setting KEY=VALUE (repeatable), e.g. --set loss=ce")]
 

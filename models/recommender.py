@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from models.trainer import TrainResult
 
 # Modules that register a model; `get_model` imports them on first use.
-MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf", "models.cdae", "models.autorec")
+MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf", "models.cdae", "models.autorec",
+                 "models.ngcf")
 REGISTRY: dict[str, type[Recommender]] = {}
 SCORE_BATCH = 512
 

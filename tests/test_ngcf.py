@@ -1,0 +1,115 @@
+"""NGCF / LightGCN: the normalised adjacency, one propagation by hand, fold-in, BPR data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from models.ngcf import NGCF, LightGCN, drop_edges, normalized_adjacency
+from models.splits import Ragged
+
+# users 0, 1; items 0, 1, 2; user 0 clicked item 0 twice
+USERS = np.array([0, 0, 1, 1, 0])
+ITEMS = np.array([0, 1, 1, 2, 0])
+TRAIN = Ragged.from_rows([np.array([0, 1, 0]), np.array([1, 2])])
+
+
+def hand_laplacian() -> np.ndarray:
+    du, di = [2, 2], [1, 2, 1]
+    lap = np.zeros((5, 5))
+    for u, i in {(0, 0), (0, 1), (1, 1), (1, 2)}:
+        lap[u, 2 + i] = lap[2 + i, u] = 1 / math.sqrt(du[u] * di[i])
+    return lap
+
+
+def test_normalized_adjacency_entries_are_one_over_sqrt_degrees():
+    lap = normalized_adjacency(USERS, ITEMS, 2, 3).to_dense().numpy()
+    np.testing.assert_allclose(lap, hand_laplacian(), rtol=1e-6)
+    assert lap[0, 2] == np.float32(1 / math.sqrt(2)) and lap[0, 3] == 0.5
+
+
+def _fitted(cls: type, **cfg) -> NGCF | LightGCN:
+    model = cls(embedding=3, layers=2, **cfg)
+    torch.manual_seed(0)
+    model.prepare(np.arange(3), user_ids=np.array([10, 20]))
+    next(model.batches(TRAIN, np.random.default_rng(0)))  # sets the graph
+    with torch.no_grad():
+        for p in model.module_.parameters():
+            torch.nn.init.normal_(p)
+    return model
+
+
+def _p(model) -> dict[str, np.ndarray]:
+    return {k: v.numpy().astype(np.float64) for k, v in model.module_.state_dict().items()}
+
+
+def test_ngcf_propagation_by_hand():
+    model = _fitted(NGCF, message_dropout=0.5, node_dropout=0.5)
+    p = _p(model)
+    lap = hand_laplacian()
+    e = np.concatenate([p["user.weight"], p["item.weight"]])
+    layers = [e]
+    for k in range(2):
+        side = lap @ e
+        x = ((e + side) @ p[f"w1.{k}.weight"].T + p[f"w1.{k}.bias"]
+             + (side * e) @ p[f"w2.{k}.weight"].T + p[f"w2.{k}.bias"])
+        e = np.where(x > 0, x, 0.2 * x)  # LeakyReLU(0.2)
+        layers.append(e)
+    final = np.concatenate([layers[0]] + [x / np.linalg.norm(x, axis=1, keepdims=True)
+                                          for x in layers[1:]], axis=1)
+    expected = final[:2] @ final[2:].T
+    got = model.score_many([TRAIN[0], TRAIN[1]], users=np.array([0, 1]))  # eval: no dropout
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lightgcn_propagation_by_hand():
+    model = _fitted(LightGCN)
+    p = _p(model)
+    lap = hand_laplacian()
+    e0 = np.concatenate([p["user.weight"], p["item.weight"]])
+    e1 = lap @ e0
+    e2 = lap @ e1
+    final = (e0 + e1 + e2) / 3
+    got = model.score_many([TRAIN[0], TRAIN[1]], users=np.array([0, 1]))
+    np.testing.assert_allclose(got.numpy(), final[:2] @ final[2:].T, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_in_follows_the_graph_rule():
+    """A new user whose clicks equal a training user's, and whose layer 0 (their items'
+    mean) equals that user's row, gets that user's scores exactly."""
+    for cls in (LightGCN, NGCF):
+        model = _fitted(cls, **({"message_dropout": 0.0} if cls is NGCF else {}))
+        net = model.module_
+        with torch.no_grad():
+            net.user.weight[1] = net.item.weight[[1, 2]].mean(0)
+        known = model.score_many([TRAIN[1]], users=np.array([1]))
+        folded = model.score_many([TRAIN[1]])
+        torch.testing.assert_close(folded, known, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(model.score_many([np.array([], dtype=np.int64)])).all()
+
+
+def test_bpr_triples_and_node_dropout():
+    model = _fitted(LightGCN, batch_size=100)
+    batch = next(model.batches(TRAIN, np.random.default_rng(1)))
+    assert len(batch["users"]) == 5
+    for u, i, j in zip(*(batch[k].tolist() for k in ("users", "pos", "neg")), strict=True):
+        assert i in TRAIN[u].tolist() and j not in TRAIN[u].tolist()
+    adj = normalized_adjacency(USERS, ITEMS, 2, 3)
+    torch.manual_seed(0)
+    dropped = drop_edges(adj, 0.5)
+    kept = dropped.to_dense()
+    mask = kept != 0
+    torch.testing.assert_close(kept[mask], adj.to_dense()[mask] * 2)
+    assert dropped._nnz() < adj._nnz()
+
+
+def test_checkpoint_keeps_the_graph(tmp_path):
+    from models.recommender import Recommender
+
+    model = _fitted(NGCF)
+    again = Recommender.load(model.save(tmp_path / "g.pt"))
+    assert torch.equal(again.module_.edges, model.module_.edges)
+    assert torch.equal(again.score_many([TRAIN[0]], users=np.array([0])),
+                       model.score_many([TRAIN[0]], users=np.array([0])))
