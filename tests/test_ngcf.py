@@ -7,7 +7,13 @@ import math
 import numpy as np
 import torch
 
-from models.ngcf import NGCF, LightGCN, drop_edges, normalized_adjacency
+from models.ngcf import (
+    NGCF,
+    LightGCN,
+    SymmetricSpMM,
+    node_dropout_mask,
+    normalized_adjacency,
+)
 from models.splits import Ragged
 
 # users 0, 1; items 0, 1, 2; user 0 clicked item 0 twice
@@ -90,19 +96,26 @@ def test_fold_in_follows_the_graph_rule():
         assert torch.isfinite(model.score_many([np.array([], dtype=np.int64)])).all()
 
 
-def test_bpr_triples_and_node_dropout():
+def test_bpr_triples_node_dropout_and_the_sparse_product():
     model = _fitted(LightGCN, batch_size=100)
     batch = next(model.batches(TRAIN, np.random.default_rng(1)))
     assert len(batch["users"]) == 5
     for u, i, j in zip(*(batch[k].tolist() for k in ("users", "pos", "neg")), strict=True):
         assert i in TRAIN[u].tolist() and j not in TRAIN[u].tolist()
-    adj = normalized_adjacency(USERS, ITEMS, 2, 3)
     torch.manual_seed(0)
-    dropped = drop_edges(adj, 0.5)
-    kept = dropped.to_dense()
-    mask = kept != 0
-    torch.testing.assert_close(kept[mask], adj.to_dense()[mask] * 2)
-    assert dropped._nnz() < adj._nnz()
+    mask = node_dropout_mask(1000, 0.25)
+    np.testing.assert_allclose(np.unique(mask.numpy()), [0.0, 4 / 3], rtol=1e-6)
+    # a dropped node sends nothing: L diag(mask) E, and the sparse product's gradient
+    lap = torch.tensor(hand_laplacian(), dtype=torch.float32)
+    adj = normalized_adjacency(USERS, ITEMS, 2, 3).to_sparse_csr()
+    e = torch.randn(5, 2, requires_grad=True)
+    m = torch.tensor([[1.0], [0.0], [2.0], [2.0], [0.0]])
+    out = SymmetricSpMM.apply(e * m, adj)
+    torch.testing.assert_close(out, lap @ torch.diag(m[:, 0]) @ e)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), e)
+    e2 = e.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad((lap @ (e2 * m)).pow(2).sum(), e2)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_checkpoint_keeps_the_graph(tmp_path):
