@@ -208,7 +208,9 @@ class ScoringStage(Stage):
         self._partitions = 0
         # attention is over however many centroid slots an item has: the
         # clustering workers' k (settings.window.k) sets it, not training's k
-        self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds)
+        self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds,
+                                   ann_min_items=cfg.ann_min_items, ann_nprobe=cfg.ann_nprobe,
+                                   ann_lists=cfg.ann_lists)
         self.table_reader: KafkaConsumer | None = None
         self._next_refresh = 0.0
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served
@@ -372,34 +374,46 @@ class ScoringStage(Stage):
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
         """Faiss candidates by cos(global), re-ranked by the full RALM score.
 
-        One Faiss search for the whole batch (Faiss switches to BLAS from 20
-        queries on), then RALM over ``score_chunk`` users at a time (bounds the
-        [B, C, k, h] gather), through the centroids' Gram matrices
-        (``RalmModel.score_gram``, equal to ``RalmModel.score``).
+        One index search for the whole batch, the user's own clicks dropped,
+        then RALM over ``score_chunk`` users at a time: centroids dotted with the
+        users in place (``CentroidTable.project``), the rest through the
+        centroids' Gram matrices (``RalmModel.score_projected``, equal to
+        ``RalmModel.score``).
         """
         cfg = self.settings.scoring
         seen = [s.seen if s else _NONE_SEEN for s in states]
         want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
-        slots = self.table.search(users, want + max(len(s) for s in seen))
-        if slots.shape[1] == 0:
+        cands = self._unseen(self.table.search(users, want + max(len(s) for s in seen)),
+                             seen, want)
+        if cands.shape[1] == 0:
             return [[] for _ in states]
         t, out = self.table, []
         for lo in range(0, len(states), self.score_chunk):
             hi = lo + self.score_chunk
-            safe = np.maximum(slots[lo:hi], 0)
-            scores = self.model.score_gram(users[lo:hi], t.centroids[safe], t.counts[safe],
-                                           t.global_vec[safe], t.gram[safe])
+            safe = np.maximum(cands[lo:hi], 0)
+            d = t.project(cands[lo:hi], self.model.attention_queries(users[lo:hi]))
+            scores = self.model.score_projected(users[lo:hi], d, t.counts[safe],
+                                                t.global_vec[safe], t.gram[safe])
             for b in range(lo, min(hi, len(states))):
-                k = ks[b] or cfg.top_k
-                items = t.item_ids[safe[b - lo]]
-                ok = slots[b] >= 0
-                if len(seen[b]):
-                    ok &= ~np.isin(items, seen[b])
-                keep = np.flatnonzero(ok)
+                keep = np.flatnonzero(cands[b] >= 0)
                 sc = scores[b - lo, keep]
-                order = keep[np.argsort(-sc, kind="stable")][:k]
-                out.append(list(zip(items[order].tolist(), scores[b - lo, order].tolist(),
-                                    strict=True)))
+                order = keep[np.argsort(-sc, kind="stable")][:ks[b] or cfg.top_k]
+                out.append(list(zip(t.item_ids[safe[b - lo, order]].tolist(),
+                                    scores[b - lo, order].tolist(), strict=True)))
+        return out
+
+    def _unseen(self, slots: np.ndarray, seen: list[np.ndarray], want: int) -> np.ndarray:
+        """[B, <= want] the first ``want`` slots of each row that are no item the user
+        clicked (-1 pads): seen items are dropped before the re-rank, not after it."""
+        out = np.full((len(slots), min(want, slots.shape[1])), -1, np.int64)
+        for b, row in enumerate(slots):
+            ok = row >= 0
+            if len(seen[b]):  # a set: ~3x faster than np.isin's sort at these sizes
+                clicked = set(seen[b].tolist())
+                items = self.table.item_ids[np.maximum(row, 0)].tolist()
+                ok &= ~np.fromiter((i in clicked for i in items), bool, len(items))
+            keep = row[ok][:out.shape[1]]
+            out[b, :len(keep)] = keep
         return out
 
     def _emit(self, r: ScoreRequest, s: UserState | None, items: list[tuple[int, float]],

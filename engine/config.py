@@ -84,6 +84,12 @@ class ScoringConfig(BaseModel):
     index_refresh_s: float = Field(
         0.5, gt=0, description="rebuild the item index at most this often"
     )
+    ann_min_items: int = Field(
+        10_000, ge=1, description="from this many servable items on, retrieval uses an IVF "
+        "index (approximate, ~10x faster at 43.5k items) instead of exact search")
+    ann_nprobe: int = Field(32, ge=1, description="IVF lists scanned per query (recall vs speed)")
+    ann_lists: int | None = Field(
+        None, ge=1, description="IVF lists (None: 4 x sqrt(servable items) when it is built)")
     min_seeds: int = Field(
         5, ge=1, description="an item needs this many seeds to be recommended "
         "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"

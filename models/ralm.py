@@ -39,6 +39,7 @@ from torch import nn
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.features import FeatureSpace, Profile, UserBatch
+from models.ralm_serving import NumpyTowers
 
 KIND = "ralm"
 N_FIELDS = 6  # gender, occupation, zip prefix, clicked items, their genres, continuous
@@ -328,6 +329,9 @@ class RalmModel:
         self.lookalike = lookalike.eval()
         self.version = version
         self.metrics = dict(metrics or {})
+        self._numpy: NumpyTowers | None = None
+        self._numpy_stamp: tuple[int, ...] = ()
+        self._params: list[torch.nn.Parameter] = []
 
     @classmethod
     def new(cls, config: RalmConfig, features: FeatureSpace, version: str = "") -> RalmModel:
@@ -345,10 +349,26 @@ class RalmModel:
 
     # ------------------------------------------------------------ embeddings
 
+    #: up to this many users, :meth:`embed_batch` runs the numpy copy of the
+    #: towers (models/ralm_serving.py): torch's dispatch dominates small batches
+    numpy_max_batch = 16
+
     @torch.inference_mode()
     def embed_batch(self, batch: UserBatch) -> np.ndarray:
         """[B, h] look-alike embeddings of encoded users."""
+        if len(batch) <= self.numpy_max_batch and not self.user_tower.training:
+            return self._numpy_towers().embed(batch)
         return self.lookalike.transform(self.user_tower(batch)).numpy()
+
+    def _numpy_towers(self) -> NumpyTowers:
+        """The numpy copy, taken again whenever a weight changed (torch counts in-place
+        updates in ``Tensor._version``: an optimiser step, ``load_state_dict``)."""
+        if not self._params:  # the same Parameter objects for the model's life
+            self._params = [*self.user_tower.parameters(), *self.lookalike.parameters()]
+        stamp = tuple(p._version for p in self._params)
+        if self._numpy is None or self._numpy_stamp != stamp:
+            self._numpy, self._numpy_stamp = NumpyTowers.of(self.user_tower, self.lookalike), stamp
+        return self._numpy
 
     def embed_users(
         self,
@@ -406,11 +426,21 @@ class RalmModel:
         centroid and the [B, C, h] local embeddings are never formed.
         """
         b, c, k, h = centroids.shape
+        u = np.ascontiguousarray(users, np.float32)
+        d = np.matmul(centroids.reshape(b, c * k, h), self.attention_queries(u))
+        return self.score_projected(u, d.reshape(b, c, k, 2), counts, item_global, gram)
+
+    def attention_queries(self, users: np.ndarray) -> np.ndarray:
+        """[B, h, 2]: each user's E_u and E_u W_l, what every centroid is dotted with."""
+        u = np.ascontiguousarray(users, np.float32)
+        return np.stack([u, u @ self._numpy_towers().local_wt], axis=2)
+
+    def score_projected(self, users: np.ndarray, d: np.ndarray, counts: np.ndarray,
+                        item_global: np.ndarray, gram: np.ndarray) -> np.ndarray:
+        """:meth:`score_gram` from d [B, C, k, 2] = centroids · :meth:`attention_queries`,
+        however they were computed (the centroid table does it without gathering)."""
         la = self.lookalike
         u = np.ascontiguousarray(users, np.float32)
-        q = u @ la.local_w.weight.detach().numpy().T  # E_u W_l
-        d = np.matmul(centroids.reshape(b, c * k, h), np.stack([u, q], axis=2))
-        d = d.reshape(b, c, k, 2)
         mask = np.asarray(counts) > 0
         logits = np.where(mask, np.tanh(d[..., 1]), np.float32(-1e9))
         e = np.exp(logits - logits.max(-1, keepdims=True))

@@ -319,6 +319,31 @@ def test_embed_users_matches_training_encoding(model: RalmModel,
     np.testing.assert_allclose(batch[:1], one, atol=1e-6)
 
 
+@pytest.mark.parametrize("merge", ["attention", "concat"])
+def test_numpy_towers_equal_the_torch_towers(data: tuple[Dataset, Dataset], merge: str) -> None:
+    """The serving copy (models/ralm_serving.py) against torch, and it follows weight updates."""
+    train = data[0]
+    cfg = CFG.model_copy(update={"merge": merge})
+    torch.manual_seed(0)
+    model = RalmModel.new(cfg, FeatureSpace.build(train, cfg.history_len))
+    with torch.no_grad():  # a padding row that is not zero must still count for nothing
+        model.user_tower.fields.items.weight[0] = 5.0
+    ids = train.items.ids.tolist()
+    profiles = [Profile(age=30.0, gender="F", occupation="writer", zip_code="02139"), None,
+                Profile(age=None, gender="?")]
+    batch = model.features.encode(profiles, [ids[:7], [], ids[3:40] + [10**12]])
+
+    def reference() -> np.ndarray:
+        with torch.no_grad():
+            return model.lookalike.transform(model.user_tower(batch)).numpy()
+
+    assert len(batch) <= model.numpy_max_batch  # so embed_batch takes the numpy path
+    np.testing.assert_allclose(model.embed_batch(batch), reference(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # as an optimiser step would: the copy must notice
+        model.lookalike.transform[0].weight.mul_(-1.0)
+    np.testing.assert_allclose(model.embed_batch(batch), reference(), rtol=1e-5, atol=1e-6)
+
+
 def test_scoring_is_fast() -> None:
     """1 user × 500 candidates × 20 centroids × 128-d, global embeddings precomputed."""
     torch.set_num_threads(1)

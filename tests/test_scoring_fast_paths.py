@@ -176,3 +176,76 @@ def test_batched_search_equals_faiss_search():
     batched = table.search(users, 30)
     one_by_one = np.concatenate([table.search(u[None], 30) for u in users])
     np.testing.assert_array_equal(batched, one_by_one)
+
+
+def _mean_global(c: np.ndarray, n: np.ndarray) -> np.ndarray:
+    g = c.mean(1)
+    return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+
+def _clustered_table(n_items: int, ann_min_items: int, rng: np.random.Generator,
+                     ) -> tuple[CentroidTable, np.ndarray]:
+    """Items around 16 taste directions in 16-d, as trained embeddings sit."""
+    tastes = rng.normal(size=(16, 16))
+    table = CentroidTable(3, 16, min_seeds=2, ann_min_items=ann_min_items, ann_nprobe=8)
+    for item in range(n_items):
+        cent = tastes[item % 16] + rng.normal(0, 0.3, (3, 16))
+        table.upsert(item, ItemCentroids(cent.astype(np.float32), np.ones(3, np.float32), 3, 0.0))
+    table.refresh(_mean_global)
+    return table, tastes
+
+
+def test_ivf_index_finds_what_exact_search_finds_and_stays_fresh():
+    rng = np.random.default_rng(1)
+    table, tastes = _clustered_table(3_000, 1_000, rng)
+    assert table.approximate
+    users = (tastes[rng.integers(0, 16, 50)] + rng.normal(0, 0.3, (50, 16))).astype(np.float32)
+    got, exact = table.search(users, 20), table.search_exact(users, 20)
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got, exact, strict=True)])
+    assert recall >= 0.95
+    np.testing.assert_array_equal(table.search(users[:1], 20), got[:1])  # batch 1 = batched
+
+    # an item moved next to a user is found after the next refresh, in place (no retrain)
+    trained_on, item = table._ann_trained_on, 7
+    table.upsert(item, ItemCentroids(np.repeat(users[:1], 3, 0), np.ones(3, np.float32), 3, 0.0))
+    table.refresh(_mean_global)
+    assert table._ann_trained_on == trained_on
+    assert table.item_ids[table.search(users[:1], 1)[0, 0]] == item
+    # below min_seeds (or a tombstone) it leaves the index; the index holds each item once
+    table.upsert(item, ItemCentroids(np.repeat(users[:1], 3, 0), np.ones(3, np.float32), 1, 0.0))
+    table.refresh(_mean_global)
+    assert item not in table.item_ids[table.search(users[:1], 50)[0]].tolist()
+    assert table._ann.ntotal == len(table.live_slots()) == 2_999
+
+
+def test_ivf_index_is_retrained_when_the_catalogue_doubles_and_dropped_when_it_shrinks():
+    rng = np.random.default_rng(2)
+    table, _ = _clustered_table(1_200, 1_000, rng)
+    first = table._ann_trained_on
+    assert table.approximate and first == 1_200
+    for item in range(1_200, 2_500):
+        table.upsert(item, ItemCentroids(rng.normal(size=(3, 16)).astype(np.float32),
+                                         np.ones(3, np.float32), 3, 0.0))
+    table.refresh(_mean_global)
+    assert table._ann_trained_on == 2_500 and table._ann.ntotal == 2_500
+    for item in range(2_000):
+        table.upsert(item, None)
+    table.refresh(_mean_global)
+    assert not table.approximate  # exact again below ann_min_items
+    assert table.search(np.ones((1, 16), np.float32), 600).shape == (1, 500)
+
+
+def test_project_equals_gathered_matmul():
+    """CentroidTable.project (Faiss by-index products, no gather) = centroids[slots] @ queries."""
+    rng = np.random.default_rng(3)
+    table = CentroidTable(4, 8, min_seeds=1)
+    for item in range(50):
+        table.upsert(item, ItemCentroids(rng.normal(size=(4, 8)).astype(np.float32),
+                                         np.ones(4, np.float32), 4, 0.0))
+    slots = rng.integers(0, 50, (3, 7))
+    slots[1, 5:] = -1  # padding: its values are garbage the caller masks
+    queries = rng.normal(size=(3, 8, 2)).astype(np.float32)
+    got = table.project(slots, queries)
+    want = np.matmul(table.centroids[np.maximum(slots, 0)].reshape(3, 28, 8), queries)
+    assert got.shape == (3, 7, 4, 2)
+    np.testing.assert_allclose(got.reshape(3, 28, 2), want, rtol=1e-5, atol=1e-5)

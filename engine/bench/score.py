@@ -43,7 +43,11 @@ from engine.bench.ingest import (
 from engine.bench.report import BenchOptions, BenchReport
 from engine.codec import ItemCentroids, encode_json, key_of
 from engine.config import Settings
+from engine.data import Dataset
+from models.features import ClickLog
 from models.ralm import RalmModel
+from models.splits import Ragged
+from models.train_ralm import train_user_tower
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,47 @@ def size_of(opts: BenchOptions) -> ScoreSize:
                      round_trips=1_000)
 
 
-def fill_table(stage: ScoringStage, model: RalmModel, n_items: int, seed: int,
+def geometry_model(ds: Dataset, seed: int, progress: bool) -> RalmModel:
+    """The bench's RALM with one short epoch of its user tower on ``ds``.
+
+    Why train at all: latency does not depend on the weights, but the recall of
+    an approximate index does depend on the geometry. An untrained tower maps
+    every user to nearly the same direction (mean cosine 0.997 between users),
+    which no ANN index can tell apart; one epoch of the sampled softmax (~20 s
+    at the full size) spreads users by taste (mean cosine ~0.66), as a trained
+    model does. The look-alike transform stays untrained.
+    """
+    model = bench_model(ds, seed)
+    cfg = model.config.model_copy(update={
+        "user_epochs": 1, "positives_per_user": 10, "batch_size": 1024, "lr": 3e-3})
+    train_user_tower(model.user_tower, ClickLog(ds, model.features), cfg,
+                     np.random.default_rng(seed), progress=progress, log=lambda _: None)
+    return model
+
+
+def fill_table(stage: ScoringStage, model: RalmModel, ds: Dataset, n_items: int, seed: int,
                progress: bool) -> None:
-    """Every item gets k centroids: noisy mixes of real user embeddings."""
+    """Every item gets k centroids from the embeddings of the users who clicked it.
+
+    Slot j of an item is the mean of a few of its clickers (at most 4, drawn
+    at random), so an item's centroids sit where its audience is, as k-means
+    over its seed window puts them; items nobody clicked take random users.
+    Counts are random and a few slots are empty, as in a real window.
+    """
     rng = np.random.default_rng(seed)
-    users = stage._embed(list(stage.users.users.values())[:4096],
-                         [st.profile for st in list(stage.users.users.values())[:4096]])
+    states = list(stage.users.users.values())
+    users = np.concatenate([stage._embed(states[lo:lo + 4096],
+                                         [st.profile for st in states[lo:lo + 4096]])
+                            for lo in range(0, len(states), 4096)])
+    row_of = {u: r for r, u in enumerate(stage.users.users)}
+    user_rows = np.array([row_of[u] for u in ds.users.ids[ds.user].tolist()], np.int64)
+    clickers = Ragged.from_groups(ds.item, user_rows, len(ds.items.ids))
     k, dim = stage.table.k, stage.table.dim
-    ids = np.asarray(model.features.catalog_ids, np.int64)[:n_items]
-    for item in tqdm(ids.tolist(), desc="centroid table", unit="item", disable=not progress,
-                     mininterval=0.5):
-        mix = users[rng.integers(0, len(users), (k, 4))].mean(1)
-        cent = (mix + rng.normal(0, 0.05, (k, dim))).astype(np.float32)
+    for j, item in enumerate(tqdm(ds.items.ids[:n_items].tolist(), desc="centroid table",
+                                  unit="item", disable=not progress, mininterval=0.5)):
+        who = clickers[j] if len(clickers[j]) else rng.integers(0, len(users), 8)
+        cent = users[who[rng.integers(0, len(who), (k, 4))]].mean(1)
+        cent = (cent + rng.normal(0, 0.01, (k, dim))).astype(np.float32)
         counts = rng.integers(1, 30, k).astype(np.float32)
         counts[rng.random(k) < 0.1] = 0.0  # a few empty k-means slots
         stage.table.upsert(item, ItemCentroids(cent, counts, int(counts.sum()), time.time()))
@@ -172,7 +205,7 @@ def run(opts: BenchOptions) -> BenchReport:
     size = size_of(opts)
     progress = not opts.quick
     ds = bench_dataset(size.users, size.items, opts.seed, clicks_per_user=20)
-    model = bench_model(ds, opts.seed)
+    model = geometry_model(ds, opts.seed, progress)
     torch.set_num_threads(opts.settings.scoring.threads)
     with bench_broker(opts) as bootstrap:
         s = bench_settings(opts, bootstrap, "score")
@@ -180,10 +213,11 @@ def run(opts: BenchOptions) -> BenchReport:
         stage = ScoringStage(s, model)
         warm = warm_clicks(ds, len(ds))
         stage._apply_clicks(warm, [-1] * len(warm))
-        fill_table(stage, model, size.items, opts.seed, progress)
+        fill_table(stage, model, ds, size.items, opts.seed, progress)
         rng = np.random.default_rng(opts.seed)
         known = np.fromiter(stage.users.users, np.int64)
         picks = rng.choice(known, size.requests + size.batch * size.batches).tolist()
+        recall = ann_recall(stage, picks[:500], s.scoring.candidates)
         # worker side: the stage alone with a real producer, before its loop runs
         loop = ConsumerLoop(stage)
         loop.producer = make_producer(s.kafka)
@@ -202,11 +236,22 @@ def run(opts: BenchOptions) -> BenchReport:
             raw = raw_round_trips(s, size.round_trips, progress)
         finally:
             worker.stop()
-    return _report(size, s, model, one, many, e2e, raw, bool(opts.bootstrap_servers))
+    return _report(size, s, model, one, many, e2e, raw, recall, stage.table.approximate,
+                   bool(opts.bootstrap_servers))
+
+
+def ann_recall(stage: ScoringStage, users: list[int], n: int) -> float:
+    """Share of the exact top-``n`` items by global cosine that the index returns."""
+    states = [stage.users.get(u) for u in users]
+    vecs = stage._embed(states, [st.profile if st else None for st in states])
+    got, exact = stage.table.search(vecs, n), stage.table.search_exact(vecs, n)
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(b)
+                          for a, b in zip(got, exact, strict=True)]))
 
 
 def _report(size: ScoreSize, s: Settings, model: RalmModel, one: np.ndarray, many: np.ndarray,
-            e2e: np.ndarray, raw: np.ndarray, given_broker: bool) -> BenchReport:
+            e2e: np.ndarray, raw: np.ndarray, recall: float, approximate: bool,
+            given_broker: bool) -> BenchReport:
     report = BenchReport("score")
     p50, p99 = _pcts(one)
     e50, e99 = _pcts(e2e)
@@ -215,6 +260,7 @@ def _report(size: ScoreSize, s: Settings, model: RalmModel, one: np.ndarray, man
         "items": size.items, "k": model.k, "dim": model.dim, "users": size.users,
         "candidates": s.scoring.candidates, "top_k": s.scoring.top_k,
         "threads": s.scoring.threads, "model": model.version,
+        "ann_min_items": s.scoring.ann_min_items, "ann_nprobe": s.scoring.ann_nprobe,
         "requests_batch_1": size.requests, "batch": size.batch, "batches": size.batches,
         "round_trips": size.round_trips, "fetch_max_wait_ms": ScoringStage.fetch_max_wait_ms,
         "broker": "given" if given_broker else "embedded (Tansu)",
@@ -222,6 +268,10 @@ def _report(size: ScoreSize, s: Settings, model: RalmModel, one: np.ndarray, man
     report.add("worker-side p99, batch 1", p99, "ms", "<= 2",
                "decode + embed + Faiss shortlist + RALM re-rank + JSON + producer hand-off")
     report.add("worker-side p50, batch 1", p50, "ms")
+    index = (f"IVF, {s.scoring.ann_nprobe} lists probed" if approximate
+             else "exact (table below scoring.ann_min_items)")
+    report.add(f"index recall@{s.scoring.candidates} vs exact search", recall, "fraction",
+               note=f"{index}; the user model is one epoch trained so that users spread")
     report.add(f"batched throughput (batch {size.batch})", size.batch * len(many) / many.sum(),
                "users/s", ">= 2000")
     report.add("end-to-end p99 / raw round-trip p99", e99 / r99, "ratio", "<= 2",
