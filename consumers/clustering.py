@@ -11,6 +11,11 @@ worker ran at ~3k seeds/s that way); the interval bounds the messages by the
 number of distinct items that change, at a freshness cost of at most the
 interval.
 
+A budget (``window.publish_items_per_s``) caps the records per second. Under
+more load than that, changed items wait in first-changed order, so every
+change is published after a delay the backlog gauges show, and the seed
+windows keep up with the stream instead of the producer setting the pace.
+
 State recovery (first version): ``seed-events`` is the changelog of the
 windows. A worker that is assigned a partition replays it from the beginning;
 window updates are idempotent and k-means steps deterministic, so the
@@ -20,6 +25,7 @@ with offsets (bounded replay) replace this when the log outgrows memory.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from kafka import TopicPartition
@@ -46,8 +52,12 @@ class ClusteringStage(Stage):
         super().__init__(settings)
         self.state = ItemClusters(settings.window)
         self._partition_of: dict[int, int] = {}
-        self._dirty: dict[int, int] = {}  # changed, unpublished item -> newest click time (ms)
+        # changed, unpublished item -> newest click time (ms); insertion order = first change
+        self._dirty: dict[int, int] = {}
+        self._dirty_since: dict[int, float] = {}  # item -> when it first changed unpublished
         self._next_publish = 0.0
+        self._tokens = 0.0  # records the budget allows now (a token bucket, 1 s deep)
+        self._tokens_at = time.monotonic()
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
         """The key only (None for an ``S2`` pack, which names its items inside): values
@@ -65,8 +75,10 @@ class ClusteringStage(Stage):
             self.loop.dead_letter(events[i].topic, events[i].record, err)
         for cols, idx in runs:
             produced = _produced(cols, [events[i] for i in idx])
+            now = time.time()
             for item in self.state.apply_columns(cols):
                 self._dirty[item] = max(self._dirty.get(item, 0), produced[item][0])
+                self._dirty_since.setdefault(item, now)
             for item, (_, partition) in produced.items():
                 self._partition_of[item] = partition
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
@@ -79,17 +91,32 @@ class ClusteringStage(Stage):
 
     def drain(self) -> None:
         if self._dirty:
-            self.publish(time.time())
+            self.publish(time.time(), budget=False)
 
-    def publish(self, now: float) -> None:
-        """The latest centroids of every item changed since the last publish."""
+    def publish(self, now: float, budget: bool = True) -> None:
+        """The latest centroids of the items changed since they were last published,
+        first-changed first, as many as the budget allows (all: ``budget=False``)."""
         wire = self.settings.window.centroid_wire_dtype
-        for item, produced_ms in self._dirty.items():
+        n = len(self._dirty) if not budget else min(len(self._dirty), int(self._take_tokens()))
+        done = list(itertools.islice(self._dirty.items(), n))
+        for item, produced_ms in done:
             if item in self.state.items:  # not dropped by a rebalance meanwhile
                 record = encode_centroids(self.state.record(item, now), wire)
                 self.send(T.SEED_CENTROIDS, key_of(item), record, timestamp_ms=produced_ms)
-        self.metrics.centroids_published.labels(self.name).inc(len(self._dirty))
-        self._dirty.clear()
+            del self._dirty[item]
+            self._dirty_since.pop(item, None)
+        self._tokens -= len(done)
+        self.metrics.centroids_published.labels(self.name).inc(len(done))
+        self.metrics.centroid_backlog.labels(self.name).set(len(self._dirty))
+        oldest = next(iter(self._dirty_since.values()), now)
+        self.metrics.centroid_backlog_age.labels(self.name).set(max(0.0, now - oldest))
+
+    def _take_tokens(self) -> float:
+        rate = self.settings.window.publish_items_per_s
+        t = time.monotonic()
+        self._tokens = min(rate, self._tokens + rate * (t - self._tokens_at))
+        self._tokens_at = t
+        return self._tokens
 
     def _report_state(self) -> None:
         self.metrics.window_items.labels(self.name).set(len(self.state))
@@ -106,6 +133,7 @@ class ClusteringStage(Stage):
         self.state.drop(lost)
         for item in lost & self._dirty.keys():  # their new owner replays and publishes them
             del self._dirty[item]
+            self._dirty_since.pop(item, None)
         self._partition_of = {i: p for i, p in self._partition_of.items() if p not in gone}
         self._report_state()
 

@@ -68,6 +68,12 @@ class WindowConfig(BaseModel):
         0.2, ge=0, description="an item's centroids are published at most this often "
         "(changes in between are coalesced); adds at most this much to freshness",
     )
+    publish_items_per_s: float = Field(
+        2_000, gt=0, description="most item centroid records a clustering worker publishes "
+        "per second (~5 KB each at 20 x 128 float16). Beyond it, changed items wait, "
+        "oldest change first, and lookalike_centroid_backlog_* show it: kafka-python's "
+        "producer sends ~6k such records/s with a whole core, so without a budget "
+        "publishing starves the seed windows under load")
 
 
 class ScoringConfig(BaseModel):

@@ -83,6 +83,14 @@ class WorkerMetrics:
         self.centroids_published = Counter(
             "lookalike_centroids_published_total", "Item centroid tables published", s, registry=r
         )
+        self.centroid_backlog = Gauge(
+            "lookalike_centroid_backlog_items",
+            "Items whose changed centroids wait for the publish budget", s, registry=r,
+        )
+        self.centroid_backlog_age = Gauge(
+            "lookalike_centroid_backlog_age_seconds",
+            "Seconds the oldest unpublished centroid change has waited", s, registry=r,
+        )
         self.centroid_items = Gauge(
             "lookalike_centroid_table_items", "Items in the scoring worker's centroid table", s,
             registry=r,
