@@ -15,7 +15,10 @@ FIGURES = {
     "refresh items/s (sklearn per item)", "refresh speed-up vs sklearn",
     "refresh inertia / sklearn", "window bytes per item (bound)",
     "window bytes per item (measured)", "window bytes per item (float16 bound)",
+    "centroid records published during the run",
+    "items waiting for the publish budget at the end",
 }
+MAY_BE_ZERO = {"items waiting for the publish budget at the end"}
 
 
 def test_quick_bench_reports_every_figure(settings, tmp_path):
@@ -24,7 +27,8 @@ def test_quick_bench_reports_every_figure(settings, tmp_path):
     report = runner("cluster")(opts)
     got = {f.name: f for f in report.figures}
     assert set(got) == FIGURES
-    assert all(math.isfinite(f.value) and f.value > 0 for f in report.figures)
+    assert all(math.isfinite(f.value) and (f.value > 0 or f.name in MAY_BE_ZERO and f.value == 0)
+               for f in report.figures)
     assert got["refresh inertia / sklearn"].value <= 1.01  # same update: not a timing
     assert report.machine["cores"] >= 1
     js, md = report.write(tmp_path)
