@@ -196,11 +196,14 @@ class AutoRec(Recommender):
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     def rmse(self, data: EvalSet) -> float:
-        """RMSE of the predicted ratings of `data`'s held-out (target) ratings."""
+        """RMSE of `data`'s held-out (target) ratings, predictions clipped to the scale
+        of the training ratings (1-5 on MovieLens)."""
         if data.target_ratings is None:
             raise ValueError("this EvalSet carries no ratings")
         users = np.repeat(data.users, data.targets.lengths)
-        pred = self.predict(users, data.targets.values)
+        r = self.net.ratings[2]
+        low, high = (float(r.min()), float(r.max())) if len(r) else (-np.inf, np.inf)
+        pred = np.clip(self.predict(users, data.targets.values), low, high)
         return float(np.sqrt(np.mean((pred - data.target_ratings) ** 2)))
 
     def extra_metrics(self, data: EvalSet) -> dict[str, float]:

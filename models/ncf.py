@@ -65,6 +65,12 @@ class NCFConfig(BaseModel):
     batch_size: int = Field(256, ge=1)
     alpha: float = Field(0.5, ge=0, le=1, description="NeuMF: weight of GMF's output layer")
     pretrain: bool = Field(True, description="NeuMF: start from a trained GMF and MLP")
+    finetune_lr: float | None = Field(
+        None, gt=0, description="NeuMF after pre-training: its own learning rate (SGD)")
+    gmf_checkpoint: str | None = Field(
+        None, description="NeuMF: pre-trained GMF checkpoint to start from (else fit one)")
+    mlp_checkpoint: str | None = Field(
+        None, description="NeuMF: pre-trained MLP checkpoint to start from (else fit one)")
     fold_in_steps: int = Field(50, ge=0, description="Adam steps to place an unseen user")
     fold_in_lr: float = Field(0.05, gt=0)
 
@@ -327,9 +333,11 @@ class NeuMF(_NCF):
     def fit(self, split: Split, **trainer_options: Any) -> TrainResult:
         """With `pretrain`: fit GMF, then MLP, then NeuMF started from both (paper, 3.4.1).
 
+        `gmf_checkpoint` / `mlp_checkpoint` replace a fit by a saved model (same split).
+
         A wall-clock budget (`max_seconds`) is shared: GMF and MLP get a third each at
         most, NeuMF what is left. Without an explicit `optimizer`, the fused model is
-        trained with plain SGD, as in the paper.
+        trained with plain SGD, as in the paper, at `finetune_lr` when given.
         """
         if not self.config.pretrain:
             return super().fit(split, **trainer_options)
@@ -339,11 +347,21 @@ class NeuMF(_NCF):
         if budget is not None:
             sub["max_seconds"] = budget / 3
         config = self.config.model_dump()
-        self.gmf_ = GMF(**config)
-        self.gmf_.fit(split, **sub)
-        self.mlp_ = MLP(**config)
-        self.mlp_.fit(split, **sub)
+        self.pretrain_results_: dict[str, TrainResult] = {}
+        for name, cls, path in (("gmf", GMF, self.config.gmf_checkpoint),
+                                ("mlp", MLP, self.config.mlp_checkpoint)):
+            if path is not None:  # the paper's workflow: pre-trained files
+                model = cls.load(path)
+                if not np.array_equal(model.item_ids_, split.item_ids) or not np.array_equal(
+                        model.user_ids_, split.user_ids):
+                    raise ValueError(f"{path}: trained on other users or items")
+            else:
+                model = cls(**config)
+                self.pretrain_results_[name] = model.fit(split, **sub)
+            setattr(self, f"{name}_", model)
         options = {"optimizer": "sgd", **trainer_options}
+        if self.config.finetune_lr is not None:
+            options["lr"] = self.config.finetune_lr
         if budget is not None:
             options["max_seconds"] = max(budget - (time.perf_counter() - start), 1e-3)
         self._pretrained = (self.gmf_.net, self.mlp_.net)

@@ -18,7 +18,7 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _model() -> CDAE:
-    model = CDAE(hidden=2)
+    model = CDAE(hidden=2, activation="sigmoid")
     model.prepare(np.arange(3), user_ids=np.array([7, 8]))
     net = model.net
     with torch.no_grad():

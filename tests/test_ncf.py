@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,24 @@ def test_neumf_fit_pretrains_then_starts_from_both():
     torch.testing.assert_close(model.net.mlp_user.weight, model.mlp_.net.mlp_user.weight)
     torch.testing.assert_close(model.net.predict.weight[0, :4],
                                0.5 * model.gmf_.net.predict.weight[0])
+
+
+def test_neumf_starts_from_pretrained_checkpoints(tmp_path):
+    split = random_split(tiny_dataset())
+    paths = {}
+    for name, cls in (("gmf", GMF), ("mlp", MLP)):
+        model = cls(factors=4, layers=(8, 4), batch_size=64)
+        model.fit(split, epochs=2, lr=1e-2, progress=False)
+        paths[name] = model.save(tmp_path / f"{name}.pt")
+    neumf = NeuMF(factors=4, layers=(8, 4), batch_size=64, gmf_checkpoint=str(paths["gmf"]),
+                  mlp_checkpoint=str(paths["mlp"]), finetune_lr=1e-12)
+    neumf.fit(split, epochs=1, lr=1e-2, progress=False)
+    assert neumf.pretrain_results_ == {}  # nothing re-trained
+    gmf = GMF.load(paths["gmf"])
+    torch.testing.assert_close(neumf.net.gmf_user.weight, gmf.net.gmf_user.weight)
+    other = dataclasses.replace(split, item_ids=split.item_ids + 1)  # another catalogue
+    with pytest.raises(ValueError, match="other users or items"):
+        neumf.fit(other, epochs=1, progress=False)
 
 
 def test_negatives_avoid_clicks_and_come_four_per_positive():
