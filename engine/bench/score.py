@@ -20,11 +20,15 @@ spread; counts are random, a few slots empty.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import torch
 from kafka.admin import KafkaAdminClient, NewTopic
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
@@ -226,6 +230,10 @@ def run(opts: BenchOptions) -> BenchReport:
             one = worker_side(stage, picks[:size.requests], 1, progress, "batch 1")
             many = worker_side(stage, picks[size.requests:], size.batch, progress,
                                f"batch {size.batch}")
+            other = 2 if s.scoring.threads == 1 else 1  # thread settings chosen by measurement
+            with compute_threads(other):
+                one_alt = worker_side(stage, picks[:size.requests // 2], 1, False, "threads")
+                many_alt = worker_side(stage, picks[size.requests:], size.batch, False, "threads")
         finally:
             loop.producer.close(timeout=10)
         worker = start_worker(stage)
@@ -236,8 +244,28 @@ def run(opts: BenchOptions) -> BenchReport:
             raw = raw_round_trips(s, size.round_trips, progress)
         finally:
             worker.stop()
-    return _report(size, s, model, one, many, e2e, raw, recall, stage.table.approximate,
-                   bool(opts.bootstrap_servers))
+    report = _report(size, s, model, one, many, e2e, raw, recall, stage.table.approximate,
+                     bool(opts.bootstrap_servers))
+    t = s.scoring.threads
+    report.add(f"batch-1 p50, {other} threads / {t}", float(np.median(one_alt) / np.median(one)),
+               "x", note="scoring.threads is chosen by this: above 1, the other setting is slower")
+    report.add(f"batched time per user, {other} threads / {t}",
+               float(many_alt.mean() / many.mean()), "x")
+    return report
+
+
+@contextmanager
+def compute_threads(n: int) -> Iterator[None]:
+    """torch, Faiss and BLAS on ``n`` threads inside the block (the stage's own after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+        faiss.omp_set_num_threads(before)
 
 
 def ann_recall(stage: ScoringStage, users: list[int], n: int) -> float:
