@@ -229,4 +229,25 @@ def run(opts: BenchOptions) -> BenchReport:
                note="kafka-python producer, for scale")
     report.add("seeds per seed-events message", last.seeds / max(last.seed_messages, 1),
                "seeds/msg")
+    tower = tower_seconds_per_user(model, opts.seed)
+    report.add("user tower per click (batch 1,024)", tower * 1e6, "µs",
+               note="each click's seed carries the user's new embedding")
+    report.add("ratio bound: raw consume + tower only", (1 / raw) / (1 / raw + tower), "ratio",
+               note="if decoding, user state and seeds cost nothing: the tower alone sets "
+               "this ceiling on one core")
     return report
+
+
+def tower_seconds_per_user(model: RalmModel, seed: int, batch: int = 1024,
+                           rounds: int = 5) -> float:
+    """The RALM user tower's time per user on full histories, in batches as the click
+    path embeds a poll's users."""
+    fs, rng = model.features, np.random.default_rng(seed)
+    rows = rng.integers(1, len(fs.catalog_ids), (batch, fs.history_len))
+    cat = np.zeros((batch, 3), np.int64)
+    cont = fs.continuous(np.full(batch, 30.0, np.float32), np.full(batch, 50))
+    model.embed_batch(fs.batch(cat, cont, rows))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        model.embed_batch(fs.batch(cat, cont, rows))
+    return (time.perf_counter() - t0) / (rounds * batch)
