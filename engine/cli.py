@@ -490,6 +490,97 @@ for _name in ZOO_MODELS:
     _add_zoo_commands(_name)
 
 
+# ------------------------------------------------------------------- CTR models
+# Point-wise CTR models (models/ctr_train.py) read labelled feature rows, not histories,
+# so they are not `Recommender`s: their own train/evaluate commands, beside the zoo's.
+CTR_MODELS = ("dlrm", "fm", "lr")
+
+
+def _add_ctr_commands(name: str) -> None:
+    @train_app.command(name)
+    def train_ctr_cmd(
+        protocol: Annotated[str, typer.Option(
+            help="time (80/10/10 by timestamp) or ctx (RecBole's random 8:1:1)")] = "time",
+        hash_buckets: Annotated[int | None, typer.Option(
+            help="hash every sparse value into this many rows per table")] = None,
+        dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = (
+            "ml-100k"),
+        epochs: Annotated[int | None, typer.Option(help="at most this many epochs")] = None,
+        patience: Annotated[int | None, typer.Option(
+            help="stop after this many epochs without validation AUC gain")] = None,
+        lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
+        weight_decay: Annotated[float | None, typer.Option(help="Adam weight decay")] = None,
+        batch_size: Annotated[int | None, typer.Option()] = None,
+        user_dropout: Annotated[float | None, typer.Option(
+            help="share of training rows seen as a new user (id and count unknown)")] = None,
+        max_seconds: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
+        seed: Annotated[int, typer.Option(help="seed of the weights, batches and ctx split")] = 0,
+        threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+        set_: SetOpt = None,
+        out: Annotated[Path | None, typer.Option(
+            help="report folder (default <cache_dir>/reports/<model>)")] = None,
+        cache_dir: CacheOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        from engine.data import load_dataset
+        from models.ctr_train import train_run
+
+        s = _settings(config, cache_dir=cache_dir)
+        options = {"epochs": epochs, "patience": patience, "lr": lr, "batch_size": batch_size,
+                   "weight_decay": weight_decay, "user_dropout": user_dropout,
+                   "max_seconds": max_seconds}
+        trainer = {"threads": threads, **{k: v for k, v in options.items() if v is not None}}
+        try:
+            report, path = train_run(
+                name, load_dataset(dataset, s.data_dir), protocol=protocol, seed=seed,
+                hash_buckets=hash_buckets, settings=_key_values(set_), trainer=trainer,
+                checkpoint_dir=s.checkpoint_dir / name,
+                out_dir=out or s.cache_dir / "reports" / name)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        t = report["train"]
+        typer.echo(f"{report['split']}\n{name}: {t['epochs']} epochs ({t['stopped']}), best "
+                   f"epoch {t['best_epoch']} valid auc {report['valid']['auc']:.4f} log-loss "
+                   f"{report['valid']['logloss']:.4f}, {t['seconds_per_epoch']:.2f} s/epoch")
+        typer.echo(f"wrote {path}, train.json, learning-curve.png")
+
+    @evaluate_app.command(name)
+    def evaluate_ctr_cmd(
+        checkpoint: Annotated[Path | None, typer.Option(help="default: the newest")] = None,
+        dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = (
+            "ml-100k"),
+        out: Annotated[Path | None, typer.Option(
+            help="report folder (default <cache_dir>/reports/<model>)")] = None,
+        cache_dir: CacheOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        from engine.data import load_dataset
+        from models.ctr_train import evaluate_run
+
+        s = _settings(config, cache_dir=cache_dir)
+        found = sorted((s.checkpoint_dir / name).glob(f"{name}-*.pt"),
+                       key=lambda p: p.stat().st_mtime)
+        path = checkpoint or (found[-1] if found else None)
+        if path is None:
+            typer.echo(f"error: no {name} checkpoint in {s.checkpoint_dir / name}: run "
+                       f"`lookalike train {name}` or pass --checkpoint", err=True)
+            raise typer.Exit(1)
+        r = evaluate_run(path, load_dataset(dataset, s.data_dir),
+                         out or s.cache_dir / "reports" / name)
+        base = ", ".join(f"{k} auc {v['auc']:.4f}" for k, v in r["baselines"].items())
+        typer.echo(f"{name} {r['data']['protocol']}: test auc {r['test']['auc']:.4f} log-loss "
+                   f"{r['test']['logloss']:.4f}" + (f" ({base})" if base else ""))
+
+    train_ctr_cmd.__doc__ = (f"Train {name} (CTR: label = rating >= 4) with early stopping on "
+                             "validation AUC; write a checkpoint, train.json, learning-curve.png.")
+    evaluate_ctr_cmd.__doc__ = (f"Test AUC and log-loss of the newest {name} checkpoint; "
+                                "write evaluate-<protocol>.json.")
+
+
+for _name in CTR_MODELS:
+    _add_ctr_commands(_name)
+
+
 # ------------------------------------------------------------------- benchmarks
 @app.command()
 def bench(

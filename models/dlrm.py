@@ -1,0 +1,150 @@
+"""DLRM (Naumov et al. 2019): sparse embeddings, dense bottom MLP, dot interactions, top MLP.
+
+One small module per architectural idea (TorchRec's habit), shapes named B (batch),
+F (feature vectors), D (embedding size)::
+
+    sparse (B, F_s) ids ─► SparseArch ─► (B, F_s + 1, D)   (one table per field;
+    genres (B, G) ids  ─┘                                   genres: EmbeddingBag mean)
+    dense (B, n_dense) ─► DenseArch (bottom MLP, ReLU) ─► (B, D)
+    [dense vec; sparse vecs] ─► InteractionArch ─► (B, D + F(F-1)/2)
+        (dot products of every pair i < j of the F = F_s + 2 vectors, no self terms,
+         concatenated with the dense vector, as in the paper's Fig. 1 and its code)
+    ─► OverArch (top MLP) ─► logit (B,)   sigmoid(logit) = P(click); loss BCE
+
+The model returns logits; the trainer applies ``binary_cross_entropy_with_logits``,
+the same loss as sigmoid + BCE without its overflow.
+
+>>> import torch
+>>> m = DLRM({"user": 5, "item": 7, "genre": 4}, n_dense=3, config=DLRMConfig(embed_dim=4))
+>>> m(torch.tensor([[1, 2]]), torch.tensor([[1, 3, 0]]), torch.zeros(1, 3)).shape
+torch.Size([1])
+
+References: M. Naumov et al., *Deep Learning Recommendation Model for Personalization
+and Recommendation Systems*, arXiv:1906.00091, 2019.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from models.ctr_data import GENRE_FIELD
+
+
+class DLRMConfig(BaseModel):
+    """Architecture of DLRM (the paper leaves sizes to the data set)."""
+
+    embed_dim: int = Field(16, ge=1, description="D: every embedding and the bottom output")
+    bottom: list[int] = Field(default_factory=lambda: [32], description="bottom MLP hidden")
+    top: list[int] = Field(default_factory=lambda: [64, 32], description="top MLP hidden")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the top MLP")
+
+
+def mlp(sizes: list[int], *, last_relu: bool, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last if `last_relu`)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_relu:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class SparseArch(nn.Module):
+    """One embedding table per sparse field, an EmbeddingBag (mean, 0 = pad) for genres.
+
+    ``field_sizes``: field name -> table rows, the sparse fields in column order, the
+    genre field last. Returns (B, F_s + 1, D): the sparse fields' vectors, then genres'.
+    """
+
+    def __init__(self, field_sizes: dict[str, int], dim: int) -> None:
+        super().__init__()
+        names = [n for n in field_sizes if n != GENRE_FIELD]
+        self.tables = nn.ModuleList(nn.Embedding(field_sizes[n], dim, padding_idx=0) for n in names)
+        self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], dim, mode="mean",
+                                      padding_idx=0)
+        for t in [*self.tables, self.genres]:
+            nn.init.normal_(t.weight, std=0.05)
+        with torch.no_grad():  # row 0: unknown value / genre padding, a zero vector
+            for t in [*self.tables, self.genres]:
+                t.weight[0].zero_()
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.tables) + 1
+
+    def forward(self, sparse: torch.Tensor, genres: torch.Tensor) -> torch.Tensor:
+        vecs = [t(sparse[:, i]) for i, t in enumerate(self.tables)]
+        vecs.append(self.genres(genres))
+        return torch.stack(vecs, dim=1)
+
+
+class DenseArch(nn.Module):
+    """Bottom MLP: (B, n_dense) -> (B, D), ReLU after every layer (the reference code's)."""
+
+    def __init__(self, n_dense: int, hidden: list[int], dim: int) -> None:
+        super().__init__()
+        self.mlp = mlp([n_dense, *hidden, dim], last_relu=True)
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.mlp(dense)
+
+
+class InteractionArch(nn.Module):
+    """(B, D) dense vector + (B, F_s, D) sparse vectors -> (B, D + F(F-1)/2), F = F_s + 1.
+
+    All vectors are stacked as T (B, F, D); Z = T Tᵀ; the strict upper triangle of Z
+    (pairs i < j, no self terms) is concatenated with the dense vector.
+    """
+
+    def __init__(self, n_vectors: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(n_vectors, n_vectors, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    @staticmethod
+    def output_size(n_vectors: int, dim: int) -> int:
+        return dim + n_vectors * (n_vectors - 1) // 2
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
+        z = torch.bmm(t, t.transpose(1, 2))
+        return torch.cat([dense, z[:, self.rows, self.cols]], dim=1)
+
+
+class OverArch(nn.Module):
+    """Top MLP: interaction features -> one logit per row."""
+
+    def __init__(self, in_size: int, hidden: list[int], dropout: float) -> None:
+        super().__init__()
+        self.mlp = mlp([in_size, *hidden, 1], last_relu=False, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).squeeze(-1)
+
+
+class DLRM(nn.Module):
+    """The four arches in a row; forward(sparse, genres, dense) -> logits (B,)."""
+
+    name = "dlrm"
+
+    def __init__(self, field_sizes: dict[str, int], n_dense: int,
+                 config: DLRMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or DLRMConfig()
+        d = self.config.embed_dim
+        self.sparse_arch = SparseArch(field_sizes, d)
+        self.dense_arch = DenseArch(n_dense, self.config.bottom, d)
+        n_vectors = self.sparse_arch.n_vectors + 1
+        self.interaction = InteractionArch(n_vectors)
+        self.over = OverArch(InteractionArch.output_size(n_vectors, d), self.config.top,
+                             self.config.dropout)
+
+    def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
+                dense: torch.Tensor) -> torch.Tensor:
+        return self.over(self.interaction(self.dense_arch(dense),
+                                          self.sparse_arch(sparse, genres)))
