@@ -19,7 +19,7 @@ from engine.config import KafkaConfig
 def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> KafkaProducer:
     """Idempotent, acks=all producer: a retried send is never duplicated."""
     settings: dict[str, Any] = dict(
-        bootstrap_servers=cfg.bootstrap_servers,
+        **cfg.client_options(),
         client_id=f"{cfg.client_id}-producer",
         acks="all",
         enable_idempotence=True,
@@ -50,7 +50,7 @@ def make_consumer(
     because the embedded broker's group join waits for the rebalance timeout.
     """
     settings: dict[str, Any] = dict(
-        bootstrap_servers=cfg.bootstrap_servers,
+        **cfg.client_options(),
         client_id=f"{cfg.client_id}-{group_id or 'reader'}",
         group_id=group_id,
         enable_auto_commit=False,

@@ -157,7 +157,8 @@ def worker(
     bootstrap_servers: BootstrapOpt = None,
     topic_prefix: PrefixOpt = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: any)")] = None,
-    metrics_addr: Annotated[str, typer.Option(help="address the metrics bind")] = "127.0.0.1",
+    metrics_addr: Annotated[str | None, typer.Option(
+        help="address /metrics binds to (default: metrics.addr, loopback)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="RALM checkpoint (scoring)")] = None,
     cache_dir: CacheOpt = None,
     config: ConfigOpt = None,
@@ -176,7 +177,7 @@ def worker(
     _logging()
     s = _settings(config, cache_dir=cache_dir, **{
         "kafka.bootstrap_servers": bootstrap_servers, "kafka.topic_prefix": topic_prefix,
-        "metrics.port": metrics_port,
+        "metrics.port": metrics_port, "metrics.addr": metrics_addr,
     })
     stop = _stop_on_signals()
     try:
@@ -185,8 +186,8 @@ def worker(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e
     tune_gc_for_a_worker()
-    w = start_worker(stage, s.metrics.port, metrics_addr, stop)
-    typer.echo(f"{kind} worker: metrics on http://{metrics_addr}:{w.metrics_port}/metrics",
+    w = start_worker(stage, s.metrics.port, s.metrics.addr, stop)
+    typer.echo(f"{kind} worker: metrics on http://{s.metrics.addr}:{w.metrics_port}/metrics",
                err=True)
     while not stop.wait(0.5) and w.thread.is_alive():
         pass

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,6 +42,33 @@ class KafkaConfig(BaseModel):
     max_message_bytes: int = Field(
         64 * 1024, description="larger external events are dead-lettered"
     )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = Field(
+        None, description="kept secret: masked in logs, reprs and dumps; given only to clients")
+    ssl_cafile: Path | None = Field(None, description="CA bundle to verify the brokers")
+    ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
+    ssl_keyfile: Path | None = Field(None, description="the client certificate's key")
+    ssl_check_hostname: bool = True
+
+    def client_options(self) -> dict[str, Any]:
+        """What every Kafka client (producer, consumer, admin) is given: where the
+        brokers are and how to authenticate. The one place the password is revealed."""
+        opts: dict[str, Any] = {"bootstrap_servers": self.bootstrap_servers,
+                                "security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            opts["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            opts["sasl_plain_username"] = self.sasl_plain_username
+            opts["sasl_plain_password"] = (self.sasl_plain_password.get_secret_value()
+                                           if self.sasl_plain_password else None)
+        if self.security_protocol.endswith("SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                value = getattr(self, name)
+                if value is not None:
+                    opts[name] = str(value)
+        return opts
 
 
 class WindowConfig(BaseModel):
@@ -110,6 +137,8 @@ class ScoringConfig(BaseModel):
 
 class MetricsConfig(BaseModel):
     port: int = Field(0, ge=0, description="Prometheus HTTP port; 0 picks a free one")
+    addr: str = Field("127.0.0.1", description="address /metrics binds to: loopback unless "
+                      "you mean to expose it (0.0.0.0 in a container)")
 
 
 class Settings(BaseSettings):

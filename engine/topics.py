@@ -71,7 +71,7 @@ def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
     """
     topics = Topics(cfg.topic_prefix)
     admin = KafkaAdminClient(
-        bootstrap_servers=cfg.bootstrap_servers,
+        **cfg.client_options(),
         client_id=f"{cfg.client_id}-admin",
         request_timeout_ms=int(timeout_s * 1000),
     )
@@ -97,7 +97,7 @@ def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
 
 def create_topic(cfg: KafkaConfig, name: str, partitions: int = 1, timeout_s: float = 30.0) -> None:
     """One extra topic by its full name (benchmarks' probe topics); an existing one is kept."""
-    admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers,
+    admin = KafkaAdminClient(**cfg.client_options(),
                              client_id=f"{cfg.client_id}-admin",
                              request_timeout_ms=int(timeout_s * 1000))
     try:

@@ -153,7 +153,7 @@ def worker_side(stage: ScoringStage, users: list[int], batch: int,
 def raw_round_trips(s: Settings, n: int, progress: bool) -> np.ndarray:
     """Seconds from produce to consume of one small message, one at a time."""
     name = s.kafka.topic_prefix + "bench-round-trip"
-    admin = KafkaAdminClient(bootstrap_servers=s.kafka.bootstrap_servers)
+    admin = KafkaAdminClient(**s.kafka.client_options())
     try:
         admin.create_topics([NewTopic(name, 1, 1)])
     finally:
