@@ -150,6 +150,33 @@ def worker_side(stage: ScoringStage, users: list[int], batch: int,
     return np.asarray(out)
 
 
+def breakdown(stage: ScoringStage, users: list[int]) -> dict[str, float]:
+    """Median µs of each step of a batch-1 request, each timed alone (where the time goes)."""
+    cfg = stage.settings.scoring
+    parts: dict[str, list[float]] = {k: [] for k in
+                                     ("decode", "user tower", "index search", "rank", "emit")}
+
+    def timed(name: str, f):  # noqa: ANN001, ANN202 - a thunk
+        t0 = time.perf_counter()
+        out = f()
+        parts[name].append((time.perf_counter() - t0) * 1e6)
+        return out
+
+    for i, u in enumerate(users):
+        rec = _Record(request(u, i), key_of(u))
+        req = timed("decode", lambda: stage.decode(T.SCORE_REQUESTS, rec))  # noqa: B023
+        st = stage.users.get(u)
+        prof = req.profile or (st.profile if st else None)
+        vec = timed("user tower", lambda: stage._embed([st], [prof]))  # noqa: B023
+        seen = len(st.seen) if st else 0
+        timed("index search", lambda: stage.table.search(vec, cfg.candidates + seen))  # noqa: B023
+        items = timed("rank", lambda: stage.rank(vec, [st], [req.k]))[0]  # noqa: B023
+        timed("emit", lambda: stage._emit(req, st, items, time.time()))  # noqa: B023
+    med = {k: float(np.median(v)) for k, v in parts.items()}
+    med["re-rank (rank - search)"] = med.pop("rank") - med["index search"]
+    return med
+
+
 def raw_round_trips(s: Settings, n: int, progress: bool) -> np.ndarray:
     """Seconds from produce to consume of one small message, one at a time."""
     name = s.kafka.topic_prefix + "bench-round-trip"
@@ -230,6 +257,7 @@ def run(opts: BenchOptions) -> BenchReport:
             one = worker_side(stage, picks[:size.requests], 1, progress, "batch 1")
             many = worker_side(stage, picks[size.requests:], size.batch, progress,
                                f"batch {size.batch}")
+            steps = breakdown(stage, picks[:min(300, size.requests)])
             other = 2 if s.scoring.threads == 1 else 1  # thread settings chosen by measurement
             with compute_threads(other):
                 one_alt = worker_side(stage, picks[:size.requests // 2], 1, False, "threads")
@@ -246,6 +274,12 @@ def run(opts: BenchOptions) -> BenchReport:
             worker.stop()
     report = _report(size, s, model, one, many, e2e, raw, recall, stage.table.approximate,
                      bool(opts.bootstrap_servers))
+    for step, us in steps.items():
+        report.add(f"batch-1 step: {step}", us, "µs", note="median, timed alone")
+    report.add("batch-1 steps, sum / measured p50", sum(steps.values()) / 1e3
+               / float(np.median(one)) / 1e3, "x",
+               note="below 1: the rest is the handle loop and waiting for the GIL (the "
+               "producer's IO thread)")
     t = s.scoring.threads
     report.add(f"batch-1 p50, {other} threads / {t}", float(np.median(one_alt) / np.median(one)),
                "x", note="scoring.threads is chosen by this: above 1, the other setting is slower")
