@@ -32,10 +32,11 @@ import orjson
 import torch
 from tqdm import tqdm
 
-from consumers.kafka import assign_all, make_consumer
-from consumers.loop import ConsumerLoop
+from consumers.kafka import assign_all, make_consumer, make_producer
+from consumers.loop import ConsumerLoop, Event
 from consumers.replay import profiles_of, replay
 from consumers.scoring import ScoringStage
+from engine import topics as T
 from engine.bench.report import BenchOptions, BenchReport
 from engine.broker import EmbeddedBroker
 from engine.codec import Click
@@ -131,6 +132,46 @@ def raw_consume(s: Settings, n: int, max_poll_records: int, decode: bool = False
         c.close(autocommit=False)
 
 
+def click_steps(s: Settings, model: RalmModel, n: int, warm: list[Click]) -> dict[str, float]:
+    """µs per click of each step of the click path, each timed alone on ``n`` consumed
+    records in polls of ``max_poll_records`` (where the stage's time goes)."""
+    c, _ = assigned_reader(s, "clicks", max_poll_records=ScoringStage.max_poll_records)
+    try:
+        records: list = []
+        while len(records) < n:
+            for recs in c.poll(timeout_ms=500).values():
+                records.extend(recs)
+    finally:
+        c.close(autocommit=False)
+    stage = ScoringStage(s, model)
+    for lo in range(0, len(warm), 10_000):
+        stage._apply_clicks(warm[lo:lo + 10_000], [-1] * len(warm[lo:lo + 10_000]))
+    loop = ConsumerLoop(stage)
+    loop.producer = make_producer(s.kafka)
+    took = dict.fromkeys(("decode", "user state", "user tower", "seed-events emit"), 0.0)
+    try:
+        for lo in range(0, len(records), ScoringStage.max_poll_records):
+            part = records[lo:lo + ScoringStage.max_poll_records]
+            t0 = time.perf_counter()
+            events = [Event(T.CLICKS, r, stage.decode(T.CLICKS, r)) for r in part]
+            t1 = time.perf_counter()
+            last = stage._apply_clicks([ev.value for ev in events], [0] * len(events))
+            t2 = time.perf_counter()
+            states = list(last.values())
+            stage._embed(states, [st.profile for st in states])
+            t3 = time.perf_counter()
+            stage._clicks(events)  # all of it again: the emit's share is what is left
+            t4 = time.perf_counter()
+            took["decode"] += t1 - t0
+            took["user state"] += t2 - t1
+            took["user tower"] += t3 - t2
+            took["seed-events emit"] += max(0.0, (t4 - t3) - (t3 - t1))
+        loop.producer.flush()
+    finally:
+        loop.producer.close(timeout=10)
+    return {k: v / len(records) * 1e6 for k, v in took.items()}
+
+
 @dataclass
 class StageRun:
     rate: float  # clicks/s, from partition assignment to the last batch committed
@@ -206,6 +247,7 @@ def run(opts: BenchOptions) -> BenchReport:
             group = f"bench-ingest-{uuid.uuid4().hex}"
             stages.append(stage_consume(s, model, size.clicks, group, True, warm,
                                         not opts.quick))
+        steps = click_steps(s, model, min(size.clicks, 20_000), warm)
     raw = statistics.median(raws)
     stage = statistics.median(st.rate for st in stages)
     last = stages[-1]
@@ -229,6 +271,10 @@ def run(opts: BenchOptions) -> BenchReport:
                note="kafka-python producer, for scale")
     report.add("seeds per seed-events message", last.seeds / max(last.seed_messages, 1),
                "seeds/msg")
+    for step, us in steps.items():
+        report.add(f"click path step: {step}", us, "µs/click", note="timed alone, a poll at a time")
+    report.add("kafka-python record unpacking (1 / raw rate)", 1e6 / raw, "µs/click",
+               note="the raw consume pays it too")
     tower = tower_seconds_per_user(model, opts.seed)
     report.add("user tower per click (batch 1,024)", tower * 1e6, "µs",
                note="each click's seed carries the user's new embedding")
