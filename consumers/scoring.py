@@ -298,11 +298,16 @@ class ScoringStage(Stage):
 
     def _clicks(self, events: list[Event]) -> None:
         """Update user state, then emit each click's seed (the user's new embedding)."""
+        last = self._apply_clicks([ev.value for ev in events],
+                                  [ev.record.partition for ev in events])
+        states = list(last.values())
+        self._emit_click_seeds(events, last, self._embed(states, [s.profile for s in states]))
+
+    def _emit_click_seeds(self, events: list[Event], last: dict[int, UserState],
+                          vecs: np.ndarray) -> None:
+        """Each click's seed: its user's new embedding (``vecs`` rows in ``last``'s order)."""
         clicks: list[Click] = [ev.value for ev in events]
         n = len(clicks)
-        last = self._apply_clicks(clicks, [ev.record.partition for ev in events])
-        states = list(last.values())
-        vecs = self._embed(states, [s.profile for s in states])
         at = {u: i for i, u in enumerate(last)}
         self._emit_seeds(
             items=np.fromiter((c.item_id for c in clicks), np.int64, n),

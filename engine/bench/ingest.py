@@ -158,14 +158,12 @@ def click_steps(s: Settings, model: RalmModel, n: int, warm: list[Click]) -> dic
             last = stage._apply_clicks([ev.value for ev in events], [0] * len(events))
             t2 = time.perf_counter()
             states = list(last.values())
-            stage._embed(states, [st.profile for st in states])
+            vecs = stage._embed(states, [st.profile for st in states])
             t3 = time.perf_counter()
-            stage._clicks(events)  # all of it again: the emit's share is what is left
+            stage._emit_click_seeds(events, last, vecs)
             t4 = time.perf_counter()
-            took["decode"] += t1 - t0
-            took["user state"] += t2 - t1
-            took["user tower"] += t3 - t2
-            took["seed-events emit"] += max(0.0, (t4 - t3) - (t3 - t1))
+            for step, dt in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                took[step] += dt
         loop.producer.flush()
     finally:
         loop.producer.close(timeout=10)
