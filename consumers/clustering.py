@@ -81,6 +81,12 @@ class ClusteringStage(Stage):
                 self._dirty_since.setdefault(item, now)
             for item, (_, partition) in produced.items():
                 self._partition_of[item] = partition
+        for item in self.state.evict_over(self.settings.window.max_items):
+            # out of serving too; a later seed starts the item afresh
+            self.send(T.SEED_CENTROIDS, key_of(item), None)
+            self._dirty.pop(item, None)
+            self._dirty_since.pop(item, None)
+            self._partition_of.pop(item, None)
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
         self._report_state()
 

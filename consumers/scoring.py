@@ -200,7 +200,6 @@ class ScoringStage(Stage):
         faiss.omp_set_num_threads(cfg.threads)
         threadpool_limits(cfg.threads)
         self.model = model
-        self.catalogue = {int(i) for i in model.features.catalog_ids}
         ring = min(cfg.history_len, model.features.history_len)
         self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen, ring)
         self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
@@ -225,10 +224,10 @@ class ScoringStage(Stage):
     def decode(self, topic: str, record: ConsumerRecord) -> Click | ScoreRequest:
         max_bytes = self.settings.kafka.max_message_bytes
         if topic == T.CLICKS:
-            c = decode_click(record.value, time.time(), max_bytes)
-            if c.item_id not in self.catalogue:
-                raise BadEvent("unknown_id", f"item {c.item_id} is not in the model's catalogue")
-            return c
+            # an item the model was not trained on is still a click: its seed starts the
+            # item's window, so it is servable from its first seeds (min_seeds); to the
+            # user tower it is padding, as any item it has no embedding for
+            return decode_click(record.value, time.time(), max_bytes)
         return decode_score_request(record.value, self.settings.scoring.max_k, max_bytes)
 
     # ------------------------------------------------------------- handle

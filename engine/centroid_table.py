@@ -50,6 +50,9 @@ class CentroidTable:
         self.updated_at = np.zeros(capacity, np.float64)
         self.last_seed_ts = np.zeros(capacity, np.float64)
         self.in_ann = np.zeros(capacity, bool)  # slot is in the IVF index now
+        self._next = 0  # slots below it have been used
+        self._free: list[int] = []  # slots of deleted items, reused first
+        self._deleted: set[int] = set()  # tombstoned slots, freed at the next refresh
         self.versions: dict[int, str] = {}
         self._dirty: set[int] = set()
         self._ann: faiss.IndexIVFFlat | None = None
@@ -60,7 +63,7 @@ class CentroidTable:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return int((self.n_seeds[: len(self.slot_of)] >= self.min_seeds).sum())
+        return int((self.n_seeds[: self._next] >= self.min_seeds).sum())
 
     def _grow(self) -> None:
         cap = len(self.item_ids) * 2
@@ -72,23 +75,24 @@ class CentroidTable:
             setattr(self, name, new)
 
     def upsert(self, item: int, rec: ItemCentroids | None) -> None:
-        """Apply one record; ``None`` (tombstone) removes the item from serving."""
+        """Apply one record; ``None`` (tombstone) deletes the item: it leaves the index
+        at the next refresh and its slot is reused (item ids are open-ended)."""
         slot = self.slot_of.get(item)
         if rec is None:
             if slot is not None:
                 self.n_seeds[slot] = 0
                 self._dirty.add(slot)
+                self._deleted.add(slot)
             return
         if rec.centroids.shape != (self.k, self.dim):
             raise ValueError(
                 f"centroids of item {item} are {rec.centroids.shape}, table is {(self.k, self.dim)}"
             )
         if slot is None:
-            slot = len(self.slot_of)
-            if slot >= len(self.item_ids):
-                self._grow()
+            slot = self._take_slot()
             self.slot_of[item] = slot
             self.item_ids[slot] = item
+        self._deleted.discard(slot)  # deleted, then back before the refresh: it stays
         self.centroids[slot] = rec.centroids
         self.counts[slot] = rec.counts
         self.n_seeds[slot] = rec.n_seeds
@@ -96,6 +100,23 @@ class CentroidTable:
         self.last_seed_ts[slot] = rec.last_seed_ts
         self.versions[slot] = rec.model_version
         self._dirty.add(slot)
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._next >= len(self.item_ids):
+            self._grow()
+        self._next += 1
+        return self._next - 1
+
+    def _free_deleted(self) -> None:
+        """Deleted items' slots, out of every index now, back to the free list."""
+        for slot in self._deleted:
+            del self.slot_of[int(self.item_ids[slot])]
+            self.versions.pop(slot, None)
+            self.counts[slot] = 0.0
+            self._free.append(slot)
+        self._deleted.clear()
 
     @property
     def dirty(self) -> bool:
@@ -122,11 +143,12 @@ class CentroidTable:
                 if len(live):
                     index.add(vecs)
                 self._index, self._index_slots, self._index_vecs = index, live, vecs
+            self._free_deleted()
         return len(rows)
 
     def live_slots(self) -> np.ndarray:
         """Slots of the items that may be recommended (``min_seeds`` seeds or more)."""
-        return np.flatnonzero(self.n_seeds[: len(self.slot_of)] >= self.min_seeds)
+        return np.flatnonzero(self.n_seeds[: self._next] >= self.min_seeds)
 
     def _refresh_ann(self, rows: np.ndarray, live: np.ndarray) -> None:
         """Changed rows out of the IVF index and back in; a new index when it outgrew its lists."""
@@ -212,8 +234,8 @@ class CentroidTable:
         return out.reshape(b, m, c, k).transpose(0, 2, 3, 1)
 
     def newest_update(self) -> float:
-        n = len(self.slot_of)
-        return float(self.updated_at[:n].max()) if n else 0.0
+        live = self.updated_at[: self._next][self.n_seeds[: self._next] > 0]
+        return float(live.max()) if len(live) else 0.0
 
 
 def _top_n(scores: np.ndarray, n: int) -> np.ndarray:

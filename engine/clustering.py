@@ -413,6 +413,22 @@ class ItemClusters:
         """Array bytes of all windows (vectors and timestamps)."""
         return sum(st.window.nbytes() for st in self.items.values())
 
+    def evict_over(self, max_items: int) -> list[int]:
+        """Forget the least recently seeded items beyond ``max_items``; the ones dropped.
+
+        1% more than needed go at once, so the scan over all items (a numpy
+        partition of their newest seed times) runs once per 1% of growth.
+        """
+        over = len(self.items) - max_items
+        if over <= 0:
+            return []
+        n = min(len(self.items), over + max_items // 100)
+        items = list(self.items)
+        newest = np.fromiter((self.items[i].last_seed_ts for i in items), np.float64, len(items))
+        gone = [items[j] for j in np.argpartition(newest, n - 1)[:n]]
+        self.drop(set(gone))
+        return gone
+
     def drop(self, items: set[int]) -> None:
         """Forget items whose partition moved to another worker."""
         for i in items:

@@ -48,7 +48,7 @@ FUTURE_SLACK_S = 86_400.0
 class BadEvent(ValueError):
     """An event that cannot be processed: dead-lettered, never retried."""
 
-    REASONS = ("not_json", "schema", "unknown_id", "oversized", "bad_binary", "processing_error")
+    REASONS = ("not_json", "schema", "oversized", "bad_binary", "processing_error")
 
     def __init__(self, reason: str, detail: str):
         assert reason in self.REASONS, reason

@@ -95,6 +95,11 @@ class WindowConfig(BaseModel):
         0.2, ge=0, description="an item's centroids are published at most this often "
         "(changes in between are coalesced); adds at most this much to freshness",
     )
+    max_items: int = Field(
+        200_000, ge=1, description="items a clustering worker keeps windows for; beyond it "
+        "the least recently seeded go (a tombstone on seed-centroids takes them out of "
+        "serving). Item ids are open-ended (new items arrive in the stream): this bounds a "
+        "worker's memory at max_items x the window bound")
     publish_items_per_s: float = Field(
         2_000, gt=0, description="most item centroid records a clustering worker publishes "
         "per second (~5 KB each at 20 x 128 float16). Beyond it, changed items wait, "

@@ -117,3 +117,23 @@ def test_refresh_all_is_one_lloyd_step_per_item_whatever_the_chunking():
         want_c, want_n = kmeans.lloyd_batched(x[None], np.array([len(x)]), c[None], n[None])
         np.testing.assert_allclose(st.centroids, want_c[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(st.counts, want_n[0])
+
+
+def test_items_beyond_max_items_go_least_recently_seeded_first():
+    cfg = WindowConfig(size=8, k=2)
+    state = ItemClusters(cfg)
+    rng = np.random.default_rng(0)
+    for item in range(50):  # item i's newest seed at time i, except a late one for item 3
+        t = 100.0 if item == 3 else float(item)
+        state.apply(item, SeedBatch(np.array([item]), np.array([t]),
+                                    rng.normal(size=(1, 4)).astype(np.float32), "v"))
+    held = state.seeds_held()
+    gone = state.evict_over(40)
+    assert len(state) <= 40 and sorted(gone) == [i for i in range(50) if i != 3][:len(gone)]
+    assert 3 in state.items  # recently seeded, though its id is old
+    assert state.seeds_held() == held - len(gone)
+    assert state.evict_over(40) == []  # under the cap: nothing more goes
+    # a seed for an evicted item starts it afresh
+    state.apply(0, SeedBatch(np.array([7]), np.array([200.0]),
+                             rng.normal(size=(1, 4)).astype(np.float32), "v"))
+    assert state.items[0].window.users() == [7]

@@ -152,3 +152,28 @@ def test_publish_budget_delays_changes_oldest_first_and_loses_none(settings):
                                  "lookalike_centroid_backlog_items") == 0, what="backlog empty")
     finally:
         worker.stop()
+
+
+def test_items_beyond_max_items_are_evicted_with_a_tombstone(settings):
+    settings = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"size": 100, "k": 2, "max_items": 5}),
+        "kafka": settings.kafka.model_copy(update={"partitions": 1}),
+    })
+    stage = ClusteringStage(settings)
+    worker = start_worker(stage)
+    rng = np.random.default_rng(3)
+    try:
+        wait_until(lambda: worker.loop.ready.is_set() and worker.loop.consumer.assignment(),
+                   what="partition assigned")
+        for item in range(12):  # one at a time: item i is seeded at time i
+            produce(settings, "seed-events", [(key_of(item), encode_seeds(SeedBatch(
+                np.array([item]), np.array([float(item)]),
+                rng.normal(size=(1, 8)).astype(np.float32), "v1")))])
+            wait_until(lambda i=item: i in stage.state.items, what=f"item {item} held")
+        assert len(stage.state) <= 5 and 11 in stage.state.items
+        records = read_all(settings, "seed-centroids")
+        deleted = {int(r.key) for r in records if r.value is None}
+        assert deleted and deleted.isdisjoint(stage.state.items)
+        assert deleted | set(stage.state.items) == set(range(12))
+    finally:
+        worker.stop()

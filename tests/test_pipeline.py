@@ -46,10 +46,11 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         wait_until(lambda: all(w.loop.ready.is_set() for w in workers), what="groups formed")
         wait_until(lambda: sum(len(w.loop.consumer.assignment()) for w in workers[1:]) == 2,
                    what="seed-event partitions spread")
+        new_item = 99_999_999  # no model was trained on it: servable from its first seed
         bad = [
             (key_of(1), b"{not json"),
             (key_of(1), b'{"item_id": 5}'),
-            (key_of(1), b'{"user_id": 1, "item_id": 99999999}'),
+            (key_of(1), b'{"user_id": 1, "item_id": %d}' % new_item),
             (key_of(1), b'{"user_id": 1, "item_id": 5, "x": "' + b"y" * 70_000 + b'"}'),
         ]
         produce(s, "clicks", bad[:2])
@@ -62,6 +63,7 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         expected = defaultdict(set)
         for u, i in zip(users.tolist(), items.tolist()):
             expected[i].add(u)
+        expected[new_item].add(1)
         n_seeds = sum(map(len, expected.values()))
         wait_until(lambda: sum(c.state.seeds_held() for c in clustering) == n_seeds,
                    timeout_s=90, what="every click in a seed window")
@@ -81,6 +83,13 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
                                                              expected.items()}
         wait_until(lambda: len(scoring.table) == len(expected) and not scoring.table.dirty,
                    what="centroid table complete at the scorer")
+        # the new item is served: in the index, where its one seed (user 1) is
+        t = scoring.table
+        slot = t.slot_of[new_item]
+        assert slot in t.live_slots() and slot in t.search(t.global_vec[slot][None], len(t))[0]
+        st1 = scoring.users.get(1)
+        one = scoring._embed([st1], [st1.profile])[0]
+        assert t.global_vec[slot] @ one / np.linalg.norm(one) > 0.99
 
         # a score request yields a recommendations record for that user (the most active one)
         ids, counts = np.unique(users, return_counts=True)
@@ -121,13 +130,13 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         assert len(cold["items"]) == s.scoring.top_k
 
         # bad events: dead-lettered with reasons; metrics over HTTP count what was sent
-        dlq = read_all(s, "clicks.dlq", expect=4)
+        dlq = read_all(s, "clicks.dlq", expect=3)
         assert sorted(dict(r.headers)["reason"].decode() for r in dlq) == [
-            "not_json", "oversized", "schema", "unknown_id"]
+            "not_json", "oversized", "schema"]
         m = scrape(workers[0].metrics_url)
         assert total(m, "lookalike_events_consumed_total", topic="clicks") == N_CLICKS + 4
-        assert total(m, "lookalike_dead_letters_total", topic="clicks") == 4
-        assert total(m, "lookalike_events_produced_total", topic="seed-events") == N_CLICKS
+        assert total(m, "lookalike_dead_letters_total", topic="clicks") == 3
+        assert total(m, "lookalike_events_produced_total", topic="seed-events") == N_CLICKS + 1
         assert total(m, "lookalike_recommendations_total") == 2
         assert total(m, "lookalike_scoring_latency_seconds_count") == 2
         mc = [scrape(w.metrics_url) for w in workers[1:]]

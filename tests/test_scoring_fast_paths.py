@@ -249,3 +249,27 @@ def test_project_equals_gathered_matmul():
     want = np.matmul(table.centroids[np.maximum(slots, 0)].reshape(3, 28, 8), queries)
     assert got.shape == (3, 7, 4, 2)
     np.testing.assert_allclose(got.reshape(3, 28, 2), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ann_min_items", [10_000, 200])  # exact index, then IVF
+def test_deleted_items_leave_the_index_and_their_slots_are_reused(ann_min_items):
+    rng = np.random.default_rng(4)
+    table = CentroidTable(3, 16, min_seeds=1, ann_min_items=ann_min_items, ann_nprobe=64)
+    tastes = rng.normal(size=(8, 16))
+    for item in range(400):
+        cent = (tastes[item % 8] + rng.normal(0, 0.3, (3, 16))).astype(np.float32)
+        table.upsert(item, ItemCentroids(cent, np.ones(3, np.float32), 3, 1.0))
+    table.refresh(_mean_global)
+    assert table.approximate == (ann_min_items == 200)
+    user = table.global_vec[table.slot_of[5]][None]
+    assert 5 in table.item_ids[table.search(user, 10)[0]].tolist()
+    slot = table.slot_of[5]
+    table.upsert(5, None)  # tombstone
+    table.refresh(_mean_global)
+    assert 5 not in table.slot_of and len(table) == 399
+    assert 5 not in table.item_ids[np.maximum(table.search(user, 50)[0], 0)].tolist()
+    table.upsert(10_005, ItemCentroids(np.repeat(user, 3, 0), np.ones(3, np.float32), 3, 2.0))
+    table.refresh(_mean_global)
+    assert table.slot_of[10_005] == slot and len(table) == 400  # the slot came back
+    assert table.item_ids[table.search(user, 1)[0, 0]] == 10_005
+    assert table._next == 400  # no new slot was used
