@@ -216,6 +216,7 @@ class ScoringStage(Stage):
         self._to_restore: set[TopicPartition] = set()
         self._caught_up = False
         self.seed_messages = 0  # Kafka messages sent on seed-events (each packs seeds)
+        self._searches = 0  # index searches, for sampling their recall
         self.metrics.build_info.labels(self.name).info(
             {"model_version": model.version, "version": __import__("engine").__version__}
         )
@@ -387,8 +388,10 @@ class ScoringStage(Stage):
         cfg = self.settings.scoring
         seen = [s.seen if s else _NONE_SEEN for s in states]
         want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
-        cands = self._unseen(self.table.search(users, want + max(len(s) for s in seen)),
-                             seen, want)
+        n = want + max(len(s) for s in seen)
+        found = self.table.search(users, n)
+        self._sample_recall(users, found, n)
+        cands = self._unseen(found, seen, want)
         if cands.shape[1] == 0:
             return [[] for _ in states]
         t, out = self.table, []
@@ -405,6 +408,18 @@ class ScoringStage(Stage):
                 out.append(list(zip(t.item_ids[safe[b - lo, order]].tolist(),
                                     scores[b - lo, order].tolist(), strict=True)))
         return out
+
+    def _sample_recall(self, users: np.ndarray, found: np.ndarray, n: int) -> None:
+        """Now and then, the approximate index's recall on a live request (real data's
+        geometry, not the bench's) into ``lookalike_index_recall``."""
+        every = self.settings.scoring.recall_sample_every
+        self._searches += 1
+        if not every or self._searches % every or not self.table.approximate:
+            return
+        exact = self.table.search_exact(users[:1], n)[0]
+        got = set(found[0].tolist())
+        self.metrics.index_recall.labels(self.name).observe(
+            sum(int(x) in got for x in exact) / max(len(exact), 1))
 
     def _unseen(self, slots: np.ndarray, seen: list[np.ndarray], want: int) -> np.ndarray:
         """[B, <= want] the first ``want`` slots of each row that are no item the user

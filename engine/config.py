@@ -127,6 +127,9 @@ class ScoringConfig(BaseModel):
         10_000, ge=1, description="from this many servable items on, retrieval uses an IVF "
         "index (approximate, ~10x faster at 43.5k items) instead of exact search")
     ann_nprobe: int = Field(32, ge=1, description="IVF lists scanned per query (recall vs speed)")
+    recall_sample_every: int = Field(
+        200, ge=0, description="one request in this many is also searched exactly, and the "
+        "approximate index's recall goes to lookalike_index_recall (0: never)")
     ann_lists: int | None = Field(
         None, ge=1, description="IVF lists (None: 4 x sqrt(servable items) when it is built)")
     min_seeds: int = Field(

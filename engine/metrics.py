@@ -107,6 +107,12 @@ class WorkerMetrics:
             "Worker-side time from poll to recommendation, per request", s,
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.index_recall = Histogram(
+            "lookalike_index_recall",
+            "Share of the exact shortlist the approximate item index returned, on sampled "
+            "requests (scoring.recall_sample_every)", s,
+            buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0), registry=r,
+        )
         self.recommendations = Counter(
             "lookalike_recommendations_total", "Recommendation records emitted", s, registry=r
         )

@@ -273,3 +273,27 @@ def test_deleted_items_leave_the_index_and_their_slots_are_reused(ann_min_items)
     assert table.slot_of[10_005] == slot and len(table) == 400  # the slot came back
     assert table.item_ids[table.search(user, 1)[0, 0]] == 10_005
     assert table._next == 400  # no new slot was used
+
+
+def test_index_recall_is_sampled_into_a_metric(model):
+    """One request in recall_sample_every is searched exactly too; the recall is observed."""
+    s = load_settings(None)
+    s = s.model_copy(update={"window": s.window.model_copy(update={"k": model.k}),
+                             "scoring": s.scoring.model_copy(update={
+                                 "ann_min_items": 100, "ann_nprobe": 1, "min_seeds": 1,
+                                 "recall_sample_every": 5, "candidates": 20})})
+    stage = ScoringStage(s, model)
+    rng = np.random.default_rng(5)
+    for item in range(600):
+        cent = rng.normal(size=(model.k, model.dim)).astype(np.float32)
+        stage.table.upsert(item, ItemCentroids(cent, np.ones(model.k, np.float32), 3, 0.0))
+    stage.table.refresh(model.item_global)
+    assert stage.table.approximate
+    for _ in range(20):
+        stage.rank(rng.normal(size=(1, model.dim)).astype(np.float32), [None], [5])
+
+    def sample(name):
+        return stage.metrics.registry.get_sample_value(name, {"stage": "scoring"})
+    assert sample("lookalike_index_recall_count") == 4  # requests 5, 10, 15, 20
+    # random vectors and one list probed of ~20: the exact top 20 is mostly missed
+    assert 0 <= sample("lookalike_index_recall_sum") < 4
