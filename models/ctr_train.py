@@ -231,6 +231,14 @@ def summarise(folder: Path) -> str:
             if model == "lr" and base in rs[0].get("baselines", {}):
                 lines.append(f"| {protocol} | {hashed} | {base} (not learned) | {seeds} | "
                              f"{pm([r['baselines'][base]['auc'] for r in rs])} | - | - | - |")
+    by_user = [(k, rs) for k, rs in sorted(groups.items()) if "test_by_user" in rs[0]]
+    if by_user:
+        lines += ["", "| protocol | model | known users: AUC | item-mean | new users: AUC | "
+                  "item-mean |", "| --- | --- | --- | --- | --- | --- |"]
+        for (protocol, _, model), rs in by_user:
+            cells = [pm([r["test_by_user"][part][m] for r in rs])
+                     for part in ("known", "new") for m in ("auc", "item-mean auc")]
+            lines.append(f"| {protocol} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -289,9 +297,12 @@ def evaluate_run(path: Path, dataset: Any, out_dir: Path) -> dict[str, Any]:
         report["test_rows_known_user"] = float(known.mean())
         if 0 < known.sum() < len(known):
             prob = predict(model, data.test)
+            item_mean = count_scores(data.train, data.test, "item-mean")
             report["test_by_user"] = {
-                "known": ctr_metrics(data.test.label[known], prob[known]),
-                "new": ctr_metrics(data.test.label[~known], prob[~known])}
+                part: {**ctr_metrics(data.test.label[rows], prob[rows]),
+                       "item-mean auc": ctr_metrics(data.test.label[rows],
+                                                    item_mean[rows])["auc"]}
+                for part, rows in (("known", known), ("new", ~known))}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"evaluate-{info['protocol']}.json").write_text(json.dumps(report, indent=2))
     if report["train"]:
