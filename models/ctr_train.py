@@ -22,7 +22,6 @@ the weights and the training report.
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ from models.checkpoint import FORMAT, load_checkpoint, make_version, save_checkp
 from models.ctr_baselines import FactorizationMachine, FMConfig, LogisticRegression, LRConfig
 from models.ctr_data import DENSE_FIELDS, CTRData, CTRFrame
 from models.dlrm import DLRM, DLRMConfig
-from models.trainer import EpochRecord, TrainResult
+from models.trainer import BestEpoch, EpochRecord, TrainResult
 
 USER_COUNT = DENSE_FIELDS.index("user_count")
 CTR_MODELS: dict[str, tuple[type[nn.Module], type[BaseModel]]] = {
@@ -130,7 +129,7 @@ def _loop(model: nn.Module, data: CTRData, cfg: CTRTrainerConfig,
     new_user_count = float(-data.dense_mean[USER_COUNT] / data.dense_std[USER_COUNT])
     name = getattr(model, "name", type(model).__name__)
     result = TrainResult(name, "auc")
-    best_state: dict[str, torch.Tensor] | None = None
+    best = BestEpoch(result, cfg.patience)
     start = time.perf_counter()
     bar = tqdm(total=cfg.epochs, desc=f"train {name}", unit="epoch", disable=not cfg.progress)
     try:
@@ -164,16 +163,11 @@ def _loop(model: nn.Module, data: CTRData, cfg: CTRTrainerConfig,
             result.history.append(record)
             bar.update()
             bar.set_postfix(loss=f"{record.loss:.4f}", auc=f"{valid['auc']:.4f}")
-            if valid["auc"] > result.best_value:
-                result.best_epoch, result.best_value = epoch, valid["auc"]
-                best_state = copy.deepcopy(model.state_dict())
-            elif epoch - result.best_epoch >= cfg.patience:
-                result.stopped = "patience"
+            if not best.offer(epoch, valid["auc"], model) and best.exhausted(epoch):
                 break
     finally:
         bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model)
     result.seconds = time.perf_counter() - start
     return result
 

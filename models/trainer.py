@@ -94,6 +94,34 @@ class TrainResult:
                 "history": [asdict(r) for r in self.history]}
 
 
+class BestEpoch:
+    """Early stopping on a validation figure, for every trainer: the best epoch's
+    weights are kept in memory and put back at the end; patience counts from it."""
+
+    def __init__(self, result: TrainResult, patience: int):
+        self.result, self.patience = result, patience
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, epoch: int, value: float, module: torch.nn.Module) -> bool:
+        """True (and the weights kept) if ``epoch`` is the best so far."""
+        if value > self.result.best_value:
+            self.result.best_epoch, self.result.best_value = epoch, value
+            self._state = copy.deepcopy(module.state_dict())
+            return True
+        return False
+
+    def exhausted(self, epoch: int) -> bool:
+        """True (and the result marked) once ``patience`` epochs passed without a best."""
+        if epoch - self.result.best_epoch >= self.patience:
+            self.result.stopped = "patience"
+            return True
+        return False
+
+    def restore(self, module: torch.nn.Module) -> None:
+        if self._state is not None:
+            module.load_state_dict(self._state)
+
+
 class Trainer:
     """Fits any `Recommender` on a `Split` (see the module docstring for the steps)."""
 
@@ -121,7 +149,7 @@ class Trainer:
         optimiser = kind(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         protocol = Protocol(None, mask_history=cfg.valid_mask_history)
         result = TrainResult(model.name, cfg.metric)
-        best_state: dict[str, torch.Tensor] | None = None
+        best = BestEpoch(result, cfg.patience)
         start = time.perf_counter()
         bar = tqdm(total=cfg.epochs, desc=f"train {model.name}", unit="epoch",
                    disable=not cfg.progress)
@@ -138,18 +166,14 @@ class Trainer:
                 value = record.valid.get(cfg.metric, float("nan"))
                 bar.update()
                 bar.set_postfix(loss=f"{record.loss:.4f}", **{cfg.metric: f"{value:.4f}"})
-                if value > result.best_value:
-                    result.best_epoch, result.best_value = epoch, value
-                    best_state = copy.deepcopy(module.state_dict())
+                if best.offer(epoch, value, module):
                     if cfg.checkpoint is not None:
                         model.save(cfg.checkpoint, {"epoch": epoch, cfg.metric: value})
-                elif epoch - result.best_epoch >= cfg.patience:
-                    result.stopped = "patience"
+                elif best.exhausted(epoch):
                     break
         finally:
             bar.close()
-        if best_state is not None:
-            module.load_state_dict(best_state)
+        best.restore(module)
         result.seconds = time.perf_counter() - start
         return result
 
