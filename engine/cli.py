@@ -321,7 +321,7 @@ def evaluate_cold_start_cmd(
 # Names of models/recommender.py's registry, listed here so that `lookalike --help` does
 # not import torch; tests/test_model_conformance.py checks the two lists agree.
 ZOO_MODELS = ("autorec", "cdae", "lightgcn", "multdae", "multvae", "ncf-gmf", "ncf-mlp", "neumf",
-              "ngcf", "sasrec")
+              "ngcf", "sasrec", "lfm")
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="model setting KEY=VALUE (repeatable), e.g. --set loss=ce")]
 

@@ -8,6 +8,9 @@ Why a module of its own: every model family is compared on a named protocol
   (the sequential protocol of SASRec and RecBole's ``LS: valid_and_test``).
 - `random_split`: per user, a random 8:1:1 share of the clicks (RecBole's
   ``RS`` with order ``RO``; the general-CF protocol).
+- `strong_generalization`: Mult-VAE's protocol for inductive models: whole users are
+  held out of training; each held-out user's clicks are split at random into a fold-in
+  80% (what the model sees) and 20% to rank.
 
 Everything is in dense item indices (the `Dataset`'s); `Split.item_ids` maps
 them back to external ids. Sequences are stored ragged (`Ragged`: one flat
@@ -102,7 +105,7 @@ class EvalSet:
 class Split:
     """A protocol's data: training sequences per user, validation and test sets."""
 
-    protocol: str  # "loo" or "random"
+    protocol: str  # "loo", "random" or "strong"
     item_ids: np.ndarray  # dense item index -> external id
     user_ids: np.ndarray  # dense user index -> external id
     train: Ragged  # one row per dense user, time order
@@ -186,10 +189,54 @@ def _positions(n: int, ratios: tuple[float, float, float],
             np.sort(perm[n_train + n_valid:]))
 
 
+def strong_generalization(ds: Dataset, heldout: tuple[float, float] = (0.1, 0.2),
+                          fold_in: float = 0.8, seed: int = 0) -> Split:
+    """Mult-VAE's strong generalization: validation and test users never train.
+
+    `heldout`: the shares of users drawn (seeded) for validation and test; every other
+    user trains with all their clicks, held-out users have an empty training row. Each
+    held-out user's clicks split at random into `fold_in` history (time order kept) and
+    targets; a user left with no history or no target is not evaluated.
+    """
+    if len(heldout) != 2 or min(heldout) < 0 or sum(heldout) >= 1 or not 0 < fold_in < 1:
+        raise ValueError(f"heldout shares must sum below 1 and fold_in lie in (0, 1), "
+                         f"got {heldout}, {fold_in}")
+    rng = np.random.default_rng(seed)
+    seqs = user_sequences(ds)
+    order = rng.permutation(len(seqs))
+    n_valid, n_test = (int(round(share * len(seqs))) for share in heldout)
+    valid_users = np.sort(order[:n_valid])
+    test_users = np.sort(order[n_valid:n_valid + n_test])
+    heldout_users = set(order[:n_valid + n_test].tolist())
+    train = [np.zeros(0, np.int64) if u in heldout_users else seqs[u] for u in range(len(seqs))]
+    return Split("strong", ds.items.ids, ds.users.ids, Ragged.from_rows(train),
+                 _folded(seqs, valid_users, fold_in, rng), _folded(seqs, test_users, fold_in, rng))
+
+
+def _folded(seqs: Ragged, users: np.ndarray, fold_in: float,
+            rng: np.random.Generator) -> EvalSet:
+    """Held-out users: a random `fold_in` share of each one's clicks as history, the rest
+    as targets (both in time order)."""
+    kept, history, targets = [], [], []
+    for u in users:
+        s = seqs[int(u)]
+        perm = rng.permutation(len(s))
+        k = int(round(fold_in * len(s)))
+        if 0 < k < len(s):
+            kept.append(u)
+            history.append(s[np.sort(perm[:k])])
+            targets.append(s[np.sort(perm[k:])])
+    return EvalSet(np.array(kept, dtype=np.int64), Ragged.from_rows(history),
+                   Ragged.from_rows(targets))
+
+
 def make_split(ds: Dataset, protocol: str, seed: int = 0) -> Split:
-    """The split a model family is evaluated on: "loo" or "random" (8:1:1, seeded)."""
+    """The split a model family is evaluated on: "loo", "random" (8:1:1, seeded) or
+    "strong" (held-out users, seeded)."""
     if protocol == "loo":
         return leave_one_out(ds)
     if protocol == "random":
         return random_split(ds, seed=seed)
-    raise ValueError(f"unknown split {protocol!r}; expected 'loo' or 'random'")
+    if protocol == "strong":
+        return strong_generalization(ds, seed=seed)
+    raise ValueError(f"unknown split {protocol!r}; expected 'loo', 'random' or 'strong'")
