@@ -10,15 +10,18 @@ run, appended to `--out`, so an interrupted sweep keeps what it finished.
 Example:
     python -m models.lfm_compare --out runs.jsonl --seeds 0 \\
         --run multvae --run lfm:clusters=128 --max-seconds 240
+    python -m models.lfm_compare --report runs.jsonl --plot ndcg-vs-clusters.png
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from engine.config import default_cache_dir
@@ -55,17 +58,107 @@ def run_one(name: str, settings: dict[str, Any], seed: int, dataset: str = "ml-1
             **{f"test_{m}": test[m] for m in ("recall@20", "ndcg@20", "recall@10", "ndcg@10")}}
 
 
+def _label(row: dict[str, Any]) -> str:
+    lr = {"lr": row["trainer"]["lr"]} if "lr" in row["trainer"] else {}
+    settings = ",".join(f"{k}={v}" for k, v in {**row["settings"], **lr}.items())
+    return f"{row['model']}:{settings}" if settings else row["model"]
+
+
+def _mean_std(values: list[float]) -> str:
+    return (f"{values[0]:.4f}" if len(values) == 1
+            else f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}")
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """A markdown table, one line per setting (mean ± std over its seeds)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[_label(row)].append(row)
+    lines = ["| setting | seeds | params | valid NDCG@20 | test Recall@20 | test NDCG@20 | "
+             "epochs (best) | s/epoch | s |", "|" + " --- |" * 9]
+    for label, runs in groups.items():
+        col = {k: [r[k] for r in runs] for k in runs[0] if isinstance(runs[0][k], int | float)}
+        epochs = "/".join(f"{r['epochs']} ({r['best_epoch']})" for r in runs)
+        lines.append(
+            f"| {label} | {','.join(str(r['seed']) for r in runs)} | {runs[0]['params']:,} | "
+            f"{_mean_std(col['valid_ndcg@20'])} | {_mean_std(col['test_recall@20'])} | "
+            f"{_mean_std(col['test_ndcg@20'])} | "
+            f"{epochs} | "
+            f"{np.mean(col['seconds_per_epoch']):.2f} | {np.mean(col['train_seconds']):.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Test NDCG@20 against the number of clusters: one line per LFM setting (the other
+    settings alike; mean over seeds, each run a dot), a dashed line per baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, by_n in _lfm_curves(rows).items():
+        ns = sorted(by_n)
+        line = ax.plot(ns, [np.mean(by_n[n]) for n in ns], "o-", label=f"LFM {label}")[0]
+        ax.scatter([n for n in ns for _ in by_n[n]], [v for n in ns for v in by_n[n]],
+                   s=10, color=line.get_color(), alpha=0.4)
+    for (label, (values, params)), color in zip(_baselines(rows).items(), (
+            "tab:red", "tab:green", "tab:purple", "tab:grey", "tab:brown")):
+        ax.axhline(np.mean(values), color=color, linestyle="--",
+                   label=f"{label} ({params:,} params, n={len(values)})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clusters N (= attention heads = item embedding width)")
+    ax.set_ylabel("test NDCG@20 (sg-full)")
+    ax.set_title("ml-100k, strong generalization")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _lfm_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, list[float]]]:
+    """LFM test NDCG@20 by clusters, per setting of everything else."""
+    curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["model"] == "lfm":
+            rest = {k: v for k, v in r["settings"].items() if k != "clusters"}
+            rest.update({"lr": r["trainer"]["lr"]} if "lr" in r["trainer"] else {})
+            label = ",".join(f"{k}={v}" for k, v in rest.items()) or "defaults"
+            curves[label][int(r["config"]["clusters"])].append(r["test_ndcg@20"])
+    return curves
+
+
+def _baselines(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], int]]:
+    out: dict[str, tuple[list[float], int]] = {}
+    for r in rows:
+        if r["model"] != "lfm":
+            out.setdefault(_label(r), ([], r["params"]))[0].append(r["test_ndcg@20"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True,
-                        help="MODEL[:KEY=VALUE,...], repeatable")
+    parser.add_argument("--run", action="append", help="MODEL[:KEY=VALUE,...], repeatable")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the table of these runs")
+    parser.add_argument("--plot", type=Path, help="with --report: NDCG@20 vs clusters PNG")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--max-seconds", type=float, default=240.0)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--lr", type=float, default=None)
     args = parser.parse_args()
+    if args.report:
+        rows = [orjson.loads(line) for path in args.report for line in path.read_bytes().split(
+            b"\n") if line.strip()]
+        print(report(rows))
+        if args.plot:
+            print(f"wrote {plot(rows, args.plot)}")
+        return
+    if not args.run or args.out is None:
+        parser.error("--run and --out are needed to train (or --report to summarise)")
     trainer = {"max_seconds": args.max_seconds, "epochs": args.epochs,
                "patience": args.patience, **({"lr": args.lr} if args.lr else {})}
     for seed in args.seeds:

@@ -135,3 +135,17 @@ def test_unseen_user_is_scored_without_retraining(trained):
     # no clicks: zero membership, so the ranking is the item bias alone
     np.testing.assert_allclose(scores[1], model.module_.bias.detach().numpy(), atol=1e-5)
     assert all(torch.equal(v, model.module_.state_dict()[k]) for k, v in weights.items())
+
+
+def test_comparison_runner_parses_runs_and_tabulates():
+    from models.lfm_compare import parse_run, report
+
+    assert parse_run("lfm:clusters=128,batch_size=32") == (
+        "lfm", {"clusters": "128", "batch_size": "32"})
+    assert parse_run("multvae") == ("multvae", {})
+    row = {"model": "lfm", "settings": {"clusters": "8"}, "trainer": {}, "seed": 0,
+           "params": 15650, "valid_ndcg@20": 0.3, "test_recall@20": 0.25,
+           "test_ndcg@20": 0.33, "epochs": 9, "best_epoch": 7, "seconds_per_epoch": 0.5,
+           "train_seconds": 5.0}
+    table = report([row, {**row, "seed": 1, "test_ndcg@20": 0.35}])
+    assert "| lfm:clusters=8 | 0,1 | 15,650 |" in table and "0.3400 ± 0.0141" in table
