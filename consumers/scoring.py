@@ -423,17 +423,29 @@ class ScoringStage(Stage):
 
     def _unseen(self, slots: np.ndarray, seen: list[np.ndarray], want: int) -> np.ndarray:
         """[B, <= want] the first ``want`` slots of each row that are no item the user
-        clicked (-1 pads): seen items are dropped before the re-rank, not after it."""
-        out = np.full((len(slots), min(want, slots.shape[1])), -1, np.int64)
-        for b, row in enumerate(slots):
-            ok = row >= 0
-            if len(seen[b]):  # a set: ~3x faster than np.isin's sort at these sizes
-                clicked = set(seen[b].tolist())
-                items = self.table.item_ids[np.maximum(row, 0)].tolist()
-                ok &= ~np.fromiter((i in clicked for i in items), bool, len(items))
-            keep = row[ok][:out.shape[1]]
-            out[b, :len(keep)] = keep
-        return out
+        clicked (-1 pads): seen items are dropped before the re-rank, not after it.
+
+        One ``np.isin`` over (item, row) keys for the whole batch: a Python set per
+        row cost ~50 µs per user at 220 candidates, a quarter of a batched
+        request's non-Faiss time.
+        """
+        ok = slots >= 0
+        lens = np.fromiter((len(s) for s in seen), np.int64, len(seen))
+        if lens.any():
+            items = self.table.item_ids[np.maximum(slots, 0)]
+            clicked = np.concatenate(seen)
+            if len(slots) < 1 << 16 and max(items.max(initial=0), clicked.max()) < 1 << 47:
+                rows = np.arange(len(slots), dtype=np.int64)
+                keys = (items << 16) | rows[:, None]
+                ok &= ~np.isin(keys, (clicked << 16) | np.repeat(rows, lens))
+            else:  # ids too large to pack with the row: a set per row
+                for b, s in enumerate(seen):
+                    mine = set(s.tolist())
+                    ok[b] &= ~np.fromiter((i in mine for i in items[b].tolist()), bool,
+                                          items.shape[1])
+        width = min(want, slots.shape[1])
+        first = np.argsort(~ok, axis=1, kind="stable")[:, :width]  # kept slots, in order
+        return np.where(np.take_along_axis(ok, first, 1), np.take_along_axis(slots, first, 1), -1)
 
     def _emit(self, r: ScoreRequest, s: UserState | None, items: list[tuple[int, float]],
               seen_at: float) -> None:

@@ -21,6 +21,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy().copy()
 
 
+def _t(t: torch.Tensor) -> np.ndarray:
+    """A Linear weight [out, in] as a contiguous [in, out]: ``x @ w.T`` without a strided
+    operand (measured 1.3-1.8x faster per product at batch 1)."""
+    return np.ascontiguousarray(_np(t).T)
+
+
 def _zero_row(table: np.ndarray) -> np.ndarray:
     table[0] = 0.0  # the bag skips padding ids whatever their row holds; a zero row sums to 0
     return table
@@ -33,11 +39,11 @@ class NumpyTowers:
     categorical: tuple[np.ndarray, ...]  # one [card, m] table per categorical field
     items: np.ndarray  # [n_items + 1, m]; row 0 is padding
     genres: np.ndarray  # [n_genres + 1, m]
-    cont_w: np.ndarray  # [m, 3]
+    cont_wt: np.ndarray  # [3, m]
     cont_b: np.ndarray  # [m]
-    merge_w1: np.ndarray | None  # [a, m] attention merge (None: concatenation)
-    merge_w2: np.ndarray | None  # [1, a]
-    mlp: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    merge_w1t: np.ndarray | None  # [m, a] attention merge (None: concatenation)
+    merge_w2t: np.ndarray | None  # [a, 1]
+    mlp: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # ([in, out], b)
     transform: tuple[np.ndarray, np.ndarray]  # look-alike transforming layer (Linear + ReLU)
     local_wt: np.ndarray  # [h, h] W_lᵀ of the local attention: E_u W_l = u @ local_wt
 
@@ -50,11 +56,11 @@ class NumpyTowers:
         return cls(
             categorical=tuple(_np(e.weight) for e in f.categorical),
             items=_zero_row(_np(f.items.weight)), genres=_np(f.genres.weight),
-            cont_w=_np(f.continuous.weight), cont_b=_np(f.continuous.bias),
-            merge_w1=_np(merge.w1.weight) if attention else None,
-            merge_w2=_np(merge.w2.weight) if attention else None,
-            mlp=((_np(first.weight), _np(first.bias)), (_np(second.weight), _np(second.bias))),
-            transform=(_np(lin.weight), _np(lin.bias)),
+            cont_wt=_t(f.continuous.weight), cont_b=_np(f.continuous.bias),
+            merge_w1t=_t(merge.w1.weight) if attention else None,
+            merge_w2t=_t(merge.w2.weight) if attention else None,
+            mlp=((_t(first.weight), _np(first.bias)), (_t(second.weight), _np(second.bias))),
+            transform=(_t(lin.weight), _np(lin.bias)),
             local_wt=np.ascontiguousarray(_np(lookalike.local_w.weight).T),
         )
 
@@ -67,19 +73,19 @@ class NumpyTowers:
         fields.append(self._item_mean(items))
         total = np.maximum(genres.sum(1, keepdims=True), 1.0)
         fields.append((genres / total) @ self.genres)
-        fields.append(batch.continuous.numpy() @ self.cont_w.T + self.cont_b)
+        fields.append(batch.continuous.numpy() @ self.cont_wt + self.cont_b)
         h = np.stack(fields, axis=1)  # [B, n, m]
-        if self.merge_w1 is None:
+        if self.merge_w1t is None:
             merged = h.reshape(len(h), -1)
         else:
-            s = (np.tanh(h @ self.merge_w1.T) @ self.merge_w2.T)[..., 0]  # [B, n]
+            s = (np.tanh(h @ self.merge_w1t) @ self.merge_w2t)[..., 0]  # [B, n]
             w = np.exp(s - s.max(1, keepdims=True))
             w /= w.sum(1, keepdims=True)
             merged = (w[:, :, None] * h).sum(1)
         (w1, b1), (w2, b2) = self.mlp
-        u = np.maximum(merged @ w1.T + b1, 0.0) @ w2.T + b2
+        u = np.maximum(merged @ w1 + b1, 0.0) @ w2 + b2
         tw, tb = self.transform
-        return np.maximum(u @ tw.T + tb, 0.0).astype(np.float32, copy=False)
+        return np.maximum(u @ tw + tb, 0.0).astype(np.float32, copy=False)
 
     def _item_mean(self, items: np.ndarray) -> np.ndarray:
         """EmbeddingBag(mode="mean", padding_idx=0): mean over non-padding ids, 0 if none."""

@@ -297,3 +297,23 @@ def test_index_recall_is_sampled_into_a_metric(model):
     assert sample("lookalike_index_recall_count") == 4  # requests 5, 10, 15, 20
     # random vectors and one list probed of ~20: the exact top 20 is mostly missed
     assert 0 <= sample("lookalike_index_recall_sum") < 4
+
+
+@pytest.mark.parametrize("big_ids", [False, True])
+def test_unseen_keeps_the_first_unclicked_slots_of_each_row(model, big_ids):
+    """The batch-wide isin equals a per-row set filter (and its fallback for huge ids)."""
+    stage = _stage(model)
+    rng = np.random.default_rng(4)
+    base = 1 << 50 if big_ids else 0
+    ids = base + rng.permutation(5_000)[:400]
+    stage.table.item_ids[:400] = ids
+    slots = np.stack([rng.permutation(400)[:60] for _ in range(7)])
+    slots[2, 50:] = -1  # a short shortlist
+    seen = [ids[rng.choice(400, n, replace=False)] for n in (0, 5, 30, 200, 1, 0, 60)]
+    seen[4] = np.array([base + 10**6])  # a click on an item the table never held
+    got = stage._unseen(slots, seen, 40)
+    for b, row in enumerate(slots):
+        clicked = set(seen[b].tolist())
+        want = [s for s in row.tolist() if s >= 0 and int(ids[s]) not in clicked][:40]
+        assert got[b, :len(want)].tolist() == want
+        assert (got[b, len(want):] == -1).all()
