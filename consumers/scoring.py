@@ -33,14 +33,17 @@ from threadpoolctl import threadpool_limits
 from consumers.kafka import make_consumer
 from consumers.loop import Event, Stage
 from engine import topics as T
+from engine.audience import look_alike_users, refresh_vectors
 from engine.centroid_table import CentroidTable
 from engine.codec import (
+    AudienceRequest,
     BadEvent,
     Click,
     Profile,
     ScoreRequest,
     SeedBatch,
     SeedPack,
+    decode_audience_request,
     decode_centroids,
     decode_click,
     decode_key,
@@ -96,7 +99,8 @@ class UserStore:
     per-user Python containers cost ~75 KB for a full user (a 1,000-entry
     dict of int objects), 70 GB at a million users; the rings cost 8 bytes per
     remembered click, so memory is bounded by ``max_users`` × (``max_seen`` ×
-    8 + ``ring_len`` × 4 + ~300) bytes, as ``lookalike bench scale`` measures.
+    8 + ``ring_len`` × 4 + h × 4 + ~300) bytes, as ``lookalike bench scale``
+    measures (h × 4: the user's latest embedding, which audiences search).
     """
 
     def __init__(self, history_len: int, max_users: int, max_seen: int,
@@ -107,6 +111,10 @@ class UserStore:
         self.users: OrderedDict[int, UserState] = OrderedDict()
         cap = min(1024, max_users + 1)
         self.rows = np.zeros((cap, self.ring_len), np.int32)
+        # per slot: its user (-1: free) and last embedding, for audiences (engine/audience.py)
+        self.user_of = np.full(cap, -1, np.int64)
+        self.vecs = np.zeros((cap, 0), np.float32)  # [cap, h] once the first is stored
+        self.fresh = np.zeros(cap, bool)  # vecs[slot] is the user's embedding now
         self._ids: list[np.ndarray] = []  # blocks of ID_BLOCK users' id rings
         self._free: list[int] = []
         self._next_slot = 0
@@ -120,7 +128,12 @@ class UserStore:
     def drop(self, pred: Callable[[UserState], bool]) -> None:
         """Forget the users for whom ``pred(state)`` (their partition moved away)."""
         for user in [u for u, st in self.users.items() if pred(st)]:
-            self._free.append(self.users.pop(user).slot)
+            self._release(self.users.pop(user).slot)
+
+    def _release(self, slot: int) -> None:
+        self.user_of[slot] = -1
+        self.fresh[slot] = False
+        self._free.append(slot)
 
     def _take_slot(self) -> int:
         if self._free:
@@ -128,7 +141,10 @@ class UserStore:
             self.rows[slot] = 0
             return slot
         if self._next_slot == len(self.rows):
-            self.rows = _grown(self.rows, min(2 * len(self.rows), self.max_users + 1))
+            cap = min(2 * len(self.rows), self.max_users + 1)
+            self.rows, self.vecs = _grown(self.rows, cap), _grown(self.vecs, cap)
+            self.user_of = np.r_[self.user_of, np.full(cap - len(self.user_of), -1, np.int64)]
+            self.fresh = _grown(self.fresh, cap)
         if self._next_slot == ID_BLOCK * len(self._ids):
             self._ids.append(np.zeros((ID_BLOCK, self.id_len), np.int64))
         self._next_slot += 1
@@ -140,10 +156,12 @@ class UserStore:
         if st is None:
             st = UserState(self, self._take_slot())
             self.users[c.user_id] = st
+            self.user_of[st.slot] = c.user_id
             if len(self.users) > self.max_users:
-                self._free.append(self.users.popitem(last=False)[1].slot)
+                self._release(self.users.popitem(last=False)[1].slot)
         else:
             self.users.move_to_end(c.user_id)
+        self.fresh[st.slot] = False
         st.partition = partition
         self.rows[st.slot, st.clicks % self.ring_len] = row
         self._ids[st.slot // ID_BLOCK][st.slot % ID_BLOCK, st.clicks % self.id_len] = c.item_id
@@ -153,6 +171,24 @@ class UserStore:
         if c.profile is not None:
             st.profile = c.profile
         return st
+
+    def set_vectors(self, states: list[UserState], vecs: np.ndarray) -> None:
+        """The users' embeddings after their latest clicks (the seeds the worker just made)."""
+        if self.vecs.shape[1] != vecs.shape[1]:
+            self.vecs = np.zeros((len(self.rows), vecs.shape[1]), np.float32)
+            self.fresh[:] = False
+        slots = np.fromiter((st.slot for st in states), np.int64, len(states))
+        self.vecs[slots] = vecs
+        self.fresh[slots] = True
+
+    def clicked(self, slots: np.ndarray, item: int) -> np.ndarray:
+        """[len(slots)] whether each slot's user clicked ``item`` within its last
+        ``id_len`` clicks (the ring's unwritten entries are not clicks)."""
+        out = np.zeros(len(slots), bool)
+        for j, slot in enumerate(slots.tolist()):
+            st = self.users[int(self.user_of[slot])]
+            out[j] = bool((self.id_ring(slot)[:min(st.clicks, self.id_len)] == item).any())
+        return out
 
     def recent_ids(self, st: UserState, n: int) -> list[int]:
         """Item ids of the user's last ``n`` clicks (at most ``id_len``), oldest first."""
@@ -166,7 +202,8 @@ class UserStore:
 
     def nbytes(self) -> int:
         """Bytes of the store's arrays (the Python objects per user come on top)."""
-        return self.rows.nbytes + sum(b.nbytes for b in self._ids)
+        return (self.rows.nbytes + sum(b.nbytes for b in self._ids) + self.vecs.nbytes
+                + self.user_of.nbytes + self.fresh.nbytes)
 
     def model_rows(self, states: list[UserState | None]) -> tuple[np.ndarray, np.ndarray]:
         """[B, ring_len] catalogue rows, oldest click first (as ``FeatureSpace.encode``
@@ -211,6 +248,9 @@ class ScoringStage(Stage):
                                    ann_min_items=cfg.ann_min_items, ann_nprobe=cfg.ann_nprobe,
                                    ann_lists=cfg.ann_lists)
         self.table_reader: KafkaConsumer | None = None
+        self.audience_reader: KafkaConsumer | None = None
+        self._audience_due: OrderedDict[int, None] = OrderedDict()  # periodic mode's queue
+        self._next_audiences = 0.0
         self._next_refresh = 0.0
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served
         self._to_restore: set[TopicPartition] = set()
@@ -301,7 +341,9 @@ class ScoringStage(Stage):
         last = self._apply_clicks([ev.value for ev in events],
                                   [ev.record.partition for ev in events])
         states = list(last.values())
-        self._emit_click_seeds(events, last, self._embed(states, [s.profile for s in states]))
+        vecs = self._embed(states, [s.profile for s in states])
+        self.users.set_vectors(states, vecs)
+        self._emit_click_seeds(events, last, vecs)
 
     def _emit_click_seeds(self, events: list[Event], last: dict[int, UserState],
                           vecs: np.ndarray) -> None:
@@ -481,6 +523,24 @@ class ScoringStage(Stage):
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.table_reader.assign(tps)
         self.table_reader.seek_to_beginning(*tps)
+        self._start_audience_reader()
+
+    def _start_audience_reader(self) -> None:
+        """Every worker reads every audience request (each answers for its own users),
+        without a group, from the end: a request made while no worker ran is not
+        answered (the answer is a function of the moment's state; ask again)."""
+        topic = self.names.audience_requests
+        self.audience_reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=10,
+                                             max_poll_records=100)
+        parts = self.audience_reader.partitions_for_topic(topic)
+        if not parts:
+            log.warning("no topic %r: audiences only in periodic mode", topic)
+            return
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        self.audience_reader.assign(tps)
+        self.audience_reader.seek_to_end(*tps)
+        for tp in tps:  # resolve the end now, not lazily at the first poll
+            self.audience_reader.position(tp)
 
     # ------------------------------------------------------------- user state recovery
     def on_assigned(self, partitions: set[TopicPartition]) -> None:
@@ -535,6 +595,7 @@ class ScoringStage(Stage):
     def tick(self, now: float) -> None:
         self._restore_pending()
         self.read_table()
+        self._audiences(now)
         if self.table.dirty and now >= self._next_refresh:
             self.table.refresh(self.model.item_global)
             self._next_refresh = now + self.settings.scoring.index_refresh_s
@@ -555,7 +616,11 @@ class ScoringStage(Stage):
             for rec in records:
                 n += 1
                 try:
-                    self.table.upsert(decode_key(rec.key), decode_centroids(rec.value))
+                    item = decode_key(rec.key)
+                    self.table.upsert(item, decode_centroids(rec.value))
+                    if self.settings.scoring.audience_every_s and rec.value is not None:
+                        self._audience_due[item] = None
+                        self._audience_due.move_to_end(item)
                     if self._caught_up:  # history read at start-up is not a freshness figure
                         self._pending_fresh.append(rec.timestamp / 1000)
                 except (BadEvent, ValueError) as e:
@@ -570,8 +635,71 @@ class ScoringStage(Stage):
         return n
 
     def close(self) -> None:
-        if self.table_reader is not None:
-            self.table_reader.close(autocommit=False)
+        for reader in (self.table_reader, self.audience_reader):
+            if reader is not None:
+                reader.close(autocommit=False)
+
+    # ------------------------------------------------------------- audiences
+    def _audiences(self, now: float) -> None:
+        """Answer audience requests; in periodic mode, publish changed items' audiences."""
+        if self.audience_reader is not None:
+            for records in self.audience_reader.poll(timeout_ms=0).values():
+                for rec in records:
+                    self.metrics.consumed.labels(self.name, T.AUDIENCE_REQUESTS).inc()
+                    try:
+                        req = decode_audience_request(
+                            rec.value, self.settings.scoring.audience_max_k,
+                            self.settings.kafka.max_message_bytes)
+                    except BadEvent as e:
+                        assert self.loop is not None
+                        self.loop.dead_letter(T.AUDIENCE_REQUESTS, rec, e)
+                        continue
+                    self.answer_audience(req, "request")
+        every = self.settings.scoring.audience_every_s
+        if every and now >= self._next_audiences and self._audience_due:
+            budget = max(1, int(self.settings.scoring.audience_items_per_s * every))
+            for _ in range(min(budget, len(self._audience_due))):
+                item, _ = self._audience_due.popitem(last=False)
+                self.answer_audience(AudienceRequest(item), "periodic")
+            self._next_audiences = now + every
+
+    def answer_audience(self, req: AudienceRequest, kind: str) -> dict:
+        """This worker's partial audience for ``req.item_id``, sent on ``audiences``."""
+        cfg = self.settings.scoring
+        t0 = time.perf_counter()
+        refresh_vectors(self.users, lambda sts: self._embed(sts, [s.profile for s in sts]))
+        k = req.k or cfg.audience_k
+        got = look_alike_users(self.model, self.table, self.users, req.item_id, k,
+                               cfg.audience_candidates)
+        slot = self.table.slot_of.get(req.item_id)
+        mine, total = self._user_partitions()
+        rec = {
+            "item_id": req.item_id,
+            "request_id": req.request_id,
+            "kind": kind,
+            "users": [{"user_id": u, "score": round(sc, 6)} for u, sc in got.users],
+            "reason": got.reason,
+            "seeds_dropped": got.seeds_dropped,
+            "partitions": mine,
+            "partitions_total": total,
+            "model_version": self.model.version,
+            "centroids_updated_at": None if slot is None else float(self.table.updated_at[slot]),
+            "emitted_at": time.time(),
+        }
+        self.send(T.AUDIENCES, key_of(req.item_id), encode_json(rec))
+        self.metrics.audiences.labels(self.name, kind).inc()
+        self.metrics.audience_seconds.labels(self.name).observe(time.perf_counter() - t0)
+        return rec
+
+    def _user_partitions(self) -> tuple[list[int], int | None]:
+        """The clicks partitions whose users this worker holds, and how many there are."""
+        consumer = getattr(self.loop, "consumer", None)
+        if consumer is None:
+            return [], None
+        topic = self.names.clicks
+        mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
+        parts = consumer.partitions_for_topic(topic)
+        return mine, None if parts is None else len(parts)
 
 
 def _chunks(item_starts: np.ndarray, end: int, max_seeds: int) -> list[tuple[int, int]]:

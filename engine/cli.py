@@ -219,6 +219,37 @@ def replay(
     typer.echo(f"replayed {rep.events:,} clicks in {rep.seconds:.1f} s ({rep.rate:,.0f}/s)")
 
 
+@app.command()
+def audience(
+    item: Annotated[int, typer.Argument(help="item id whose look-alike users you want")],
+    k: Annotated[int | None, typer.Option("-k", help="users (default scoring.audience_k)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every worker")] = 10.0,
+    bootstrap_servers: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Ask the running scoring workers for an item's audience: the top-K users most like
+    its seeds, its seeds excluded. Prints JSON; exit 3 if some worker did not answer."""
+    import orjson
+
+    from engine.audience import request_audience
+
+    s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                             "kafka.topic_prefix": topic_prefix})
+    try:
+        users, complete, partials = request_audience(s, item, k, timeout)
+    except RuntimeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    reasons = sorted({p["reason"] for p in partials if p.get("reason")})
+    typer.echo(orjson.dumps({"item_id": item, "users": users, "complete": complete,
+                             "workers_answered": len(partials), "reasons": reasons},
+                            option=orjson.OPT_INDENT_2).decode())
+    if not complete:
+        typer.echo(f"warning: not every clicks partition answered within {timeout} s", err=True)
+        raise typer.Exit(3)
+
+
 # ------------------------------------------------------------------- training
 @train_app.command("ralm")
 def train_ralm_cmd(

@@ -185,15 +185,37 @@ def encode_click(c: Click) -> bytes:
     return orjson.dumps(obj)
 
 
-def decode_score_request(raw: bytes | None, max_k: int, max_bytes: int = 65536) -> ScoreRequest:
-    obj = _load_object(raw, max_bytes)
+def _k_and_request_id(obj: dict, max_k: int) -> tuple[int | None, str | None]:
+    """The optional ``k`` (1..max_k) and ``request_id`` (echoed back) of a request."""
     k = obj.get("k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k):
         raise BadEvent("schema", f"'k' must be an integer in [1, {max_k}], got {k!r:.40}")
     rid = obj.get("request_id")
     if rid is not None and (not isinstance(rid, str | int) or len(str(rid)) > 128):
         raise BadEvent("schema", "'request_id' must be a string of at most 128 chars")
-    return ScoreRequest(_id(obj, "user_id"), k, None if rid is None else str(rid), _profile(obj))
+    return k, None if rid is None else str(rid)
+
+
+def decode_score_request(raw: bytes | None, max_k: int, max_bytes: int = 65536) -> ScoreRequest:
+    obj = _load_object(raw, max_bytes)
+    k, rid = _k_and_request_id(obj, max_k)
+    return ScoreRequest(_id(obj, "user_id"), k, rid, _profile(obj))
+
+
+@dataclass(frozen=True)
+class AudienceRequest:
+    """Who looks like an item's seeds: the top ``k`` users for ``item_id``."""
+
+    item_id: int
+    k: int | None = None
+    request_id: str | None = None
+
+
+def decode_audience_request(raw: bytes | None, max_k: int,
+                            max_bytes: int = 65536) -> AudienceRequest:
+    obj = _load_object(raw, max_bytes)
+    k, rid = _k_and_request_id(obj, max_k)
+    return AudienceRequest(_id(obj, "item_id"), k, rid)
 
 
 def encode_json(obj: dict) -> bytes:

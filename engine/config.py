@@ -137,6 +137,17 @@ class ScoringConfig(BaseModel):
         "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"
     )
     threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
+    audience_k: int = Field(100, ge=1, description="users per audience when a request gives no k")
+    audience_max_k: int = Field(10_000, ge=1, description="largest k an audience request may ask")
+    audience_candidates: int = Field(
+        2000, ge=1, description="users shortlisted by cosine to the item's global vector, then "
+        "re-ranked by the full RALM score (the item's seeds are dropped in between)")
+    audience_every_s: float = Field(
+        0.0, ge=0, description="periodic mode: every this many seconds, publish the audiences of "
+        "items whose centroids changed (0: only on request)")
+    audience_items_per_s: float = Field(
+        20.0, gt=0, description="periodic mode's budget: items whose audience is published per "
+        "second at most (the first changed go first; the rest wait)")
     pack_seeds: bool = Field(
         True, description="seed-events as one S2 message per partition and poll, not one S1 "
         "message per item: kafka-python's producer sends ~15k messages/s at best, and a poll "

@@ -116,6 +116,14 @@ class WorkerMetrics:
         self.recommendations = Counter(
             "lookalike_recommendations_total", "Recommendation records emitted", s, registry=r
         )
+        self.audiences = Counter(
+            "lookalike_audiences_total", "Audience records emitted (kind: request or periodic)",
+            [*s, "kind"], registry=r,
+        )
+        self.audience_seconds = Histogram(
+            "lookalike_audience_seconds", "Time to compute one item's audience on this worker",
+            s, buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.freshness = Histogram(
             "lookalike_click_to_recommendation_seconds",
             "Click produced -> its seed reflected in centroids the scoring worker serves",

@@ -17,9 +17,12 @@ SEED_EVENTS = "seed-events"
 SEED_CENTROIDS = "seed-centroids"
 SCORE_REQUESTS = "score-requests"
 RECOMMENDATIONS = "recommendations"
-ALL = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, RECOMMENDATIONS)
+AUDIENCE_REQUESTS = "audience-requests"  # item id, K: who looks like its seeds
+AUDIENCES = "audiences"  # the answers (one partial per scoring worker), keyed by item
+ALL = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, RECOMMENDATIONS,
+       AUDIENCE_REQUESTS, AUDIENCES)
 #: topics whose bad records are dead-lettered to ``<topic>.dlq``
-CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS)
+CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, AUDIENCE_REQUESTS)
 COMPACTED = (SEED_CENTROIDS,)
 
 
@@ -54,6 +57,10 @@ class Topics:
     @property
     def recommendations(self) -> str:
         return self.name(RECOMMENDATIONS)
+
+    @property
+    def audience_requests(self) -> str:
+        return self.name(AUDIENCE_REQUESTS)
 
     def all(self) -> list[str]:
         return [self.name(t) for t in ALL] + [self.dlq(t) for t in CONSUMED]

@@ -16,6 +16,7 @@ from consumers.clustering import ClusteringStage
 from consumers.replay import replay
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
+from engine.audience import request_audience
 from engine.codec import decode_centroids, key_of
 from engine.scrape import scrape, total
 from models.ralm import RalmConfig, RalmModel
@@ -91,6 +92,15 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         one = scoring._embed([st1], [st1.profile])[0]
         assert t.global_vec[slot] @ one / np.linalg.norm(one) > 0.99
 
+        # ... and has an audience: the users most like its one seed, the seed excluded
+        aud, complete, partials = request_audience(s, new_item, 5, timeout_s=30)
+        assert complete and len(partials) == 1 and partials[0]["seeds_dropped"] == 1
+        assert len(aud) == 5 and 1 not in {a["user_id"] for a in aud}
+        assert [a["score"] for a in aud] == sorted((a["score"] for a in aud), reverse=True)
+        produce(s, "audience-requests", [(key_of(new_item), b'{"k": 5}')])  # no item_id
+        dlq = read_all(s, "audience-requests.dlq", expect=1)
+        assert dict(dlq[0].headers)["reason"] == b"schema"
+
         # a score request yields a recommendations record for that user (the most active one)
         ids, counts = np.unique(users, return_counts=True)
         user = int(ids[counts.argmax()])
@@ -138,6 +148,8 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         assert total(m, "lookalike_dead_letters_total", topic="clicks") == 3
         assert total(m, "lookalike_events_produced_total", topic="seed-events") == N_CLICKS + 1
         assert total(m, "lookalike_recommendations_total") == 2
+        assert total(m, "lookalike_audiences_total", kind="request") == 1
+        assert total(m, "lookalike_events_consumed_total", topic="audience-requests") == 2
         assert total(m, "lookalike_scoring_latency_seconds_count") == 2
         mc = [scrape(w.metrics_url) for w in workers[1:]]
         assert sum(total(x, "lookalike_seed_window_seeds") for x in mc) == n_seeds

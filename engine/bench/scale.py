@@ -31,6 +31,7 @@ from engine.bench.report import BenchOptions, BenchReport
 from engine.clustering import ItemClusters, SeedColumns
 from engine.codec import Click
 from engine.config import Settings, WindowConfig
+from models.ralm import RalmConfig
 
 DIM = 128  # the production embedding size
 POLL = 2_000  # seeds per poll (the clustering worker's max_poll_records order)
@@ -159,7 +160,9 @@ def user_bytes(s: Settings, n_users: int, clicks: int) -> float:
 
     traced = _traced(build)
     store = kept[0]
-    per_slot = store.rows.itemsize * store.ring_len + 8 * store.id_len
+    # + the latest embedding (RALM's default h floats) audiences search, slot owner, flag
+    per_slot = (store.rows.itemsize * store.ring_len + 8 * store.id_len
+                + 4 * RalmConfig().dim + store.user_of.itemsize + store.fresh.itemsize)
     return (traced - store.nbytes()) / n_users + per_slot
 
 
