@@ -44,7 +44,7 @@ def build_stage(kind: str, settings: Settings, checkpoint: Path | None = None) -
         path = resolve_checkpoint(settings, checkpoint)
         model = RalmModel.load(path)
         log.info("scoring with %s (%s)", model.version, path)
-        return ScoringStage(settings, model)
+        return ScoringStage(settings, model, path, explicit_checkpoint=checkpoint is not None)
     raise ValueError(f"unknown worker kind {kind!r}; expected one of {KINDS}")
 
 

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -55,6 +56,11 @@ from engine.codec import (
 )
 from engine.config import Settings
 from models.ralm import RalmModel
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from consumers.model_reload import ModelReloader
 
 log = logging.getLogger(__name__)
 _NONE_SEEN = np.zeros(0, np.int64)
@@ -227,8 +233,13 @@ class ScoringStage(Stage):
     score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
     seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
 
-    def __init__(self, settings: Settings, model: RalmModel):
+    def __init__(self, settings: Settings, model: RalmModel, checkpoint: Path | None = None,
+                 explicit_checkpoint: bool = False):
+        """``checkpoint``: the file ``model`` came from, watched for hot reloads (with
+        ``explicit_checkpoint`` False, ``checkpoint_dir``'s latest is watched instead)."""
         super().__init__(settings)
+        self.checkpoint, self.explicit_checkpoint = checkpoint, explicit_checkpoint
+        self.reloader: ModelReloader | None = None
         cfg = settings.scoring
         self.pack_seeds = cfg.pack_seeds
         # numpy's OpenBLAS defaults to one thread per core: on 2 busy cores a
@@ -524,6 +535,12 @@ class ScoringStage(Stage):
         self.table_reader.assign(tps)
         self.table_reader.seek_to_beginning(*tps)
         self._start_audience_reader()
+        from consumers.model_reload import ModelReloader
+
+        rejected = self.metrics.model_reloads.labels(self.name, "rejected")
+        self.reloader = ModelReloader(self.settings, self.table.dim, self.checkpoint,
+                                      self.explicit_checkpoint, rejected.inc)
+        self.reloader.start()
 
     def _start_audience_reader(self) -> None:
         """Every worker reads every audience request (each answers for its own users),
@@ -595,6 +612,10 @@ class ScoringStage(Stage):
     def tick(self, now: float) -> None:
         self._restore_pending()
         self.read_table()
+        if self.reloader is not None:
+            new = self.reloader.poll(now, self._dead_letter_model)
+            if new is not None:
+                self.swap_model(new)
         self._audiences(now)
         if self.table.dirty and now >= self._next_refresh:
             self.table.refresh(self.model.item_global)
@@ -638,6 +659,34 @@ class ScoringStage(Stage):
         for reader in (self.table_reader, self.audience_reader):
             if reader is not None:
                 reader.close(autocommit=False)
+        if self.reloader is not None:
+            self.reloader.close()
+
+    # ------------------------------------------------------------- hot reload
+    def swap_model(self, new: RalmModel) -> None:
+        """Serve ``new`` from the next request on (called between polls: no request
+        sees two models). Items' global vectors are recomputed with it now, users'
+        stored embeddings when an audience next needs them; outputs carry its version.
+        """
+        old = self.model
+        if new.version == old.version:
+            log.info("model %s is already serving", new.version)
+            return
+        t0 = time.perf_counter()
+        self.model = new
+        self._field_index = ({}, {}, {})  # profile field indices are the model's
+        self.users.fresh[:] = False
+        self.table.invalidate()
+        self.table.refresh(new.item_global)
+        self.metrics.build_info.labels(self.name).info(
+            {"model_version": new.version, "version": __import__("engine").__version__})
+        self.metrics.model_reloads.labels(self.name, "loaded").inc()
+        log.info("model %s -> %s swapped in (%.2f s, %d items re-embedded)", old.version,
+                 new.version, time.perf_counter() - t0, len(self.table))
+
+    def _dead_letter_model(self, rec: ConsumerRecord, err: BadEvent) -> None:
+        assert self.loop is not None
+        self.loop.dead_letter(T.MODELS, rec, err)
 
     # ------------------------------------------------------------- audiences
     def _audiences(self, now: float) -> None:

@@ -146,6 +146,11 @@ class CentroidTable:
             self._free_deleted()
         return len(rows)
 
+    def invalidate(self) -> None:
+        """Every item's global vector to recompute at the next refresh (a new model's
+        global attention differs from the old one's)."""
+        self._dirty.update(range(self._next))
+
     def live_slots(self) -> np.ndarray:
         """Slots of the items that may be recommended (``min_seeds`` seeds or more)."""
         return np.flatnonzero(self.n_seeds[: self._next] >= self.min_seeds)

@@ -250,6 +250,30 @@ def audience(
         raise typer.Exit(3)
 
 
+@app.command()
+def announce(
+    checkpoint: Annotated[Path, typer.Argument(help="RALM checkpoint every scoring worker "
+                                               "should load (a path they can read)")],
+    version: Annotated[str | None, typer.Option(help="label (default: the model's)")] = None,
+    bootstrap_servers: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Hot-reload a model: announce it on the `models` topic. The file is checked here
+    first; each worker loads and validates it again, and keeps its old model if that fails."""
+    from consumers.model_reload import announce as send_announcement
+    from models.checkpoint import CheckpointError
+
+    s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                             "kafka.topic_prefix": topic_prefix})
+    try:
+        ann = send_announcement(s, checkpoint, version)
+    except CheckpointError as e:
+        typer.echo(f"error: not announced: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(f"announced {ann.version} ({ann.path})")
+
+
 # ------------------------------------------------------------------- training
 @train_app.command("ralm")
 def train_ralm_cmd(

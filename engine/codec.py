@@ -218,6 +218,29 @@ def decode_audience_request(raw: bytes | None, max_k: int,
     return AudienceRequest(_id(obj, "item_id"), k, rid)
 
 
+@dataclass(frozen=True)
+class ModelAnnouncement:
+    """A new checkpoint every scoring worker should load (the ``models`` topic)."""
+
+    kind: str  # "ralm"
+    path: str  # a path the workers can read
+    version: str | None = None
+
+
+MODEL_KINDS = ("ralm",)
+
+
+def decode_model_announcement(raw: bytes | None, max_bytes: int = 65536) -> ModelAnnouncement:
+    obj = _load_object(raw, max_bytes)
+    kind = obj.get("kind")
+    if kind not in MODEL_KINDS:
+        raise BadEvent("schema", f"'kind' must be one of {MODEL_KINDS}, got {kind!r:.40}")
+    path = obj.get("path")
+    if not isinstance(path, str) or not 0 < len(path) <= 4096 or "\x00" in path:
+        raise BadEvent("schema", "'path' must be a non-empty string of at most 4096 chars")
+    return ModelAnnouncement(kind, path, _opt_str(obj, "version", 128))
+
+
 def encode_json(obj: dict) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 

@@ -137,6 +137,9 @@ class ScoringConfig(BaseModel):
         "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"
     )
     threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
+    reload_check_s: float = Field(
+        2.0, ge=0, description="re-check the checkpoint file (or checkpoint_dir's latest) this "
+        "often and hot-reload a new one (0: only on a `models` topic announcement)")
     audience_k: int = Field(100, ge=1, description="users per audience when a request gives no k")
     audience_max_k: int = Field(10_000, ge=1, description="largest k an audience request may ask")
     audience_candidates: int = Field(

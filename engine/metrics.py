@@ -116,6 +116,11 @@ class WorkerMetrics:
         self.recommendations = Counter(
             "lookalike_recommendations_total", "Recommendation records emitted", s, registry=r
         )
+        self.model_reloads = Counter(
+            "lookalike_model_reloads_total",
+            "Model hot reloads, by outcome (loaded, rejected: the old model kept serving)",
+            [*s, "outcome"], registry=r,
+        )
         self.audiences = Counter(
             "lookalike_audiences_total", "Audience records emitted (kind: request or periodic)",
             [*s, "kind"], registry=r,

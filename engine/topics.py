@@ -19,10 +19,11 @@ SCORE_REQUESTS = "score-requests"
 RECOMMENDATIONS = "recommendations"
 AUDIENCE_REQUESTS = "audience-requests"  # item id, K: who looks like its seeds
 AUDIENCES = "audiences"  # the answers (one partial per scoring worker), keyed by item
+MODELS = "models"  # announcements of new checkpoints (hot reload), keyed by model kind
 ALL = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, RECOMMENDATIONS,
-       AUDIENCE_REQUESTS, AUDIENCES)
+       AUDIENCE_REQUESTS, AUDIENCES, MODELS)
 #: topics whose bad records are dead-lettered to ``<topic>.dlq``
-CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, AUDIENCE_REQUESTS)
+CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, AUDIENCE_REQUESTS, MODELS)
 COMPACTED = (SEED_CENTROIDS,)
 
 

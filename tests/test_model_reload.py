@@ -1,0 +1,164 @@
+"""Hot reload: a new checkpoint is swapped in between polls; a bad one is refused."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consumers.model_reload import ModelReloader, RejectedModel, load_validated
+from consumers.runner import start_worker
+from consumers.scoring import ScoringStage
+from engine.codec import (
+    BadEvent,
+    ItemCentroids,
+    decode_model_announcement,
+    encode_centroids,
+    encode_json,
+    key_of,
+)
+from engine.config import load_settings
+from engine.scrape import scrape, total
+from engine.synthetic import SyntheticSpec, generate
+from models.features import FeatureSpace
+from models.ralm import RalmConfig, RalmModel
+from tests.kafka_fixtures import json_values, produce, read_all, wait_until
+
+K = 20  # the centroid table's k (settings.window.k)
+
+
+@pytest.fixture(scope="module")
+def features():
+    data = generate(SyntheticSpec(n_users=100, n_items=80, clicks_per_user=10, seed=2))
+    return FeatureSpace.build(data, 8)
+
+
+def _model(features, version: str, dim: int = 16, seed: int = 0) -> RalmModel:
+    torch.manual_seed(seed)
+    return RalmModel.new(RalmConfig.tiny(history_len=8, dim=dim), features, version=version)
+
+
+def _save(model: RalmModel, path: Path) -> Path:
+    model.save(path)
+    return path
+
+
+def _poll_until(reloader: ModelReloader, what: str) -> RalmModel | None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        got = reloader.poll(time.monotonic(), lambda rec, e: None)
+        if got is not None:
+            return got
+        if reloader._loading is None and reloader._queued is None and reloader.rejected:
+            return None
+        time.sleep(0.02)
+    raise AssertionError(f"no outcome in time: {what}")
+
+
+def test_a_changed_checkpoint_file_is_loaded_and_a_corrupt_one_rejected(features, tmp_path):
+    s = load_settings(None)
+    s = s.model_copy(update={"scoring": s.scoring.model_copy(update={"reload_check_s": 0.01})})
+    path = _save(_model(features, "v1"), tmp_path / "ralm.pt")
+    rejected = []
+    r = ModelReloader(s, 16, path, explicit=True, on_reject=lambda: rejected.append(1))
+    assert r.poll(time.monotonic(), lambda rec, e: None) is None  # unchanged: nothing to do
+    _save(_model(features, "v2", seed=1), tmp_path / "new.pt")
+    os.replace(tmp_path / "new.pt", path)  # an atomic overwrite, as a trainer should do
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    got = _poll_until(r, "the new checkpoint")
+    assert got is not None and got.version == "v2"
+    path.write_bytes(b"not a checkpoint at all")
+    os.utime(path, (time.time() + 10, time.time() + 10))
+    assert _poll_until(r, "the corrupt checkpoint") is None
+    assert rejected == [1] and r.rejected[-1][1].startswith("CheckpointError")
+    r.close()
+
+
+def test_a_model_of_another_size_is_rejected(features, tmp_path):
+    path = _save(_model(features, "wide", dim=32), tmp_path / "wide.pt")
+    with pytest.raises(RejectedModel, match="embedding size 32"):
+        load_validated(path, 16)
+    assert load_validated(_save(_model(features, "ok"), tmp_path / "ok.pt"), 16).version == "ok"
+
+
+def test_swap_re_embeds_items_and_stamps_outputs(features):
+    s = load_settings(None)
+    old, new = _model(features, "v1"), _model(features, "v2", seed=7)
+    stage = ScoringStage(s, old)
+    rng = np.random.default_rng(0)
+    for item in range(30):
+        cent = rng.normal(size=(K, 16)).astype(np.float32)
+        stage.table.upsert(item, ItemCentroids(cent, np.ones(K, np.float32), 9, 1.0))
+    stage.table.refresh(old.item_global)
+    stage.swap_model(new)
+    live = stage.table.live_slots()
+    want = new.item_global(stage.table.centroids[live], stage.table.counts[live])
+    np.testing.assert_allclose(stage.table.global_vec[live], want, rtol=1e-5, atol=1e-6)
+    assert stage.model is new
+    assert stage.metrics.registry.get_sample_value(
+        "lookalike_model_reloads_total", {"stage": "scoring", "outcome": "loaded"}) == 1
+
+
+@pytest.mark.parametrize("raw", [b"{", b'{"kind": "sasrec", "path": "/x"}', b'{"kind": "ralm"}',
+                                 b'{"kind": "ralm", "path": ""}', b'{"kind": "ralm", "path": 3}'])
+def test_bad_announcements_have_reasons(raw):
+    with pytest.raises(BadEvent):
+        decode_model_announcement(raw)
+
+
+def test_hot_reload_under_a_request_stream_loses_nothing(settings, features, tmp_path):
+    """Requests flow while a new model is announced, then a corrupt one: every request
+    is answered once, the version switches once, and the corrupt file changes nothing."""
+    s = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={
+        "min_seeds": 1, "reload_check_s": 0.0})})
+    v1 = _model(features, "v1")
+    v2_path = _save(_model(features, "v2", seed=3), tmp_path / "v2.pt")
+    bad_path = tmp_path / "bad.pt"
+    bad_path.write_bytes(b"\x00garbage")
+    stage = ScoringStage(s, v1)
+    w = start_worker(stage)
+    rng = np.random.default_rng(1)
+    try:
+        wait_until(lambda: w.loop.ready.is_set(), what="scoring worker ready")
+        produce(s, "seed-centroids", [
+            (key_of(i), encode_centroids(ItemCentroids(
+                rng.normal(size=(K, 16)).astype(np.float32), np.ones(K, np.float32), 3, 1.0)))
+            for i in range(40)])
+        wait_until(lambda: len(stage.table) == 40, what="centroids at the scorer")
+        n = 300
+        sent = threading.Event()
+
+        def requests() -> None:
+            for i in range(n):
+                produce(s, "score-requests", [(key_of(i % 7), encode_json(
+                    {"user_id": i % 7, "request_id": f"r{i}", "k": 3}))])
+                if i == 100:
+                    produce(s, "models", [(b"ralm", encode_json(
+                        {"kind": "ralm", "path": str(v2_path), "version": "v2"}))])
+                if i == 200:
+                    produce(s, "models", [(b"ralm", encode_json(
+                        {"kind": "ralm", "path": str(bad_path)})), (b"ralm", b"{oops")])
+            sent.set()
+
+        t = threading.Thread(target=requests)
+        t.start()
+        t.join(120)
+        assert sent.is_set()
+        recs = json_values(read_all(s, "recommendations", expect=n, timeout_s=60))
+        assert sorted(r["request_id"] for r in recs) == sorted(f"r{i}" for i in range(n))
+        by_id = {r["request_id"]: r for r in recs}
+        versions = [by_id[f"r{i}"]["model_version"] for i in range(n)]
+        switch = versions.index("v2")
+        assert 0 < switch < n and set(versions[:switch]) == {"v1"}
+        assert set(versions[switch:]) == {"v2"}  # the corrupt one never served
+        assert all(len(r["items"]) == 3 for r in recs)
+        dlq = read_all(s, "models.dlq", expect=1)
+        assert dict(dlq[0].headers)["reason"] == b"not_json"
+        m = scrape(w.metrics_url)
+        assert total(m, "lookalike_model_reloads_total", outcome="loaded") == 1
+        assert total(m, "lookalike_model_reloads_total", outcome="rejected") == 1
+    finally:
+        w.stop()
