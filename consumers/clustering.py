@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import numpy as np
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -35,12 +36,20 @@ from consumers.loop import Event, Stage
 from engine import topics as T
 from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import (
+    FUTURE_SLACK_S,
+    MAX_ABS,
     PACK_MAGIC,
+    BadEvent,
     decode_key,
+    decode_seed_message,
     encode_centroids,
     key_of,
 )
 from engine.config import Settings
+
+#: largest |component| a seed vector may have. Why: k-means squares them (float32
+#: overflows to inf), and one inf or huge centroid poisons its item's centroids for good
+MAX_SEED_ABS = MAX_ABS
 
 
 class ClusteringStage(Stage):
@@ -70,6 +79,9 @@ class ClusteringStage(Stage):
         t0 = time.perf_counter()
         runs, bad = decode_records([ev.value[0] for ev in events],
                                    [ev.value[1] for ev in events])
+        horizon = time.time() + FUTURE_SLACK_S
+        if not all(_sane(cols.ts, cols.vectors, horizon) for cols, _ in runs):  # rare path
+            runs, bad = _decode_sane(events, horizon)
         for i, err in bad:
             assert self.loop is not None
             self.loop.dead_letter(events[i].topic, events[i].record, err)
@@ -142,6 +154,40 @@ class ClusteringStage(Stage):
             self._dirty_since.pop(item, None)
         self._partition_of = {i: p for i, p in self._partition_of.items() if p not in gone}
         self._report_state()
+
+
+def _sane(ts: np.ndarray, vectors: np.ndarray, horizon: float) -> bool:
+    """Seed times in [0, horizon] and vectors within ``MAX_SEED_ABS``. Why: a far-future
+    seed, once its window's oldest, makes the window refuse every newer seed (the
+    window's replay guard) and keeps its item from eviction; a huge vector poisons k-means."""
+    if not len(ts):
+        return True
+    return bool(ts.min() >= 0 and ts.max() <= horizon and vectors.max() <= MAX_SEED_ABS
+                and vectors.min() >= -MAX_SEED_ABS)
+
+
+def _decode_sane(events: list[Event], horizon: float,
+                 ) -> tuple[list[tuple[SeedColumns, list[int]]], list[tuple[int, BadEvent]]]:
+    """``decode_records`` without the records that hold an insane seed (``_sane``),
+    which are reported bad: the rare path, record by record through the codec."""
+    keep: list[int] = []
+    bad: list[tuple[int, BadEvent]] = []
+    for i, ev in enumerate(events):
+        try:
+            batches = decode_seed_message(ev.record.key, ev.value[1])
+        except BadEvent:
+            keep.append(i)  # decode_records reports it with the codec's reason
+            continue
+        if all(_sane(b.ts, b.vectors, horizon) for _, b in batches):
+            keep.append(i)
+        else:
+            bad.append((i, BadEvent("bad_binary", "seed time negative or over a day ahead, "
+                                    f"or a vector component beyond {MAX_SEED_ABS:g}")))
+    runs, bad_kept = decode_records([events[i].value[0] for i in keep],
+                                    [events[i].value[1] for i in keep])
+    bad.extend((keep[j], err) for j, err in bad_kept)
+    return ([(cols, [keep[j] for j in idx]) for cols, idx in runs],
+            sorted(bad, key=lambda e: e[0]))
 
 
 def _produced(cols: SeedColumns, evs: list[Event]) -> dict[int, tuple[int, int]]:

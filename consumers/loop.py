@@ -6,7 +6,9 @@ One iteration, in this order — the only place the order is written:
 
 1. poll a batch from the stage's topics (consumer group of the stage);
 2. decode and validate each record; a bad one is dead-lettered to
-   ``<topic>.dlq`` with its reason and counted, and the batch goes on;
+   ``<topic>.dlq`` with its reason and counted, and the batch goes on (a
+   decoder that fails with anything but BadEvent dead-letters the record as
+   ``processing_error``: a decoder bug never stops a worker either);
 3. ``stage.handle(events)``: update state and send outputs. If it raises, each
    event is retried alone and the one that fails again is dead-lettered
    (``processing_error``): one bad event never stops a worker;
@@ -189,6 +191,10 @@ class ConsumerLoop:
                     events.append(Event(topic, rec, self.stage.decode(topic, rec)))
                 except BadEvent as e:
                     self.dead_letter(topic, rec, e)
+                except Exception as e:  # noqa: BLE001 - a decoder bug must not kill the worker
+                    # no traceback per record: a hostile flood would flood the log
+                    self.dead_letter(topic, rec, BadEvent("processing_error",
+                                                          f"{type(e).__name__}: {e}"))
         return events
 
     def _handle(self, events: list[Event]) -> None:

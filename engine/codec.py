@@ -109,7 +109,8 @@ def _id(obj: dict, name: str) -> int:
     v = obj[name]
     if isinstance(v, bool):
         raise BadEvent("schema", f"'{name}' must be an integer id, got a boolean")
-    if isinstance(v, str) and v.isdigit() and len(v) <= 19:
+    # ASCII only: str.isdigit() also accepts '²' and other digits int() refuses
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 19:
         v = int(v)
     if not isinstance(v, int) or not 0 <= v <= MAX_ID:
         raise BadEvent("schema", f"'{name}' must be a non-negative integer id, got {v!r:.60}")
@@ -251,7 +252,8 @@ def key_of(entity_id: int) -> bytes:
 
 
 def decode_key(raw: bytes | None) -> int:
-    if raw is None or not raw.isdigit() or len(raw) > 19:
+    if raw is None or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_ID:
+        # 19 digits reach past int64: numpy id arrays would overflow on such an id
         raise BadEvent("schema", f"key must be a decimal id, got {raw!r:.40}")
     return int(raw)
 
@@ -270,6 +272,10 @@ _CENT16_MAGIC = b"C2"  # the same record with float16 centroids: half the bytes 
 _F16_SAFE = 6.0e4  # larger magnitudes overflow float16: such a record goes out as C1
 _MAX_DIM = 4096
 MAX_DIM = _MAX_DIM  # the largest embedding a binary record may carry
+#: largest |component| of a centroid on the wire (and of a seed, checked by the
+#: clustering worker). Why: squared and summed over a dim (k-means distances, the
+#: table's Gram matrices) larger ones overflow float32 to inf; embeddings are far smaller
+MAX_ABS = 1e6
 #: an S1 record's head with its version's length: what a poll-wide decoder reads first
 SEED_HEAD_WITH_VERSION = struct.Struct("<2sIHH")
 
@@ -448,6 +454,10 @@ def decode_centroids(raw: bytes | None) -> ItemCentroids | None:
     counts = np.frombuffer(raw, "<f4", k, off)
     cent = np.frombuffer(raw, f"<f{width}", k * dim, off + 4 * k).reshape(k, dim)
     cent = cent.astype(np.float32) if width == 2 else cent
-    if not np.isfinite(cent).all() or not np.isfinite(counts).all() or (counts < 0).any():
+    if (not np.isfinite(cent).all() or not np.isfinite(counts).all() or (counts < 0).any()
+            or not (math.isfinite(updated) and math.isfinite(last_ts))):
+        # a NaN time would turn the centroid-age gauge and freshness figures into NaN
         raise BadEvent("bad_binary", "non-finite or negative value in centroid record")
+    if cent.size and max(float(cent.max()), -float(cent.min())) > MAX_ABS:
+        raise BadEvent("bad_binary", f"centroid component beyond {MAX_ABS:g}")
     return ItemCentroids(cent, counts, n_seeds, updated, last_ts, ver)
