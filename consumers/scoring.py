@@ -33,6 +33,17 @@ from threadpoolctl import threadpool_limits
 
 from consumers.kafka import make_consumer
 from consumers.loop import Event, Stage
+from consumers.pipelines import (
+    Pool,
+    Ranked,
+    explanation,
+    load_zoo,
+    popular_items,
+    ralm_scores,
+    rank_user,
+    top_unseen,
+    zoo_scores,
+)
 from engine import topics as T
 from engine.audience import look_alike_users, refresh_vectors
 from engine.centroid_table import CentroidTable
@@ -54,7 +65,7 @@ from engine.codec import (
     encode_seeds,
     key_of,
 )
-from engine.config import Settings
+from engine.config import PipelineConfig, Settings
 from models.ralm import RalmModel
 
 if TYPE_CHECKING:
@@ -241,6 +252,7 @@ class ScoringStage(Stage):
         self.checkpoint, self.explicit_checkpoint = checkpoint, explicit_checkpoint
         self.reloader: ModelReloader | None = None
         cfg = settings.scoring
+        self.zoo = load_zoo(cfg.models)
         self.pack_seeds = cfg.pack_seeds
         # numpy's OpenBLAS defaults to one thread per core: on 2 busy cores a
         # [5000, 128] x [128, 2] product then took 16 ms instead of 0.4 ms
@@ -280,7 +292,11 @@ class ScoringStage(Stage):
             # item's window, so it is servable from its first seeds (min_seeds); to the
             # user tower it is padding, as any item it has no embedding for
             return decode_click(record.value, time.time(), max_bytes)
-        return decode_score_request(record.value, self.settings.scoring.max_k, max_bytes)
+        req = decode_score_request(record.value, self.settings.scoring.max_k, max_bytes)
+        if req.pipeline is not None and req.pipeline not in self.settings.scoring.pipelines:
+            raise BadEvent("schema", f"unknown pipeline {req.pipeline!r:.40}; configured: "
+                           f"{', '.join(sorted(self.settings.scoring.pipelines))}")
+        return req
 
     # ------------------------------------------------------------- handle
     def handle(self, events: list[Event]) -> None:
@@ -331,8 +347,9 @@ class ScoringStage(Stage):
     def _index_fields(self, p: Profile) -> tuple[int, int, int]:
         """The model's indices of one profile's fields, cached per field value."""
         fs, (g_of, o_of, z_of) = self.model.features, self._field_index
-        if len(z_of) > 1_000_000:  # unbounded input must not grow memory forever
-            z_of.clear()
+        for cache in (g_of, o_of, z_of):  # unbounded input must not grow memory forever
+            if len(cache) > 1_000_000:
+                cache.clear()
         g = g_of[p.gender] = int(fs.categorical([Profile(gender=p.gender)])[0, 0])
         o = o_of[p.occupation] = int(fs.categorical([Profile(occupation=p.occupation)])[0, 1])
         z = z_of[p.zip_code] = int(fs.categorical([Profile(zip_code=p.zip_code)])[0, 2])
@@ -424,12 +441,28 @@ class ScoringStage(Stage):
         states = [self.users.get(r.user_id) for r in reqs]
         profiles = [r.profile or (s.profile if s else None) for r, s in zip(reqs, states)]
         vecs = self._embed(states, profiles)
-        ranked = self.rank(vecs, states, [r.k for r in reqs])
-        for r, s, items in zip(reqs, states, ranked):
-            self._emit(r, s, items, seen_at)
+        cfg = self.settings.scoring
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(r.pipeline or cfg.default_pipeline, []).append(i)
+        for name, idx in groups.items():
+            p = cfg.pipelines[name]
+            sub = [states[i] for i in idx]
+            ks, explain = [reqs[i].k for i in idx], any(reqs[i].explain for i in idx)
+            if p.sources == ["ralm"] and p.ranker == "ralm":
+                ranked = self._rank_fast(vecs[idx], sub, ks, explain)
+            else:
+                ranked = self.rank_pipeline(p, vecs[idx], sub, ks, explain)
+            for i, got in zip(idx, ranked, strict=True):
+                self._emit(reqs[i], states[i], got, seen_at, name)
 
     def rank(self, users: np.ndarray, states: list[UserState | None],
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
+        """The default pipeline's (item, score) lists: see :meth:`_rank_fast`."""
+        return [r.items for r in self._rank_fast(users, states, ks, False)]
+
+    def _rank_fast(self, users: np.ndarray, states: list[UserState | None],
+                   ks: list[int | None], explain: bool) -> list[Ranked]:
         """Faiss candidates by cos(global), re-ranked by the full RALM score.
 
         One index search for the whole batch, the user's own clicks dropped,
@@ -446,21 +479,75 @@ class ScoringStage(Stage):
         self._sample_recall(users, found, n)
         cands = self._unseen(found, seen, want)
         if cands.shape[1] == 0:
-            return [[] for _ in states]
+            return [Ranked([], [] if explain else None) for _ in states]
         t, out = self.table, []
         for lo in range(0, len(states), self.score_chunk):
             hi = lo + self.score_chunk
             safe = np.maximum(cands[lo:hi], 0)
             d = t.project(cands[lo:hi], self.model.attention_queries(users[lo:hi]))
-            scores = self.model.score_projected(users[lo:hi], d, t.counts[safe],
-                                                t.global_vec[safe], t.gram[safe])
+            att: list[np.ndarray] | None = [] if explain else None
+            counts = t.counts[safe]
+            scores = self.model.score_projected(users[lo:hi], d, counts, t.global_vec[safe],
+                                                t.gram[safe], att)
             for b in range(lo, min(hi, len(states))):
                 keep = np.flatnonzero(cands[b] >= 0)
                 sc = scores[b - lo, keep]
                 order = keep[np.argsort(-sc, kind="stable")][:ks[b] or cfg.top_k]
-                out.append(list(zip(t.item_ids[safe[b - lo, order]].tolist(),
-                                    scores[b - lo, order].tolist(), strict=True)))
+                items = list(zip(t.item_ids[safe[b - lo, order]].tolist(),
+                                 scores[b - lo, order].tolist(), strict=True))
+                why = None if att is None else [
+                    explanation(["ralm"], "ralm", att[0][b - lo, j], counts[b - lo, j])
+                    for j in order.tolist()]
+                out.append(Ranked(items, why))
         return out
+
+    def rank_pipeline(self, p: PipelineConfig, users: np.ndarray,
+                      states: list[UserState | None], ks: list[int | None],
+                      explain: bool) -> list[Ranked]:
+        """A configured pipeline other than the default (consumers/pipelines.py)."""
+        cfg = self.settings.scoring
+        seen = [s.seen if s else _NONE_SEEN for s in states]
+        seen_sets = [set(x.tolist()) for x in seen]
+        histories = [self.users.recent_ids(s, cfg.history_len) if s else [] for s in states]
+        pools = [Pool() for _ in states]
+        rows: dict[str, np.ndarray] = {}
+        for src in p.sources:
+            if src == "ralm":
+                found = self.table.search(users, p.per_source + max(len(x) for x in seen))
+                for pool, c in zip(pools, self._unseen(found, seen, p.per_source)):
+                    pool.add(src, self.table.item_ids[c[c >= 0]].tolist())
+            elif src == "popular":
+                pop = popular_items(self.table)
+                for pool, s in zip(pools, seen_sets):
+                    pool.add(src, top_unseen(pop, None, s, p.per_source))
+            else:
+                model = self.zoo[src]
+                rows[src] = zoo_scores(model, histories)
+                for pool, row, s in zip(pools, rows[src], seen_sets):
+                    pool.add(src, top_unseen(model.item_ids_, row, s, p.per_source))
+        terms_needed = set(p.blend) if p.ranker == "blend" else {p.ranker}
+        out = []
+        for b, pool in enumerate(pools):
+            terms: dict[str, np.ndarray] = {}
+            att = counts = None
+            if "ralm" in terms_needed or explain:
+                terms["ralm"], att, counts = ralm_scores(self.model, self.table, users[b],
+                                                         pool.items)
+            for term in terms_needed - {"ralm"}:
+                terms[term] = self._term(term, pool.items, rows.get(term), b)
+            out.append(rank_user(p, pool, ks[b] or cfg.top_k, terms, explain, att, counts))
+        return out
+
+    def _term(self, term: str, items: list[int], rows: np.ndarray | None, b: int) -> np.ndarray:
+        """A source's score of each pooled item (NaN where it has none)."""
+        if term == "popular":
+            slots = np.array([self.table.slot_of.get(i, -1) for i in items], np.int64)
+            n = self.table.n_seeds[np.maximum(slots, 0)].astype(np.float64)
+            return np.where(slots >= 0, np.log1p(n), np.nan)
+        assert rows is not None
+        index = self.zoo[term]._item_index
+        cols = np.array([index.get(i, -1) for i in items], np.int64)
+        return np.where(cols >= 0, rows[b][np.maximum(cols, 0)], np.nan)
 
     def _sample_recall(self, users: np.ndarray, found: np.ndarray, n: int) -> None:
         """Now and then, the approximate index's recall on a live request (real data's
@@ -500,12 +587,17 @@ class ScoringStage(Stage):
         first = np.argsort(~ok, axis=1, kind="stable")[:, :width]  # kept slots, in order
         return np.where(np.take_along_axis(ok, first, 1), np.take_along_axis(slots, first, 1), -1)
 
-    def _emit(self, r: ScoreRequest, s: UserState | None, items: list[tuple[int, float]],
-              seen_at: float) -> None:
+    def _emit(self, r: ScoreRequest, s: UserState | None, ranked: Ranked, seen_at: float,
+              pipeline: str) -> None:
+        items = [{"item_id": i, "score": round(sc, 6)} for i, sc in ranked.items]
+        if r.explain and ranked.why is not None:
+            for it, why in zip(items, ranked.why, strict=True):
+                it["why"] = why
         rec = {
             "user_id": r.user_id,
             "request_id": r.request_id,
-            "items": [{"item_id": i, "score": round(sc, 6)} for i, sc in items],
+            "items": items,
+            "pipeline": pipeline,
             "model_version": self.model.version,
             "request_seen_at": seen_at,
             "emitted_at": time.time(),
@@ -625,6 +717,9 @@ class ScoringStage(Stage):
             for produced in self._pending_fresh:
                 self.metrics.freshness.labels(self.name).observe(max(0.0, served - produced))
             self._pending_fresh.clear()
+        elif not self.table.dirty:
+            self._pending_fresh.clear()  # records that changed nothing (a tombstone of an
+            # unknown item) serve nothing: no freshness sample, and no growing list
         newest = self.table.newest_update()
         if newest:
             self.metrics.centroid_age.labels(self.name).set(max(0.0, now - newest))

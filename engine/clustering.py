@@ -62,6 +62,10 @@ class _Table:
         self.sqnorms[row] = 0.0
         self._free.append(row)
 
+    @property
+    def used(self) -> int:
+        return self._next - len(self._free)
+
     def set(self, rows: np.ndarray | int, centroids: np.ndarray, counts: np.ndarray) -> None:
         self.centroids[rows], self.counts[rows] = centroids, counts
         self.sqnorms[rows] = (self.centroids[rows] ** 2).sum(-1)
@@ -279,6 +283,10 @@ class ItemClusters:
     def _forget(self, st: ItemState) -> None:
         self._held -= len(st.window)
         st._table.release(st.row)
+        if not st._table.used and self._tables.get(st.dim) is st._table:
+            # the last item of this embedding size: its table goes too (a stream of
+            # ever-new sizes must not keep one table per size forever)
+            del self._tables[st.dim]
 
     def apply(self, item: int, batch: SeedBatch) -> bool:
         """Add one item's new seeds; True if its window (and centroids) changed."""

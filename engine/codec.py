@@ -87,6 +87,8 @@ class ScoreRequest:
     k: int | None = None
     request_id: str | None = None
     profile: Profile | None = None
+    pipeline: str | None = None  # a name of scoring.pipelines (None: the default)
+    explain: bool = False  # each item says which source proposed it and why it ranks
 
 
 def _load_object(raw: bytes | None, max_bytes: int) -> dict:
@@ -200,7 +202,11 @@ def _k_and_request_id(obj: dict, max_k: int) -> tuple[int | None, str | None]:
 def decode_score_request(raw: bytes | None, max_k: int, max_bytes: int = 65536) -> ScoreRequest:
     obj = _load_object(raw, max_bytes)
     k, rid = _k_and_request_id(obj, max_k)
-    return ScoreRequest(_id(obj, "user_id"), k, rid, _profile(obj))
+    explain = obj.get("explain", False)
+    if not isinstance(explain, bool):
+        raise BadEvent("schema", f"'explain' must be true or false, got {explain!r:.40}")
+    return ScoreRequest(_id(obj, "user_id"), k, rid, _profile(obj), _opt_str(obj, "pipeline"),
+                        explain)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -108,6 +108,27 @@ class WindowConfig(BaseModel):
         "publishing starves the seed windows under load")
 
 
+#: candidate sources every worker has: Faiss over RALM's item vectors, and the items
+#: with the most seeds now (for users with no clicks); zoo models come from scoring.models
+BUILTIN_SOURCES = ("ralm", "popular")
+
+
+class PipelineConfig(BaseModel):
+    """One serving pipeline: where candidates come from, and what orders them.
+
+    ``sources``: "ralm" (Faiss over RALM item vectors), "popular", or the name of
+    a zoo model in ``scoring.models`` (e.g. a SASRec checkpoint: next items from
+    the user's live click sequence). ``ranker``: "ralm" (the look-alike
+    attention score; candidates without centroids are dropped), a source's own
+    scores (its name), or "blend" (``blend`` weights over standardised scores).
+    """
+
+    sources: list[str] = Field(default_factory=lambda: ["ralm"], min_length=1)
+    ranker: str = "ralm"
+    blend: dict[str, float] = Field(default_factory=dict)
+    per_source: int = Field(200, ge=1, description="candidates each source proposes")
+
+
 class ScoringConfig(BaseModel):
     """Scoring worker: user state, retrieval and ranking."""
 
@@ -137,6 +158,13 @@ class ScoringConfig(BaseModel):
         "(1-seed items score high on one look-alike; 5 lifts prec@10 on ml-100k)"
     )
     threads: int = Field(1, ge=1, description="torch/Faiss threads (1 is fastest at batch 1 here)")
+    models: dict[str, Path] = Field(
+        default_factory=dict, description="zoo checkpoints the worker serves besides RALM, by "
+        "the name pipelines use (e.g. sasrec = \"~/.cache/lookalike/zoo/sasrec/model.pt\")")
+    pipelines: dict[str, PipelineConfig] = Field(
+        default_factory=lambda: {"default": PipelineConfig()},
+        description="named serving pipelines; a request picks one with \"pipeline\"")
+    default_pipeline: str = Field("default", description="the pipeline of requests naming none")
     reload_check_s: float = Field(
         2.0, ge=0, description="re-check the checkpoint file (or checkpoint_dir's latest) this "
         "often and hot-reload a new one (0: only on a `models` topic announcement)")
@@ -155,6 +183,25 @@ class ScoringConfig(BaseModel):
         True, description="seed-events as one S2 message per partition and poll, not one S1 "
         "message per item: kafka-python's producer sends ~15k messages/s at best, and a poll "
         "touches nearly one item per click (clustering workers read both)")
+
+    @model_validator(mode="after")
+    def _pipelines_refer_to_known_parts(self) -> ScoringConfig:
+        known = {*BUILTIN_SOURCES, *self.models}
+        for name, p in self.pipelines.items():
+            bad = [s for s in p.sources if s not in known]
+            if bad:
+                raise ValueError(f"pipeline {name!r}: unknown source(s) {bad}; sources are "
+                                 f"{sorted(known)} (zoo models come from scoring.models)")
+            if p.ranker not in {"ralm", "blend", *p.sources}:
+                raise ValueError(f"pipeline {name!r}: ranker {p.ranker!r} must be 'ralm', "
+                                 f"'blend' or one of its sources {p.sources}")
+            if p.ranker == "blend" and (not p.blend or set(p.blend) - {"ralm", *p.sources}):
+                raise ValueError(f"pipeline {name!r}: a blend needs weights over 'ralm' and "
+                                 f"its sources {p.sources}, got {p.blend}")
+        if self.default_pipeline not in self.pipelines:
+            raise ValueError(f"default_pipeline {self.default_pipeline!r} is not among the "
+                             f"pipelines {sorted(self.pipelines)}")
+        return self
 
 
 class MetricsConfig(BaseModel):

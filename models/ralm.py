@@ -436,15 +436,20 @@ class RalmModel:
         return np.stack([u, u @ self._numpy_towers().local_wt], axis=2)
 
     def score_projected(self, users: np.ndarray, d: np.ndarray, counts: np.ndarray,
-                        item_global: np.ndarray, gram: np.ndarray) -> np.ndarray:
+                        item_global: np.ndarray, gram: np.ndarray,
+                        attention: list[np.ndarray] | None = None) -> np.ndarray:
         """:meth:`score_gram` from d [B, C, k, 2] = centroids · :meth:`attention_queries`,
-        however they were computed (the centroid table does it without gathering)."""
+        however they were computed (the centroid table does it without gathering).
+        ``attention``: if given, the local attention weights [B, C, k] are appended
+        (explanations: which seed cluster an item's score leans on)."""
         la = self.lookalike
         u = np.ascontiguousarray(users, np.float32)
         mask = np.asarray(counts) > 0
         logits = np.where(mask, np.tanh(d[..., 1]), np.float32(-1e9))
         e = np.exp(logits - logits.max(-1, keepdims=True))
         w = e / e.sum(-1, keepdims=True) * mask  # masked_softmax
+        if attention is not None:
+            attention.append(w)
         local_dot = (w * d[..., 0]).sum(-1)  # E_local · u
         local_sq = np.maximum((np.matmul(gram, w[..., None])[..., 0] * w).sum(-1), 0.0)
         u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12)[:, None]

@@ -700,11 +700,6 @@ def test_seed_state_stays_bounded_by_max_items_under_a_flood_of_new_items():
         assert len(s._dirty_since) <= 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/clustering.py ItemClusters keeps one _Table per embedding size ever seen (at "
-    "least 64 x k x dim floats, x3 arrays) and never frees it: seeds of many distinct dims "
-    "(<= MAX_DIM 4096 each) grow memory past any configured bound (~44 GB at k=20 over all "
-    "dims), even after every such item was evicted"))
 def test_tables_of_evicted_embedding_sizes_are_freed():
     h = Harness.of(ClusteringStage(_settings(max_items=3, size=4)))
     s: ClusteringStage = h.stage  # type: ignore[assignment]
@@ -945,11 +940,6 @@ def test_user_state_stays_bounded_by_max_users(ralm):
         assert len(h.stage.users.rows) <= 51
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "consumers/scoring.py ScoringStage._index_fields bounds only the zip-code cache "
-    "(cleared past 1,000,000 entries); the gender and occupation caches (_field_index[0], "
-    "[1]) keep every distinct value ever seen, so clicks/requests with ever-new gender or "
-    "occupation strings (<= 64 chars each, valid per the codec) grow memory without bound"))
 def test_profile_field_caches_are_bounded_like_the_zip_cache(ralm):
     h = _scoring(ralm)
     g_of, o_of, _ = h.stage._field_index
@@ -1021,12 +1011,6 @@ def _table_rows(h: Harness) -> dict[int, tuple]:
             for item, s in t.slot_of.items() if item < HOSTILE_BASE}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "consumers/scoring.py ScoringStage.read_table appends a freshness sample to "
-    "_pending_fresh for every record, also for a tombstone of an unknown item; such a "
-    "record leaves the table clean, so tick never refreshes and never clears the list: "
-    "a stream of unknown-item tombstones grows it without bound (and would then report "
-    "freshness for deletions that served nothing)"))
 def test_tombstones_of_unknown_items_do_not_pile_up(ralm):
     h = _scoring(ralm)
     feeder: Feeder = h.stage.table_reader  # type: ignore[assignment]

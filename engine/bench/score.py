@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.loop import ConsumerLoop, Event
+from consumers.pipelines import Ranked
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
 from engine import topics as T
@@ -182,7 +183,8 @@ def breakdown(stage: ScoringStage, users: list[int]) -> dict[str, float]:
         seen = len(st.seen) if st else 0
         timed("index search", lambda: stage.table.search(vec, cfg.candidates + seen))  # noqa: B023
         items = timed("rank", lambda: stage.rank(vec, [st], [req.k]))[0]  # noqa: B023
-        timed("emit", lambda: stage._emit(req, st, items, time.time()))  # noqa: B023
+        timed("emit", lambda: stage._emit(req, st, Ranked(items), time.time(),  # noqa: B023
+                                          "default"))
     med = {k: float(np.median(v)) for k, v in parts.items()}
     med["re-rank (rank - search)"] = med.pop("rank") - med["index search"]
     return med

@@ -1,0 +1,162 @@
+"""Serving pipelines: candidate sources, then one ranker, picked per request.
+
+A pipeline (``scoring.pipelines`` in the config) names its candidate sources
+and its ranker:
+
+- sources: ``ralm`` (Faiss over RALM's item vectors, the worker's fast path),
+  ``popular`` (the items with the most seeds in their windows now: recent
+  popularity, for users with no clicks), or a zoo model loaded from
+  ``scoring.models`` (SASRec, Mult-VAE, LFM, ...: every registered model scores
+  items from a user's clicks, read live from the worker's user state, so a
+  click changes the next request's candidates);
+- ranker: ``ralm`` (the look-alike attention score over the item's seed
+  centroids; a candidate without centroids cannot be scored and is dropped),
+  a source's own scores, or ``blend``: a weighted sum of each term
+  standardised over the user's candidates (a term that cannot score an item
+  gives it its lowest standardised value).
+
+The default pipeline, ``ralm`` → ``ralm``, keeps its batched fast path in
+``ScoringStage.rank``; the others run here, a user at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from engine.centroid_table import CentroidTable
+    from models.ralm import RalmModel
+    from models.recommender import Recommender
+
+
+@dataclass
+class Pool:
+    """One user's candidates in first-proposed order, and who proposed each."""
+
+    items: list[int] = field(default_factory=list)
+    by: dict[int, list[str]] = field(default_factory=dict)
+
+    def add(self, source: str, items: list[int]) -> None:
+        for i in items:
+            who = self.by.get(i)
+            if who is None:
+                self.by[i] = [source]
+                self.items.append(i)
+            elif source not in who:
+                who.append(source)
+
+
+@dataclass
+class Ranked:
+    """A user's recommendations: (item, score) best first, with explanations if asked."""
+
+    items: list[tuple[int, float]]
+    why: list[dict] | None = None
+
+
+def load_zoo(paths: dict[str, Path]) -> dict[str, Recommender]:
+    """The zoo models ``scoring.models`` names, loaded safely (weights only)."""
+    if not paths:
+        return {}
+    from models.recommender import Recommender
+
+    out = {}
+    for name, path in paths.items():
+        model = Recommender.load(Path(path).expanduser())
+        model.module_.eval()
+        out[name] = model
+    return out
+
+
+def popular_items(table: CentroidTable) -> np.ndarray:
+    """Item ids of the servable items, most seeds first (ties: lower slot first)."""
+    live = table.live_slots()
+    order = np.argsort(-table.n_seeds[live], kind="stable")
+    return table.item_ids[live[order]]
+
+
+def zoo_scores(model: Recommender, histories: list[list[int]]) -> np.ndarray:
+    """[B, n_items] the model's scores of its items (``model.item_ids_`` order)."""
+    return model.score(histories)
+
+
+def top_unseen(items: np.ndarray, scores: np.ndarray | None, seen: set[int], n: int) -> list[int]:
+    """The first ``n`` of ``items`` (ordered by ``scores`` if given) the user did not click."""
+    order = items if scores is None else items[np.argsort(-scores, kind="stable")]
+    out = []
+    for i in order.tolist():
+        if i not in seen:
+            out.append(i)
+            if len(out) == n:
+                break
+    return out
+
+
+def ralm_scores(model: RalmModel, table: CentroidTable, user: np.ndarray,
+                items: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(full RALM score [C] (NaN: no centroids), attention [C, k], counts [C, k])."""
+    slots = np.array([table.slot_of.get(i, -1) for i in items], np.int64)
+    ok = (slots >= 0) & (table.n_seeds[np.maximum(slots, 0)] >= table.min_seeds)
+    out = np.full(len(items), np.nan, np.float32)
+    att = np.zeros((len(items), table.k), np.float32)
+    counts = np.zeros((len(items), table.k), np.float32)
+    if ok.any():
+        s = slots[ok][None]
+        w: list[np.ndarray] = []
+        d = table.project(s, model.attention_queries(user[None]))
+        out[ok] = model.score_projected(user[None], d, table.counts[s], table.global_vec[s],
+                                        table.gram[s], w)[0]
+        att[ok], counts[ok] = w[0][0], table.counts[s][0]
+    return out, att, counts
+
+
+def standardised(x: np.ndarray) -> np.ndarray:
+    """(x - mean) / std over the finite entries; the others get the lowest value."""
+    ok = np.isfinite(x)
+    out = np.zeros(len(x), np.float64)
+    if ok.any():
+        v = x[ok].astype(np.float64)
+        out[ok] = (v - v.mean()) / (v.std() or 1.0)
+        out[~ok] = out[ok].min()
+    return out
+
+
+def rank_user(p: PipelineConfig, pool: Pool, k: int, terms: dict[str, np.ndarray],
+              explain: bool, attention: np.ndarray | None,
+              counts: np.ndarray | None) -> Ranked:
+    """Order one user's pool by the pipeline's ranker. ``terms``: each term's score of
+    every pooled item (NaN: that term cannot score it)."""
+    if p.ranker == "blend":
+        score = sum(w * standardised(terms[t]) for t, w in p.blend.items())
+        score = np.asarray(score, np.float64)
+    else:
+        score = terms[p.ranker].astype(np.float64)
+    keep = np.flatnonzero(np.isfinite(score))
+    order = keep[np.argsort(-score[keep], kind="stable")][:k]
+    items = [(pool.items[j], float(score[j])) for j in order]
+    if not explain:
+        return Ranked(items)
+    ralm = terms.get("ralm")
+    why = [explanation(pool.by[pool.items[j]], p.ranker,
+                       None if ralm is None or not np.isfinite(ralm[j]) or attention is None
+                       else attention[j], None if counts is None else counts[j])
+           for j in order]
+    return Ranked(items, why)
+
+
+def explanation(sources: list[str], ranker: str, attention: np.ndarray | None,
+                counts: np.ndarray | None) -> dict:
+    """Why an item is recommended: the sources that proposed it, what ranked it and,
+    where RALM scored it, the seed cluster (centroid) its local attention weighs most."""
+    out: dict = {"sources": sources, "ranker": ranker}
+    if attention is not None and counts is not None:
+        c = int(np.argmax(attention))
+        out["seed_cluster"] = {"index": c, "weight": round(float(attention[c]), 4),
+                               "seeds": float(counts[c])}
+    return out
