@@ -464,12 +464,15 @@ def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: st
                        seed=int(trained.get("seed", 0)))
     out_dir = out or s.cache_dir / "reports" / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    own = _own_task_metrics(model, split.test)  # e.g. AutoRec's test RMSE
+    for line in (f"{name} test {m} {v:.4f}" for m, v in own.items()):
+        typer.echo(line)
     for p in protocols:
         results = evaluate_protocol(model, split.test, p, ks=ks, seed=seed)
         report = {"model": name, "checkpoint": str(path), "version": model.version_,
                   "protocol": p, "dataset": dataset, "split": split.summary(),
                   "sampling_seed": seed, "train": trained.get("train", {}),
-                  "config": model.config.model_dump(),
+                  "config": model.config.model_dump(), "own_task": own,
                   "variants": {v: r.to_json() for v, r in results.items()}}
         (out_dir / f"evaluate-{p}.json").write_bytes(
             orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
@@ -484,6 +487,15 @@ def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: st
     if trained.get("train"):
         plot_learning_curve(result_from_json(trained["train"]), out_dir / "learning-curve.png")
     typer.echo(f"wrote {out_dir}/evaluate-*.json, per-user .npz, learning-curve.png")
+
+
+def _own_task_metrics(model, data) -> dict[str, float]:  # noqa: ANN001 - zoo model, EvalSet
+    """The model's own task on the test set (``Recommender.extra_metrics``), with the
+    trainer's "higher is better" signs undone: AutoRec's ``neg_rmse`` is reported as ``rmse``."""
+    out = {}
+    for m, v in model.extra_metrics(data).items():
+        out[m.removeprefix("neg_")] = -v if m.startswith("neg_") else v
+    return out
 
 
 def _checkpoint_metrics(path: Path) -> dict:

@@ -100,3 +100,30 @@ def test_learns_ratings_better_than_the_global_mean():
         from models.splits import leave_one_out
 
         AutoRec().fit(leave_one_out(rated), epochs=1, progress=False)
+
+
+def test_evaluate_command_reports_the_test_rmse(tmp_path, ml100k):
+    """`lookalike evaluate autorec` prints and writes AutoRec's own task, the test RMSE,
+    beside the ranking metrics (it is a rating predictor first)."""
+    import orjson
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.config import default_cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "data").symlink_to(default_cache_dir() / "data")  # ml100k fetched it there
+    runner = CliRunner()
+    got = runner.invoke(app, ["train", "autorec", "--epochs", "2", "--cache-dir", str(cache),
+                              "--set", "hidden=16"])
+    assert got.exit_code == 0, got.output
+    got = runner.invoke(app, ["evaluate", "autorec", "--protocol", "ro-full",
+                              "--cache-dir", str(cache), "--out", str(tmp_path / "out")])
+    assert got.exit_code == 0, got.output
+    report = orjson.loads((tmp_path / "out" / "evaluate-ro-full.json").read_bytes())
+    rmse = report["own_task"]["rmse"]
+    assert f"autorec test rmse {rmse:.4f}" in got.output
+    # the checkpoint's own RMSE on the same split (the seed the training run used)
+    want = AutoRec.load(report["checkpoint"]).rmse(random_split(ml100k, seed=0).test)
+    assert rmse == pytest.approx(want, rel=1e-6) and 0 < rmse < 4
