@@ -376,7 +376,7 @@ def evaluate_cold_start_cmd(
 # Names of models/recommender.py's registry, listed here so that `lookalike --help` does
 # not import torch; tests/test_model_conformance.py checks the two lists agree.
 ZOO_MODELS = ("autorec", "cdae", "lightgcn", "multdae", "multvae", "ncf-gmf", "ncf-mlp", "neumf",
-              "ngcf", "sasrec", "lfm")
+              "ngcf", "sasrec", "lfm", "youtube-dnn")
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="model setting KEY=VALUE (repeatable), e.g. --set loss=ce")]
 
@@ -653,7 +653,8 @@ for _name in CTR_MODELS:
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(
-        help="ingest, cluster, score, freshness, train, scale or all")] = "all",
+        help="ingest, cluster, score, freshness, train, scale, all (these six) or soak "
+        "(ten minutes of steady load)")] = "all",
     quick: Annotated[bool, typer.Option(help="small sizes: a smoke run")] = False,
     out: Annotated[Path | None, typer.Option(
         help="output folder (default <cache_dir>/reports/bench)")] = None,

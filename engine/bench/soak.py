@@ -1,0 +1,333 @@
+"""``lookalike bench soak``: minutes of steady load; does anything drift?
+
+The workers run as their own processes on the embedded broker, as in
+``lookalike run``. First a calibration: a burst of real ml-100k clicks
+through the pipeline as fast as it takes them gives this deployment's ingest
+rate. Then, for ``seconds`` (600 by default), clicks at 80% of that rate and
+score requests at ``request_rate`` per second (500), with a few bad clicks
+injected every 30 s. Every ``window_s`` the bench samples each worker's RSS
+(``/proc``), the request latencies of the window (request produced ->
+recommendation consumed), the consumer lag and the error counters (scraped
+over HTTP).
+
+Targets (issue 8): RSS flat (the last sample within 10% of the one after the
+first minute: state is bounded by configuration); the last minute's p99
+within 20% of the first minute's; no error counter moves except the dead
+letters of the injected bad clicks; no request lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from consumers.kafka import make_producer
+from consumers.replay import profiles_of, replay
+from engine.bench.freshness import _checkpoint, _tail
+from engine.bench.report import BenchOptions, BenchReport
+from engine.broker import EmbeddedBroker
+from engine.codec import encode_json, key_of
+from engine.config import Settings
+from engine.data import Dataset, load_dataset
+from engine.pipeline import WorkerProcess, spawn_worker, wait_drained, wait_ready
+from engine.scrape import scrape, total
+from engine.topics import Topics, create_topics
+
+
+@dataclass(frozen=True)
+class SoakSize:
+    seconds: float
+    request_rate: float
+    window_s: float
+    calibration_clicks: int
+    first_s: float  # "the first minute": the baseline window of RSS and latency
+    bad_every_s: float = 30.0
+    bad_per_injection: int = 3
+
+
+FULL = SoakSize(600, 500, 10, 30_000, 60)
+QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8)
+
+
+@dataclass
+class Window:
+    t: float  # seconds since the soak started
+    rss: dict[str, float]  # worker kind -> bytes
+    p50_ms: float
+    p99_ms: float
+    answered: int
+    lag: float
+    clicks_sent: int
+
+
+@dataclass
+class Pumps:
+    """The load: clicks and requests at fixed rates, answers matched by request id."""
+
+    s: Settings
+    clicks: list[bytes]  # encoded click values (keys alongside)
+    keys: list[bytes]
+    users: np.ndarray
+    click_rate: float
+    request_rate: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (answered at, s)
+    clicks_sent: int = 0
+    requests_sent: int = 0
+    bad_sent: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    drain_until: float = float("inf")  # after stop: how long answers are still awaited
+
+    def run_clicks(self) -> None:
+        names, producer = Topics(self.s.kafka.topic_prefix), make_producer(self.s.kafka)
+        t0, n = time.monotonic(), len(self.clicks)
+        try:
+            while not self.stop.is_set():
+                due = int((time.monotonic() - t0) * self.click_rate)
+                while self.clicks_sent < due:
+                    j = self.clicks_sent % n
+                    producer.send(names.clicks, key=self.keys[j], value=self.clicks[j])
+                    self.clicks_sent += 1
+                time.sleep(0.005)
+            producer.flush()
+        finally:
+            producer.close(timeout=10)
+
+    def run_requests(self) -> None:
+        names, producer = Topics(self.s.kafka.topic_prefix), make_producer(self.s.kafka,
+                                                                             linger_ms=0)
+        rng = np.random.default_rng(1)
+        t0 = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                due = int((time.monotonic() - t0) * self.request_rate)
+                while self.requests_sent < due:
+                    user = int(self.users[rng.integers(len(self.users))])
+                    rid = f"soak-{self.requests_sent}"
+                    with self.lock:
+                        self.sent_at[rid] = time.monotonic()
+                    producer.send(names.score_requests, key=key_of(user),
+                                  value=encode_json({"user_id": user, "request_id": rid}))
+                    self.requests_sent += 1
+                producer.flush()
+                time.sleep(0.002)
+        finally:
+            producer.close(timeout=10)
+
+    def run_answers(self) -> None:
+        consumer = _tail(self.s, Topics(self.s.kafka.topic_prefix).recommendations)
+        try:
+            while not self.stop.is_set() or self.sent_at:
+                for records in consumer.poll(timeout_ms=100).values():
+                    now = time.monotonic()
+                    for r in records:
+                        rid = orjson.loads(r.value).get("request_id")
+                        with self.lock:
+                            sent = self.sent_at.pop(rid, None)
+                        if sent is not None:
+                            self.latencies.append((now, now - sent))
+                if self.stop.is_set() and time.monotonic() > self.drain_until:
+                    break
+        finally:
+            consumer.close(autocommit=False)
+
+    def inject_bad(self, n: int) -> None:
+        """Clicks a worker must dead-letter (``not_json``), among the good ones."""
+        producer = make_producer(self.s.kafka, linger_ms=0)
+        try:
+            for _ in range(n):
+                producer.send(Topics(self.s.kafka.topic_prefix).clicks, key=b"1",
+                              value=b"{not json")
+            producer.flush()
+        finally:
+            producer.close(timeout=10)
+        self.bad_sent += n
+
+
+def click_pool(ds: Dataset, n: int, seed: int = 0) -> tuple[list[bytes], list[bytes]]:
+    """``n`` clicks of ml-100k's users on its items, popularity as in the data (rows drawn
+    with replacement), with profiles, no timestamps (the worker stamps arrival)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(len(ds), size=n)
+    profiles = profiles_of(ds)
+    values, keys = [], []
+    for r in rows.tolist():
+        u, i, p = int(ds.users.ids[ds.user[r]]), int(ds.items.ids[ds.item[r]]), profiles[ds.user[r]]
+        body = {"user_id": u, "item_id": i}
+        if p is not None:
+            body["profile"] = {k: v for k, v in asdict(p).items() if v is not None}
+        values.append(encode_json(body))
+        keys.append(key_of(u))
+    return values, keys
+
+
+def rss_bytes(pid: int) -> float:
+    """Resident set size of a process, from ``/proc/<pid>/status`` (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _counters(workers: list[WorkerProcess]) -> dict[str, float]:
+    out = {"dead_letters": 0.0, "errors": 0.0, "lag": 0.0}
+    for w in workers:
+        m = scrape(w.metrics_url)
+        out["dead_letters"] += total(m, "lookalike_dead_letters_total")
+        out["errors"] += total(m, "lookalike_errors_total")
+        out["lag"] += total(m, "lookalike_consumer_lag_messages")
+    return out
+
+
+def run(opts: BenchOptions) -> BenchReport:
+    size = QUICK if opts.quick else FULL
+    s = opts.settings
+    ds = load_dataset("ml-100k", s.data_dir)
+    ckpt = _checkpoint(s, ds.time_split(0.8)[0], opts.quick)
+    run_dir = opts.out_dir / "soak-run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    broker, workers = None, []
+    try:
+        bootstrap = opts.bootstrap_servers
+        if bootstrap is None:
+            broker = EmbeddedBroker(log_file=run_dir / "broker.log").start()
+            bootstrap = broker.bootstrap_servers
+        prefix = f"bench-soak-{uuid.uuid4().hex[:6]}-"
+        s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
+            "bootstrap_servers": bootstrap, "topic_prefix": prefix})})
+        create_topics(s.kafka)
+        workers = [spawn_worker(kind, s, ckpt, run_dir, 0) for kind in ("clustering", "scoring")]
+        wait_ready(workers)
+        ingest = _calibrate(s, ds, workers, size.calibration_clicks)
+        before = _counters(workers)
+        windows, pumps = _soak(s, ds, workers, size, 0.8 * ingest)
+        after = _counters(workers)
+    finally:
+        for w in workers:
+            w.stop()
+        if broker is not None:
+            broker.stop()
+    report = _report(size, ingest, windows, pumps, before, after)
+    plot(windows, opts.out_dir / "soak.png")
+    return report
+
+
+def _calibrate(s: Settings, ds: Dataset, workers: list[WorkerProcess], n: int) -> float:
+    """Clicks/s this deployment ingests: a burst of ``n`` real clicks, produced as fast as
+    kafka-python can, until every one is a seed in a window."""
+    t0 = time.monotonic()
+    rep = replay(ds, s.kafka, limit=n, progress=False)
+    done = wait_drained(workers[1:], workers[:1], rep.events, timeout_s=600)
+    return rep.events / (done - t0)
+
+
+def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize,
+          click_rate: float) -> tuple[list[Window], Pumps]:
+    values, keys = click_pool(ds, 20_000 if size.seconds < 60 else 200_000)
+    pumps = Pumps(s, values, keys, np.unique(ds.users.ids[ds.user]), click_rate,
+                  size.request_rate)
+    threads = [threading.Thread(target=f, daemon=True, name=f"soak-{f.__name__}")
+               for f in (pumps.run_clicks, pumps.run_requests, pumps.run_answers)]
+    for t in threads:
+        t.start()
+    t0, windows, seen = time.monotonic(), [], 0
+    next_bad = t0 + size.bad_every_s
+    try:
+        while (now := time.monotonic()) - t0 < size.seconds:
+            time.sleep(min(size.window_s, max(0.0, t0 + size.seconds - now)))
+            if time.monotonic() >= next_bad:
+                pumps.inject_bad(size.bad_per_injection)
+                next_bad += size.bad_every_s
+            lat = np.array([x for _, x in pumps.latencies[seen:]]) * 1e3
+            seen = len(pumps.latencies)
+            c = _counters(workers)
+            windows.append(Window(
+                time.monotonic() - t0, {w.kind: rss_bytes(w.proc.pid) for w in workers},
+                float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+                float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+                len(lat), c["lag"], pumps.clicks_sent))
+    finally:
+        pumps.drain_until = time.monotonic() + 30
+        pumps.stop.set()
+        for t in threads:
+            t.join(60)
+    return windows, pumps
+
+
+def _report(size: SoakSize, ingest: float, windows: list[Window], pumps: Pumps,
+            before: dict[str, float], after: dict[str, float]) -> BenchReport:
+    report = BenchReport("soak", settings={**size.__dict__, "click_rate": pumps.click_rate})
+    first = [w for w in windows if w.t <= size.first_s + 1e-9] or windows[:1]
+    last = [w for w in windows if w.t >= windows[-1].t - size.first_s]
+    lat_first = _p99([w for w in first])
+    lat_last = _p99(last)
+    report.add("calibrated ingest rate", ingest, "clicks/s", note="burst of real clicks "
+               "through both workers until every one is a seed in a window")
+    report.add("click rate offered (80% of calibrated)", pumps.click_rate, "clicks/s")
+    report.add("clicks sent", pumps.clicks_sent, "clicks")
+    report.add("requests sent", pumps.requests_sent, "requests",
+               note=f"{size.request_rate:.0f}/s offered")
+    report.add("requests lost", len(pumps.sent_at), "requests", "<= 0",
+               "no recommendation within 30 s of the end")
+    for kind in windows[0].rss:
+        base = first[-1].rss[kind]
+        report.add(f"{kind} RSS after the first minute", base / 2**20, "MiB")
+        report.add(f"{kind} RSS at the end", windows[-1].rss[kind] / 2**20, "MiB")
+        report.add(f"{kind} RSS end / after first minute", windows[-1].rss[kind] / base, "x",
+                   "<= 1.1", "flat: state bounded by configuration")
+    report.add("request p99, first minute", lat_first, "ms")
+    report.add("request p99, last minute", lat_last, "ms")
+    report.add("p99 last minute / first minute", lat_last / lat_first, "x", "<= 1.2")
+    report.add("consumer lag at the end", windows[-1].lag, "messages")
+    report.add("bad clicks injected", pumps.bad_sent, "records")
+    dead = after["dead_letters"] - before["dead_letters"]
+    report.add("dead letters beyond the injected", dead - pumps.bad_sent, "records", "<= 0")
+    report.add("error counter increase", after["errors"] - before["errors"], "events", "<= 0",
+               "lookalike_errors_total (transient broker faults)")
+    return report
+
+
+def _p99(windows: list[Window]) -> float:
+    """The windows' p99s weighted by their answers: the p99 of the period, near enough."""
+    ok = [w for w in windows if w.answered]
+    if not ok:
+        return float("nan")
+    return float(np.average([w.p99_ms for w in ok], weights=[w.answered for w in ok]))
+
+
+def plot(windows: list[Window], path: Path) -> Path:
+    """RSS of each worker and request latency over the soak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [w.t for w in windows]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for kind in windows[0].rss:
+        a.plot(t, [w.rss[kind] / 2**20 for w in windows], label=f"{kind} worker")
+    a.set_ylabel("RSS (MiB)")
+    a.legend()
+    a.set_ylim(bottom=0)
+    b.plot(t, [w.p50_ms for w in windows], label="p50")
+    b.plot(t, [w.p99_ms for w in windows], label="p99")
+    b.set_ylabel("request -> recommendation (ms)")
+    b.set_xlabel("seconds into the soak")
+    b.legend()
+    b.set_ylim(bottom=0)
+    fig.suptitle("lookalike bench soak")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

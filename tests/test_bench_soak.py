@@ -1,0 +1,29 @@
+"""``lookalike bench soak --quick``: the soak's machinery on the embedded broker (no timing
+assertions: the full ten-minute run is the bench)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.bench import BenchOptions, runner
+from engine.config import default_cache_dir
+
+
+@pytest.mark.slow
+def test_quick_soak_answers_every_request_and_counts_only_injected_dead_letters(
+        settings, ml100k, tmp_path) -> None:
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    (settings.cache_dir / "data").symlink_to(default_cache_dir() / "data")  # fetched by ml100k
+    opts = BenchOptions(settings=settings, out_dir=tmp_path / "bench", quick=True,
+                        bootstrap_servers=settings.kafka.bootstrap_servers)
+    report = runner("soak")(opts)
+    f = {x.name: x.value for x in report.figures}
+    assert f["requests sent"] > 100 and f["clicks sent"] > 1000
+    assert f["requests lost"] == 0
+    assert f["bad clicks injected"] >= 6 and f["dead letters beyond the injected"] == 0
+    for kind in ("scoring", "clustering"):
+        assert 10 < f[f"{kind} RSS at the end"] < 8192  # MiB: a real process was sampled
+    assert math.isfinite(f["request p99, first minute"])
+    assert (opts.out_dir / "soak.png").stat().st_size > 10_000
