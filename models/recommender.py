@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # Modules that register a model; `get_model` imports them on first use.
 MODEL_MODULES = ("models.sasrec", "models.mult_vae", "models.ncf", "models.cdae", "models.autorec",
-                 "models.ngcf", "models.lfm")
+                 "models.ngcf", "models.lfm", "models.youtube_dnn")
 REGISTRY: dict[str, type[Recommender]] = {}
 SCORE_BATCH = 512
 
