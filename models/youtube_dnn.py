@@ -90,12 +90,12 @@ class YouTubeDNNConfig(BaseModel):
     dim: int = Field(64, ge=1, description="D: item embeddings and the user vector")
     hidden: int = Field(256, ge=1, description="width of each ReLU layer of the tower")
     layers: int = Field(1, ge=0, description="ReLU layers before the linear output")
-    max_history: int = Field(50, ge=1, description="recent clicks averaged")
+    max_history: int = Field(5, ge=1, description="recent clicks averaged")
     negatives: int = Field(200, ge=1, description="K: sampled negatives per batch")
     sample_power: float = Field(0.75, ge=0, description="q ~ (clicks + 1)^power")
     logq: bool = Field(True, description="correct logits by -log(K q)")
     example_age: bool = Field(True, description="feed the example-age features")
-    batch_size: int = Field(256, ge=1, description="examples per step")
+    batch_size: int = Field(512, ge=1, description="examples per step")
     profile_dim: int = Field(8, ge=1, description="width of each profile field")
     # set by `use_profiles` (and saved with the config, so a checkpoint rebuilds them)
     profile_sizes: list[int] = Field(default_factory=list, description="table rows per field")
@@ -258,7 +258,8 @@ class YouTubeDNN(Recommender):
     config: YouTubeDNNConfig
     split = "loo"
     user_bound = True  # rows carry the dense user, to look up the attached profiles
-    trainer_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    # chosen on ml-100k's validation users (docs/youtube_dnn.md)
+    trainer_defaults: ClassVar[dict[str, Any]] = {"lr": 2e-3}
 
     def use_profiles(self, users: Users) -> YouTubeDNN:
         """Attach the demographic and geographic fields of `users` (the dataset's table,
@@ -405,27 +406,46 @@ class CandidateIndex:
 
 def ann_vs_exact(model: YouTubeDNN, data: EvalSet, ks: Sequence[int] = (50, 100),
                  kinds: Sequence[str] = ("hnsw", "ivf"),
-                 options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 options: dict[str, dict[str, Any]] | None = None,
+                 catalogue: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Recall@K of the ANN candidates and of exact search on single-target `data`
-    (history not masked: the retrieval step), their ratio, the overlap of the two top-K
-    lists, and search time per query."""
+    (history not masked: the retrieval step), their ratio ("kept"), the overlap of the
+    two top-K lists, and search time per query.
+
+    `catalogue`: pad the item vectors with synthetic items drawn from a Gaussian with the
+    real vectors' mean and covariance up to this many, to see the index at a size where
+    ANN matters (the targets stay real items)."""
     if not data.single_target:
         raise ValueError("ann_vs_exact wants one target per user (leave-one-out)")
     queries = model.user_vectors(data.history.rows(range(len(data))), data.users)
     items = model.net.item_vectors().detach().numpy()
-    target = data.targets.values
+    if catalogue is not None and catalogue > len(items):
+        rng = np.random.default_rng(seed)
+        extra = rng.multivariate_normal(items.mean(axis=0), np.cov(items.T),
+                                        catalogue - len(items))
+        items = np.concatenate([items, extra.astype(np.float32)])
+    return compare_indexes(queries, items, data.targets.values, ks, kinds, options or {})
+
+
+def compare_indexes(queries: np.ndarray, items: np.ndarray, target: np.ndarray,
+                    ks: Sequence[int], kinds: Sequence[str],
+                    options: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Exact search and each ANN `kind` on the same queries (see `ann_vs_exact`)."""
     k_max = max(ks)
     found: dict[str, np.ndarray] = {}
-    out: dict[str, Any] = {"users": len(data), "items": len(items), "kinds": {}}
+    out: dict[str, Any] = {"users": len(queries), "items": len(items), "options": options,
+                           "kinds": {}}
     for kind in ("exact", *kinds):
-        index = CandidateIndex(items, kind, **(options or {}).get(kind, {}))  # type: ignore[arg-type]
         t0 = time.perf_counter()
+        index = CandidateIndex(items, kind, **options.get(kind, {}))  # type: ignore[arg-type]
+        t1 = time.perf_counter()
         _, ids = index.search(queries, k_max)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t1
         found[kind] = ids
         recall = {f"recall@{k}": float(np.mean((ids[:, :k] == target[:, None]).any(axis=1)))
                   for k in ks}
-        out["kinds"][kind] = {**recall, "ms_per_query": 1e3 * seconds / max(len(data), 1)}
+        out["kinds"][kind] = {**recall, "ms_per_query": 1e3 * seconds / max(len(queries), 1),
+                              "build_seconds": t1 - t0}
     for kind in kinds:
         row = out["kinds"][kind]
         for k in ks:
@@ -445,8 +465,13 @@ class RankConfig(BaseModel):
 
     dim: int = Field(16, ge=1, description="width of each sparse field's embedding")
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.3, ge=0, lt=1)
     weighted: bool = Field(True, description="positives weigh their rating, negatives 1")
+    context: bool = Field(True, description="add the context columns (`with_context`)")
+    history_stats: bool = Field(False, description="add the online user/item history "
+                                "columns (`history_features`)")
+    user_dropout: float = Field(0.5, ge=0, lt=1, description="share of training rows seen "
+                                "as a new user (id 0, no activity), as models/ctr_train.py")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(2048, ge=1)
@@ -495,12 +520,46 @@ def context_features(data: Dataset) -> np.ndarray:
     return np.stack([hours, first.astype(np.float64)], axis=1)
 
 
-def with_context(data: CTRData, dataset: Dataset) -> CTRData:
-    """`data` with the context columns appended to every frame's dense block
-    (standardised with the training rows' mean and std)."""
+def running_rate(key: np.ndarray, ts: np.ndarray, label: np.ndarray, prior_rate: float,
+                 prior: float = 5.0) -> np.ndarray:
+    """(N, 2) per row: log1p(#earlier rows of the same key) and their positive rate,
+    shrunk toward `prior_rate` by `prior` pseudo-rows. Earlier = a strictly smaller
+    timestamp, so rows of the same second never see each other's labels."""
+    order = np.lexsort((ts, key))
+    k, t, y = key[order], ts[order], label[order].astype(np.float64)
+    index = np.arange(len(k))
+    new_key = np.r_[True, k[1:] != k[:-1]] if len(k) else np.zeros(0, bool)
+    new_tie = new_key | (np.r_[True, t[1:] != t[:-1]] if len(k) else new_key)
+    key_start = np.maximum.accumulate(np.where(new_key, index, 0)) if len(k) else index
+    tie_start = np.maximum.accumulate(np.where(new_tie, index, 0)) if len(k) else index
+    before = np.cumsum(y) - y  # positives strictly before each position
+    count = tie_start - key_start
+    positives = before[tie_start] - before[key_start]
+    out = np.empty((len(k), 2))
+    out[order] = np.stack([np.log1p(count), (positives + prior * prior_rate) / (count + prior)],
+                          axis=1)
+    return out
+
+
+def history_features(dataset: Dataset, label: np.ndarray, prior_rate: float) -> np.ndarray:
+    """(N, 4) what a streaming ranker knows at each rating: the user's and the item's
+    earlier ratings (count, shrunk positive rate), from every earlier row."""
+    return np.concatenate([running_rate(dataset.user, dataset.ts, label, prior_rate),
+                           running_rate(dataset.item, dataset.ts, label, prior_rate)], axis=1)
+
+
+def with_context(data: CTRData, dataset: Dataset, history_stats: bool = False) -> CTRData:
+    """`data` with the context columns (and, if asked, the history columns) appended to
+    every frame's dense block, standardised with the training rows' mean and std."""
     from dataclasses import replace
 
+    from models.ctr_data import LABEL_THRESHOLD
+
     ctx = context_features(dataset)
+    if history_stats:
+        label = (dataset.rating >= LABEL_THRESHOLD).astype(np.float64)
+        ctx = np.concatenate([ctx, history_features(
+            dataset, label, float(data.train.label.mean()))], axis=1)
     mean = ctx[data.train.rows].mean(axis=0)
     std = ctx[data.train.rows].std(axis=0)
     std[std == 0] = 1.0
@@ -525,6 +584,21 @@ def weighted_bce(logit: torch.Tensor, label: torch.Tensor, weight: torch.Tensor)
     return (bce * weight).sum() / weight.sum()
 
 
+def _as_new_users(sparse: torch.Tensor, dense: torch.Tensor, data: CTRData, share: float,
+                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random `share` of the rows with user id 0 and a zero activity count: most rows
+    of the time split come from users who joined after the cut."""
+    if not share:
+        return sparse, dense
+    from models.ctr_train import USER_COUNT
+
+    drop = torch.from_numpy(rng.random(len(sparse)) < share)
+    sparse, dense = sparse.clone(), dense.clone()
+    sparse[drop, 0] = 0
+    dense[drop, USER_COUNT] = float(-data.dense_mean[USER_COUNT] / data.dense_std[USER_COUNT])
+    return sparse, dense
+
+
 def fit_ranker(data: CTRData, dataset: Dataset, cfg: RankConfig,
                progress: bool = False) -> tuple[RankingNet, TrainResult]:
     """Train the ranking MLP (Adam, weighted BCE), best validation AUC kept (patience)."""
@@ -547,8 +621,9 @@ def fit_ranker(data: CTRData, dataset: Dataset, cfg: RankConfig,
         model.train()
         total = 0.0
         for idx in torch.from_numpy(rng.permutation(len(y))).split(cfg.batch_size):
+            sparse, dense = _as_new_users(x[0][idx], x[2][idx], data, cfg.user_dropout, rng)
             opt.zero_grad(set_to_none=True)
-            logit = model(x[0][idx], x[1][idx], x[2][idx])
+            logit = model(sparse, x[1][idx], dense)
             loss = weighted_bce(logit, y[idx], w[idx])
             loss.backward()
             opt.step()
@@ -590,7 +665,7 @@ def _evaluate_loo(model: Any, data: EvalSet, ks: Sequence[int]) -> dict[str, dic
 
 
 def run_candidates(dataset: Dataset, seed: int, out: Path, profiles: bool,
-                   max_seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
+                   settings: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:
     """One seed of docs/youtube_dnn.md: fit (as `lookalike train youtube-dnn`), full-ranking
     test metrics (loo-full, both variants), ANN vs exact recall; JSON and PNG."""
     from models.splits import leave_one_out
@@ -600,11 +675,11 @@ def run_candidates(dataset: Dataset, seed: int, out: Path, profiles: bool,
     model = YouTubeDNN(**settings)
     if profiles:
         model.use_profiles(dataset.users)
-    result = model.fit(split, seed=seed, threads=1, max_seconds=max_seconds, progress=False)
+    result = model.fit(split, seed=seed, threads=1, progress=False, **trainer)
     ks = (10, 20, 50, 100)
     report = {"model": model.name, "seed": seed, "profiles": profiles,
               "config": model.config.model_dump(), "split": split.summary(),
-              "trainer": {**model.trainer_defaults, "max_seconds": max_seconds, "threads": 1},
+              "trainer": {**model.trainer_defaults, **trainer, "threads": 1},
               "train": {k: v for k, v in result.to_json().items() if k != "history"},
               "test": _evaluate_loo(model, split.test, ks),
               "ann": ann_vs_exact(model, split.test)}
@@ -612,6 +687,26 @@ def run_candidates(dataset: Dataset, seed: int, out: Path, profiles: bool,
     out.mkdir(parents=True, exist_ok=True)
     (out / f"candidates-{tag}.json").write_text(json.dumps(report, indent=2))
     plot_learning_curve(result, out / f"learning-curve-{tag}.png")
+    return report
+
+
+SCALE_OPTIONS: dict[str, dict[str, Any]] = {"hnsw": {"hnsw_m": 32, "ef_search": 128},
+                                             "ivf": {"nlist": 1024, "nprobe": 32}}
+
+
+def run_ann_scale(dataset: Dataset, seed: int, out: Path, catalogue: int,
+                  settings: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:
+    """ANN vs exact with the catalogue padded to `catalogue` synthetic items (JSON)."""
+    from models.splits import leave_one_out
+
+    split = leave_one_out(dataset)
+    model = YouTubeDNN(**settings)
+    model.fit(split, seed=seed, threads=1, progress=False, **trainer)
+    report = {"seed": seed, "catalogue": catalogue, "config": model.config.model_dump(),
+              "ann": ann_vs_exact(model, split.test, options=SCALE_OPTIONS,
+                                  catalogue=catalogue, seed=seed)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"ann-scale-{catalogue}-seed{seed}.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -633,15 +728,17 @@ def run_ranking(dataset: Dataset, seed: int, out: Path, weighted: bool,
     from models.ctr_data import build_ctr_data
     from models.ctr_train import evaluate_ctr
 
-    data = with_context(build_ctr_data(dataset, "time", seed=seed), dataset)
     cfg = RankConfig(**{**settings, "seed": seed, "weighted": weighted})
+    data = build_ctr_data(dataset, "time", seed=seed)
+    data = with_context(data, dataset, cfg.history_stats) if cfg.context else data
     model, result = fit_ranker(data, dataset, cfg)
     report = {"model": RankingNet.name, "seed": seed, "weighted": weighted,
               "config": cfg.model_dump(), "data": data.describe(),
               "train": {k: v for k, v in result.to_json().items() if k != "history"},
               "valid": evaluate_ctr(model, data.valid), "test": evaluate_ctr(model, data.test)}
     out.mkdir(parents=True, exist_ok=True)
-    name = f"ranking-{'weighted' if weighted else 'unweighted'}-seed{seed}.json"
+    tag = ("weighted" if weighted else "unweighted") + ("-stats" if cfg.history_stats else "")
+    name = f"ranking-{tag}-seed{seed}.json"
     (out / name).write_text(json.dumps(report, indent=2))
     return report
 
@@ -652,6 +749,87 @@ def pm(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
+def _load(folder: Path, pattern: str) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in sorted(folder.glob(pattern))]
+
+
+def _candidate_rows(folder: Path) -> list[str]:
+    lines = ["| model | variant | seeds | recall@50 | recall@100 | ndcg@50 | ndcg@100 | "
+             "recall@10 (= HR@10) | ndcg@10 | epochs (best) | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pop = _load(folder, "candidates-popularity.json")
+    for inputs in ("clicks", "profiles"):
+        runs = _load(folder, f"candidates-{inputs}-seed*.json")
+        for variant in ("recbole", "paper") if runs else ():
+            cells = [pm([r["test"][variant][m] for r in runs]) for m in (
+                "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10")]
+            epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})" for r in runs)
+            secs = ",".join(f"{r['train']['seconds']:.0f}" for r in runs)
+            lines.append(f"| youtube-dnn ({inputs}) | {variant} | "
+                         f"{','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells)
+                         + f" | {epochs} | {secs} |")
+    for variant in ("recbole", "paper") if pop else ():
+        t = pop[0]["test"][variant]
+        lines.append(f"| popularity | {variant} | - | " + " | ".join(f"{t[m]:.4f}" for m in (
+            "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10"))
+            + " | - | - |")
+    return lines
+
+
+def _ann_rows(folder: Path) -> list[str]:
+    lines = ["| inputs | index | seeds | recall@50 | recall@100 | kept@50 | kept@100 | "
+             "overlap@100 with exact | ms / query |", "| --- | --- | --- | --- | --- | --- | "
+             "--- | --- | --- |"]
+    for inputs in ("clicks", "profiles"):
+        runs = _load(folder, f"candidates-{inputs}-seed*.json")
+        for kind in ("exact", "hnsw", "ivf") if runs else ():
+            rows = [r["ann"]["kinds"][kind] for r in runs]
+            cells = [pm([x[m] for x in rows]) if m in rows[0] else "-" for m in (
+                "recall@50", "recall@100", "kept@50", "kept@100", "overlap@100",
+                "ms_per_query")]
+            lines.append(f"| {inputs} | {kind} | {','.join(str(r['seed']) for r in runs)} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def _scale_rows(folder: Path) -> list[str]:
+    runs = _load(folder, "ann-scale-*.json")
+    lines = ["| catalogue | index | seeds | recall@50 | recall@100 | kept@50 | kept@100 | "
+             "overlap@100 with exact | ms / query | build s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for size in sorted({r["catalogue"] for r in runs}):
+        group = [r for r in runs if r["catalogue"] == size]
+        for kind in ("exact", "hnsw", "ivf"):
+            rows = [r["ann"]["kinds"][kind] for r in group]
+            cells = [pm([x[m] for x in rows]) if m in rows[0] else "-" for m in (
+                "recall@50", "recall@100", "kept@50", "kept@100", "overlap@100",
+                "ms_per_query", "build_seconds")]
+            lines.append(f"| {size:,} | {kind} | {','.join(str(r['seed']) for r in group)} | "
+                         + " | ".join(cells) + " |")
+    return lines if runs else []
+
+
+def _ranking_rows(folder: Path) -> list[str]:
+    lines = ["| ranker | seeds | test AUC | test log-loss | valid AUC | epochs (best) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for kind in ("weighted", "unweighted", "weighted-stats", "unweighted-stats"):
+        runs = _load(folder, f"ranking-{kind}-seed*.json")
+        if runs:
+            epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})" for r in runs)
+            label = kind.replace("-stats", " + history stats")
+            lines.append(f"| MLP, {label} logistic | {','.join(str(r['seed']) for r in runs)} | "
+                         f"{pm([r['test']['auc'] for r in runs])} | "
+                         f"{pm([r['test']['logloss'] for r in runs])} | "
+                         f"{pm([r['valid']['auc'] for r in runs])} | {epochs} |")
+    return lines
+
+
+def summarise(folder: Path) -> str:
+    """The markdown tables of docs/youtube_dnn.md from the JSON files in `folder`."""
+    return "\n".join([*_candidate_rows(folder), "", *_ann_rows(folder), "",
+                      *_scale_rows(folder), "", *_ranking_rows(folder)])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m models.youtube_dnn candidates|ranking|popularity ...`: the runs behind
     docs/youtube_dnn.md (one torch thread)."""
@@ -659,14 +837,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     from engine.data import load_dataset
 
     p = argparse.ArgumentParser(prog="python -m models.youtube_dnn")
-    p.add_argument("task", choices=("candidates", "ranking", "popularity"))
+    p.add_argument("task", choices=("candidates", "ranking", "popularity", "ann-scale",
+                                    "summary"))
+    p.add_argument("--catalogue", type=int, default=100_000, help="ann-scale: items")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", type=Path, default=Path("docs/youtube_dnn"))
     p.add_argument("--profiles", action="store_true", help="attach demographics")
     p.add_argument("--unweighted", action="store_true", help="ranking: plain BCE")
-    p.add_argument("--max-seconds", type=float, default=300.0)
+    p.add_argument("--max-seconds", type=float, default=240.0)
+    p.add_argument("--metric", default="ndcg@100", help="candidates: early-stopping metric")
     p.add_argument("--set", action="append", default=[], help="KEY=JSON setting")
     args = p.parse_args(argv)
+    if args.task == "summary":
+        print(summarise(args.out))
+        return
     torch.set_num_threads(1)
     settings = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
     dataset = load_dataset("ml-100k", Settings().data_dir)
@@ -674,9 +858,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(run_popularity(dataset, args.out)["test"], indent=1))
         return
     for seed in args.seeds:
-        if args.task == "candidates":
-            r = run_candidates(dataset, seed, args.out, args.profiles, args.max_seconds,
-                               settings)
+        trainer = {"max_seconds": args.max_seconds, "metric": args.metric}
+        if args.task == "ann-scale":
+            r = run_ann_scale(dataset, seed, args.out, args.catalogue, settings, trainer)
+            print(f"seed {seed}: {json.dumps(r['ann']['kinds'])}", flush=True)
+        elif args.task == "candidates":
+            r = run_candidates(dataset, seed, args.out, args.profiles, settings, trainer)
             t = r["test"]["recbole"]
             print(f"seed {seed}: recall@50 {t['recall@50']:.4f} recall@100 "
                   f"{t['recall@100']:.4f} ndcg@100 {t['ndcg@100']:.4f}; epochs "

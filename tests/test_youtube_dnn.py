@@ -26,6 +26,7 @@ from models.youtube_dnn import (
     encode_profiles,
     mean_bags,
     row_weights,
+    running_rate,
     sampled_softmax_loss,
     training_examples,
     weighted_bce,
@@ -148,6 +149,8 @@ def test_ann_candidates_agree_with_exact_search(fitted):
     assert report["kinds"]["hnsw"]["kept@10"] >= 0.95
     assert report["kinds"]["exact"]["recall@10"] == pytest.approx(evaluate(
         model, split.test, Protocol(None), ks=(10,)).mean()["recall@10"])
+    padded = ann_vs_exact(model, split.test, ks=(10,), catalogue=2000)
+    assert padded["items"] == 2000 and padded["kinds"]["hnsw"]["overlap@10"] >= 0.9
 
 
 def test_unseen_user_is_scored_from_their_clicks(fitted):
@@ -210,3 +213,14 @@ def test_context_features_and_weights():
     bce = [math.log(2), math.log1p(math.exp(2)), math.log1p(math.exp(1))]
     assert float(weighted_bce(logit, y, torch.from_numpy(w))) == pytest.approx(
         (5 * bce[0] + bce[1] + 2 * bce[2]) / 8, rel=1e-6)
+
+
+def test_running_rate_sees_only_earlier_seconds():
+    """Per key: how many rows came strictly earlier and their shrunk positive rate."""
+    key = np.array([1, 1, 2, 1, 1])
+    ts = np.array([0.0, 5.0, 5.0, 5.0, 9.0])
+    label = np.array([1, 0, 1, 1, 0])
+    out = running_rate(key, ts, label, prior_rate=0.5, prior=2.0)
+    # key 1: t=0 nothing before; t=5 (two rows) only the t=0 row; t=9 three rows
+    np.testing.assert_allclose(out[:, 0], np.log1p([0, 1, 0, 1, 3]))
+    np.testing.assert_allclose(out[:, 1], [0.5, 2 / 3, 0.5, 2 / 3, 3 / 5])
