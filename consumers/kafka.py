@@ -30,6 +30,7 @@ def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> Kafk
         max_request_size=8 * 1024 * 1024,
         request_timeout_ms=30_000,
         compression_type=None,
+        allow_auto_create_topics=False,  # as for consumers (make_consumer)
     )
     settings.update(extra)
     return KafkaProducer(**settings)
@@ -55,6 +56,9 @@ def make_consumer(
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        # topics are made by create_topics with the dataflow's layout; one a client
+        # auto-created would get the broker's partition count and break co-partitioning
+        allow_auto_create_topics=False,
         isolation_level="read_uncommitted",
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,

@@ -20,6 +20,16 @@ Offsets are committed only after what they produced is durable (5 before 6),
 so a crash replays at most the last batch: at-least-once. Stage state updates
 are idempotent (seed windows ignore replays) or rebuilt from the log.
 
+Broker outages: kafka-python reconnects by itself and the loop keeps polling
+(nothing is lost: offsets are only committed after outputs are durable);
+``lookalike_broker_up`` drops to 0 and ``lookalike_errors_total{kind=
+"broker_unreachable"}`` counts the checks that found it down. When it is back
+the loop makes sure the dataflow's topics exist as ``create_topics`` makes
+them: a broker that lost its storage (the embedded one keeps topics in
+memory) gets them again. If a topic came back with another partition count
+(auto-created by the broker), key ownership would silently change: the loop
+stops with :class:`TopologyLost`, and ``lookalike worker`` exits with status 3.
+
 Rebalances happen inside step 1 (``poll``), so by then the previous batch has
 been through 5 and 6 and nothing processed is uncommitted; the stage is told
 which partitions it lost and drops their state. (kafka-python 3 runs the
@@ -46,9 +56,13 @@ from consumers.kafka import make_consumer, make_producer, on_rebalance
 from engine.codec import BadEvent
 from engine.config import Settings
 from engine.metrics import WorkerMetrics
-from engine.topics import Topics
+from engine.topics import ALL, Topics, create_topics
 
 log = logging.getLogger(__name__)
+
+
+class TopologyLost(RuntimeError):
+    """The broker came back with the dataflow's topics laid out differently."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ class ConsumerLoop:
         self.producer: KafkaProducer | None = None
         self.ready = threading.Event()  # set once partitions are assigned
         self._next_lag = 0.0
+        self._down_since: float | None = None  # when the broker was first found unreachable
+        self.failure: BaseException | None = None  # what stopped the loop, if not ``stop``
         self._next_dlq_log: dict[str, float] = {}
         stage.loop = self
 
@@ -238,6 +254,8 @@ class ConsumerLoop:
         if now < self._next_lag or self.consumer is None:
             return
         self._next_lag = now + self.lag_interval_s
+        if not self._check_broker(now):
+            return
         for tp in self.consumer.assignment():
             hw = self.consumer.highwater(tp)
             if hw is None:
@@ -250,6 +268,60 @@ class ConsumerLoop:
                 self.metrics.lag.labels(
                     self.stage.name, self.names.base(tp.topic), str(tp.partition)
                 ).set(max(0, hw - pos))
+
+    def _check_broker(self, now: float) -> bool:
+        """Whether a broker answers; after an outage, the topics checked (module doc)."""
+        assert self.consumer is not None
+        try:
+            client = self.consumer._client  # kafka-python's network client: connection states
+            up = any(client.connected(b.node_id) for b in client.cluster.brokers())
+        except Exception:  # noqa: BLE001 - a health probe must never stop the worker
+            log.exception("broker health check failed; assuming the broker is up")
+            return True
+        self.metrics.broker_up.labels(self.stage.name).set(1 if up else 0)
+        if not up:
+            self.metrics.errors.labels(self.stage.name, "broker_unreachable").inc()
+            if self._down_since is None:
+                self._down_since = now
+                log.warning("%s worker: broker unreachable; retrying (nothing is lost: offsets "
+                            "are committed only after outputs are durable)", self.stage.name)
+            return False
+        if self._down_since is not None:
+            log.warning("%s worker: broker back after %.0f s", self.stage.name,
+                        now - self._down_since)
+            self._down_since = None
+            self.ensure_topics()
+        return True
+
+    def ensure_topics(self) -> None:
+        """The dataflow's topics as ``create_topics`` makes them, or :class:`TopologyLost`.
+
+        Topics the broker lost are created again and the consumer joins its group
+        afresh, so it is assigned the new (empty) partitions from their beginning
+        instead of waiting at positions of the old ones; a stage's state of what it
+        consumed before stays (its logs are gone with the storage: nothing replays).
+        """
+        assert self.consumer is not None
+        created = create_topics(self.settings.kafka)
+        if created:
+            log.warning("the broker came back without %d topics (storage lost?): recreated %s",
+                        len(created), ", ".join(created))
+            self.consumer.unsubscribe()
+            self.consumer.subscribe([self.names.name(t) for t in self.stage.topics],
+                                    listener=on_rebalance(self._on_revoked, self._on_assigned))
+        want = self.settings.kafka.partitions
+        admin_view = self.consumer.topics()  # fresh metadata from the broker
+        wrong = {}
+        for t in (self.names.name(t) for t in ALL):
+            parts = self.consumer.partitions_for_topic(t) if t in admin_view else None
+            if parts is not None and len(parts) != want:
+                wrong[t] = len(parts)
+        if wrong:
+            raise TopologyLost(
+                f"after the broker outage these topics have other partition counts than "
+                f"kafka.partitions = {want}: {wrong} (auto-created by the broker?). Keys would "
+                "move between workers and their state with them: stop the workers, delete and "
+                "recreate the topics (`lookalike topics create`), then start the workers again")
 
     def _on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.stage.on_revoked(partitions)
@@ -277,6 +349,7 @@ class ConsumerLoop:
         topics = [self.names.name(t) for t in self.stage.topics]
         self.consumer.subscribe(topics, listener=on_rebalance(self._on_revoked, self._on_assigned))
         self.stage.start()
+        self.metrics.broker_up.labels(self.stage.name).set(1)
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -292,7 +365,16 @@ class ConsumerLoop:
         self.stage.close()
 
     def run(self) -> None:
-        """Poll until ``stop`` is set, then flush, commit and close."""
+        """Poll until ``stop`` is set, then flush, commit and close. A fatal error is kept
+        in ``failure`` (the ``worker`` command exits non-zero with it)."""
+        try:
+            self._run()
+        except Exception as e:
+            self.failure = e
+            log.critical("%s worker stopped: %s", self.stage.name, e)
+            raise
+
+    def _run(self) -> None:
         self.open()
         log.info("%s worker polling %s as group %s", self.stage.name,
                  list(self.stage.topics), self.group_id)

@@ -192,6 +192,9 @@ def worker(
     while not stop.wait(0.5) and w.thread.is_alive():
         pass
     w.stop()
+    if w.loop.failure is not None:
+        typer.echo(f"error: {kind} worker stopped: {w.loop.failure}", err=True)
+        raise typer.Exit(3)
 
 
 @app.command()

@@ -55,6 +55,10 @@ class WorkerMetrics:
             "lookalike_errors_total", "Transient faults retried (broker unavailable...)",
             s + ["kind"], registry=r,
         )
+        self.broker_up = Gauge(
+            "lookalike_broker_up", "1 if the worker reaches a Kafka broker, else 0 (checked "
+            "with the lag, every few seconds)", s, registry=r,
+        )
         self.lag = Gauge(
             "lookalike_consumer_lag_messages", "High watermark minus position",
             s + ["topic", "partition"], registry=r,
