@@ -768,11 +768,32 @@ def _candidate_rows(folder: Path) -> list[str]:
             lines.append(f"| youtube-dnn ({inputs}) | {variant} | "
                          f"{','.join(str(r['seed']) for r in runs)} | " + " | ".join(cells)
                          + f" | {epochs} | {secs} |")
+    lines += _zoo_rows(folder)
     for variant in ("recbole", "paper") if pop else ():
         t = pop[0]["test"][variant]
         lines.append(f"| popularity | {variant} | - | " + " | ".join(f"{t[m]:.4f}" for m in (
             "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10"))
             + " | - | - |")
+    return lines
+
+
+def _zoo_rows(folder: Path) -> list[str]:
+    """Other zoo models evaluated by `lookalike evaluate MODEL --protocol loo-full` into
+    ``<folder>/<model>-seed<S>/`` (e.g. SASRec, for recall@50/100 on the same split)."""
+    lines = []
+    for name in sorted({p.parent.name.rsplit("-seed", 1)[0]
+                        for p in folder.glob("*-seed*/evaluate-loo-full.json")}):
+        paths = sorted(folder.glob(f"{name}-seed*/evaluate-loo-full.json"))
+        runs = [json.loads(p.read_text()) for p in paths]
+        seeds = ",".join(p.parent.name.rsplit("-seed", 1)[1] for p in paths)
+        for variant in ("recbole", "paper"):
+            cells = [pm([r["variants"][variant]["metrics"][m] for r in runs]) for m in (
+                "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10")]
+            epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})"
+                              for r in runs)
+            secs = ",".join(f"{r['train']['seconds']:.0f}" for r in runs)
+            lines.append(f"| {name} ({runs[0]['config'].get('loss', '')}) | {variant} | "
+                         f"{seeds} | " + " | ".join(cells) + f" | {epochs} | {secs} |")
     return lines
 
 
