@@ -695,18 +695,22 @@ SCALE_OPTIONS: dict[str, dict[str, Any]] = {"hnsw": {"hnsw_m": 32, "ef_search": 
 
 
 def run_ann_scale(dataset: Dataset, seed: int, out: Path, catalogue: int,
-                  settings: dict[str, Any], trainer: dict[str, Any]) -> dict[str, Any]:
+                  settings: dict[str, Any], trainer: dict[str, Any],
+                  options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """ANN vs exact with the catalogue padded to `catalogue` synthetic items (JSON)."""
+    options = options or SCALE_OPTIONS
     from models.splits import leave_one_out
 
     split = leave_one_out(dataset)
     model = YouTubeDNN(**settings)
     model.fit(split, seed=seed, threads=1, progress=False, **trainer)
     report = {"seed": seed, "catalogue": catalogue, "config": model.config.model_dump(),
-              "ann": ann_vs_exact(model, split.test, options=SCALE_OPTIONS,
+              "ann": ann_vs_exact(model, split.test, options=options,
                                   catalogue=catalogue, seed=seed)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ann-scale-{catalogue}-seed{seed}.json").write_text(json.dumps(report, indent=2))
+    tag = f"ef{options['hnsw']['ef_search']}-nprobe{options['ivf']['nprobe']}"
+    (out / f"ann-scale-{catalogue}-{tag}-seed{seed}.json").write_text(
+        json.dumps(report, indent=2))
     return report
 
 
@@ -818,14 +822,22 @@ def _scale_rows(folder: Path) -> list[str]:
     lines = ["| catalogue | index | seeds | recall@50 | recall@100 | kept@50 | kept@100 | "
              "overlap@100 with exact | ms / query | build s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for size in sorted({r["catalogue"] for r in runs}):
-        group = [r for r in runs if r["catalogue"] == size]
+    def settings(r: dict[str, Any], kind: str) -> str:
+        o = r["ann"]["options"].get(kind, {})
+        return {"hnsw": f"hnsw (M {o.get('hnsw_m')}, efSearch {o.get('ef_search')})",
+                "ivf": f"ivf (nlist {o.get('nlist')}, nprobe {o.get('nprobe')})"}.get(kind, kind)
+
+    for size, key in sorted({(r["catalogue"], json.dumps(r["ann"]["options"], sort_keys=True))
+                             for r in runs}):
+        group = [r for r in runs if r["catalogue"] == size
+                 and json.dumps(r["ann"]["options"], sort_keys=True) == key]
         for kind in ("exact", "hnsw", "ivf"):
             rows = [r["ann"]["kinds"][kind] for r in group]
             cells = [pm([x[m] for x in rows]) if m in rows[0] else "-" for m in (
                 "recall@50", "recall@100", "kept@50", "kept@100", "overlap@100",
                 "ms_per_query", "build_seconds")]
-            lines.append(f"| {size:,} | {kind} | {','.join(str(r['seed']) for r in group)} | "
+            lines.append(f"| {size:,} | {settings(group[0], kind)} | "
+                         f"{','.join(str(r['seed']) for r in group)} | "
                          + " | ".join(cells) + " |")
     return lines if runs else []
 
@@ -861,6 +873,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("task", choices=("candidates", "ranking", "popularity", "ann-scale",
                                     "summary"))
     p.add_argument("--catalogue", type=int, default=100_000, help="ann-scale: items")
+    p.add_argument("--ef-search", type=int, default=128, help="ann-scale: HNSW efSearch")
+    p.add_argument("--nprobe", type=int, default=32, help="ann-scale: IVF lists probed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", type=Path, default=Path("docs/youtube_dnn"))
     p.add_argument("--profiles", action="store_true", help="attach demographics")
@@ -881,7 +895,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for seed in args.seeds:
         trainer = {"max_seconds": args.max_seconds, "metric": args.metric}
         if args.task == "ann-scale":
-            r = run_ann_scale(dataset, seed, args.out, args.catalogue, settings, trainer)
+            options = {"hnsw": {**SCALE_OPTIONS["hnsw"], "ef_search": args.ef_search},
+                       "ivf": {**SCALE_OPTIONS["ivf"], "nprobe": args.nprobe}}
+            r = run_ann_scale(dataset, seed, args.out, args.catalogue, settings, trainer,
+                              options)
             print(f"seed {seed}: {json.dumps(r['ann']['kinds'])}", flush=True)
         elif args.task == "candidates":
             r = run_candidates(dataset, seed, args.out, args.profiles, settings, trainer)
