@@ -135,6 +135,8 @@ class ModelReloader:
     def _check_file(self) -> None:
         from models.train_ralm import latest_checkpoint
 
+        if self._watched.path is None:  # a model built in code: no file to follow
+            return
         path = self._watched.path if self.explicit else latest_checkpoint(
             self.settings.checkpoint_dir)
         if path is None:

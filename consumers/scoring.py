@@ -189,6 +189,16 @@ class UserStore:
             st.profile = c.profile
         return st
 
+    def remap_rows(self, catalog_rows: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Rebuild every user's catalogue-row ring from the item-id ring: rows are a
+        model's (its catalogue); a new model's catalogue orders items differently."""
+        for st in self.users.values():
+            n = min(st.clicks, self.ring_len)
+            clicks = np.arange(st.clicks - n, st.clicks)
+            ids = self.id_ring(st.slot)[clicks % self.id_len]
+            self.rows[st.slot] = 0
+            self.rows[st.slot, clicks % self.ring_len] = catalog_rows(ids)
+
     def set_vectors(self, states: list[UserState], vecs: np.ndarray) -> None:
         """The users' embeddings after their latest clicks (the seeds the worker just made)."""
         if self.vecs.shape[1] != vecs.shape[1]:
@@ -770,6 +780,7 @@ class ScoringStage(Stage):
         t0 = time.perf_counter()
         self.model = new
         self._field_index = ({}, {}, {})  # profile field indices are the model's
+        self.users.remap_rows(new.features.catalog_rows)  # so are the catalogue rows
         self.users.fresh[:] = False
         self.table.invalidate()
         self.table.refresh(new.item_global)
