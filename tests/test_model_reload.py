@@ -162,3 +162,23 @@ def test_hot_reload_under_a_request_stream_loses_nothing(settings, features, tmp
         assert total(m, "lookalike_model_reloads_total", outcome="rejected") == 1
     finally:
         w.stop()
+
+
+def test_users_catalogue_rows_are_rebuilt_from_their_item_ids(features):
+    """Catalogue rows are a model's: a swap rebuilds each user's ring of rows from the
+    ring of item ids, exactly as the click path wrote it (ring wrapped or not)."""
+    from engine.codec import Click
+
+    s = load_settings(None)
+    stage = ScoringStage(s, _model(features, "v1"))
+    items = list(features.item_ids[:30])
+    for j, item in enumerate(items):  # user 7 wraps its ring (8 rows), user 8 does not
+        stage._apply_clicks([Click(7, item, 1.0 + j)], [0])
+    stage._apply_clicks([Click(8, items[0], 1.0)], [0])
+    before = stage.users.rows.copy()
+    stage.users.remap_rows(lambda ids: np.full(len(ids), 3))  # another catalogue
+    for u in (7, 8):
+        st = stage.users.get(u)
+        assert (stage.users.rows[st.slot] == 3).sum() == min(st.clicks, stage.users.ring_len)
+    stage.users.remap_rows(features.catalog_rows)  # back: the click path's rows exactly
+    np.testing.assert_array_equal(stage.users.rows, before)
