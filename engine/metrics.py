@@ -120,6 +120,11 @@ class WorkerMetrics:
         self.recommendations = Counter(
             "lookalike_recommendations_total", "Recommendation records emitted", s, registry=r
         )
+        self.requests_first = Counter(
+            "lookalike_requests_first_total",
+            "Polls for which a scoring worker paused its clicks partitions because score "
+            "requests were waiting (requests before clicks)", s, registry=r,
+        )
         self.model_reloads = Counter(
             "lookalike_model_reloads_total",
             "Model hot reloads, by outcome (loaded, rejected: the old model kept serving)",

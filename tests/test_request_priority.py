@@ -1,0 +1,63 @@
+"""Requests before clicks: while score requests wait, the clicks partitions are paused."""
+
+from __future__ import annotations
+
+import orjson
+import torch
+
+from consumers.kafka import make_producer
+from consumers.loop import ConsumerLoop
+from consumers.scoring import ScoringStage
+from engine.codec import key_of
+from engine.synthetic import SyntheticSpec, generate
+from engine.topics import Topics
+from models.features import FeatureSpace
+from models.ralm import RalmConfig, RalmModel
+from tests.kafka_fixtures import wait_until
+
+
+def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
+    data = generate(SyntheticSpec(n_users=300, n_items=200, clicks_per_user=10, seed=1))
+    torch.manual_seed(0)
+    model = RalmModel.new(RalmConfig.tiny(history_len=8), FeatureSpace.build(data, 8), "v")
+    names = Topics(settings.kafka.topic_prefix)
+    producer = make_producer(settings.kafka)
+    stage = ScoringStage(settings, model)
+    stage.max_poll_records = 50  # a poll takes a sliver of the backlogs
+    loop = ConsumerLoop(stage)
+    loop.open()
+    try:
+        wait_until(lambda: loop.poll_once() is not None and loop.consumer.assignment(),
+                   what="partitions assigned")
+        paused_with_requests_waiting = False
+        for attempt in range(20):
+            for i in range(5_000):  # a click backlog, then a request behind it
+                producer.send(names.clicks, key=key_of(i % 300), value=orjson.dumps(
+                    {"user_id": i % 300, "item_id": int(data.items.ids[i % 200])}))
+            for j in range(300):  # more requests than one poll takes
+                producer.send(names.score_requests, key=key_of(j % 300), value=orjson.dumps(
+                    {"user_id": j % 300, "request_id": f"r{attempt}-{j}"}))
+            producer.flush()
+            for _ in range(30):
+                loop.poll_once()
+                if loop.consumer.paused():  # tick found requests waiting and paused clicks
+                    paused_with_requests_waiting = True
+                    break
+            if paused_with_requests_waiting:
+                break
+        assert paused_with_requests_waiting
+        paused = set(loop.consumer.paused())
+        assert paused and {tp.topic for tp in paused} == {names.clicks}
+        # while paused, polls bring requests only; once none waits, clicks resume
+        before = stage.metrics.registry.get_sample_value(
+            "lookalike_events_consumed_total", {"stage": "scoring", "topic": "clicks"})
+        wait_until(lambda: loop.poll_once() is not None and not loop.consumer.paused(),
+                   timeout_s=30, what="clicks resumed")
+        assert stage.metrics.registry.get_sample_value(
+            "lookalike_requests_first_total", {"stage": "scoring"}) >= 1
+        assert stage.metrics.registry.get_sample_value(
+            "lookalike_events_consumed_total", {"stage": "scoring", "topic": "clicks"}
+        ) == before  # no click was taken while a request waited
+    finally:
+        producer.close()
+        loop.close()
