@@ -275,7 +275,7 @@ class YouTubeDNN(Recommender):
         codes = getattr(self, "_profile_codes", None)
         if net.profiles is not None and codes is not None:
             net.profiles.codes.copy_(torch.from_numpy(codes))
-        self._log_kq: tuple[int, torch.Tensor] | None = None
+        self._log_kq: torch.Tensor | None = None  # log(K q_i), set by `_proposal`
         return net
 
     @property
@@ -305,14 +305,13 @@ class YouTubeDNN(Recommender):
         counts = np.bincount(train.values, minlength=self.n_items).astype(np.float64)
         q = (counts + 1.0) ** self.config.sample_power
         q /= q.sum()
-        self._log_kq = (id(train), torch.from_numpy(
-            np.log(self.config.negatives * q)).float())
+        self._log_kq = torch.from_numpy(np.log(self.config.negatives * q)).float()
         return q
 
     def loss(self, batch: Examples) -> torch.Tensor:
         net = self.net
         u = net.user_vector(batch.histories, batch.age, batch.users)
-        log_kq = self._log_kq[1] if self.config.logq and self._log_kq is not None else None
+        log_kq = self._log_kq if self.config.logq else None
         return sampled_softmax_loss(u, net.out.weight, net.bias, batch.target, batch.sampled,
                                     log_kq)
 
@@ -843,8 +842,8 @@ def _scale_rows(folder: Path) -> list[str]:
 
 
 def _ranking_rows(folder: Path) -> list[str]:
-    lines = ["| ranker | seeds | test AUC | test log-loss | valid AUC | epochs (best) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| ranker | seeds | test AUC | test log-loss | valid AUC | epochs (best) | "
+             "train s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for kind in ("weighted", "unweighted", "weighted-stats", "unweighted-stats"):
         runs = _load(folder, f"ranking-{kind}-seed*.json")
         if runs:
@@ -853,7 +852,8 @@ def _ranking_rows(folder: Path) -> list[str]:
             lines.append(f"| MLP, {label} logistic | {','.join(str(r['seed']) for r in runs)} | "
                          f"{pm([r['test']['auc'] for r in runs])} | "
                          f"{pm([r['test']['logloss'] for r in runs])} | "
-                         f"{pm([r['valid']['auc'] for r in runs])} | {epochs} |")
+                         f"{pm([r['valid']['auc'] for r in runs])} | {epochs} | "
+                         + ",".join(f"{r['train']['seconds']:.0f}" for r in runs) + " |")
     return lines
 
 
