@@ -77,24 +77,26 @@ def replay(
     speedup: float | None = None,
     limit: int | None = None,
     progress: bool = True,
+    skip: int = 0,
 ) -> ReplayReport:
-    """Produce the dataset's clicks; returns how many and how long it took."""
+    """Produce the dataset's clicks ``skip`` to ``limit``; returns how many and how long
+    it took (``skip``: continue an earlier replay where it stopped)."""
     n = len(ds) if limit is None else min(limit, len(ds))
     topic = Topics(kafka.topic_prefix).clicks
     profiles = profiles_of(ds)
     users, items, ts = ds.users.ids[ds.user[:n]], ds.items.ids[ds.item[:n]], ds.ts[:n]
     prof_idx = ds.user[:n]
-    pacer = Pacer(ts, rate, speedup)
+    pacer = Pacer(ts[skip:], rate, speedup)
     producer = make_producer(kafka, linger_ms=10)
     t0 = time.perf_counter()
     try:
-        for i in tqdm(range(n), desc="replay", unit="click", disable=not progress,
+        for i in tqdm(range(skip, n), desc="replay", unit="click", disable=not progress,
                       mininterval=0.5, smoothing=0.1):
-            pacer.wait(i)
+            pacer.wait(i - skip)
             u = int(users[i])
             click = Click(u, int(items[i]), float(ts[i]), profiles[prof_idx[i]])
             producer.send(topic, key=key_of(u), value=encode_click(click))
         producer.flush()
     finally:
         producer.close(timeout=10)
-    return ReplayReport(n, time.perf_counter() - t0)
+    return ReplayReport(max(0, n - skip), time.perf_counter() - t0)
