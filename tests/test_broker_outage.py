@@ -73,9 +73,11 @@ def test_workers_ride_out_a_30_s_outage_then_resume_or_stop_clearly(tmp_path):
         names = Topics(s.kafka.topic_prefix)
         wait_until(lambda: set(names.all()) <= set(w.loop.consumer.topics()), timeout_s=30,
                    what="topics recreated")
+        wait_until(lambda: len(w.loop.consumer.assignment()) == 4, timeout_s=90,
+                   what="the worker rejoined its group on the new topics")
         _seeds(s, 2, range(100, 105))
-        wait_until(lambda: 2 in stage.state.items and stage.state.items[2].window.users()
-                   == list(range(100, 105)), timeout_s=60, what="seeds after the outage")
+        wait_until(lambda: 2 in stage.state.items and set(stage.state.items[2].window.users())
+                   == set(range(100, 105)), timeout_s=90, what="seeds after the outage")
         assert w.thread.is_alive() and w.loop.failure is None
 
         # the 2-partition worker: which comes first after the outage, the broker's

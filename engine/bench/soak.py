@@ -211,6 +211,7 @@ def run(opts: BenchOptions) -> BenchReport:
         ingest = _calibrate(s, ds, workers, size.calibration_clicks)
         before = _counters(workers)
         windows, pumps = _soak(s, ds, workers, size, 0.8 * ingest)
+        _settle(workers, timeout_s=60)  # the last injected bad clicks reach the workers
         after = _counters(workers)
     finally:
         for w in workers:
@@ -220,6 +221,14 @@ def run(opts: BenchOptions) -> BenchReport:
     report = _report(size, ingest, windows, pumps, before, after)
     plot(windows, opts.out_dir / "soak.png")
     return report
+
+
+def _settle(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """Until the workers' consumer lag is 0 (or ``timeout_s``): what was sent is read."""
+    deadline = time.monotonic() + timeout_s
+    time.sleep(5.0)  # the lag gauges are refreshed every 2 s: none may predate the last send
+    while time.monotonic() < deadline and _counters(workers)["lag"] > 0:
+        time.sleep(0.5)
 
 
 def _calibrate(s: Settings, ds: Dataset, workers: list[WorkerProcess], n: int) -> float:
