@@ -22,3 +22,16 @@ def ml100k() -> Dataset:
     """MovieLens-100k, fetched through pip once into the user's cache (never into git)."""
     folder = fetch_ml100k(default_cache_dir() / "data", quiet=True)
     return load_recbole(folder)
+
+
+@pytest.fixture
+def quick_bench(request, ml100k, tmp_path):
+    """Options of a ``--quick`` bench on the session's broker, its cache seeing the ml-100k
+    the session fetched (the bench loads it by name from ``cache_dir/data``)."""
+    from engine.bench import BenchOptions
+
+    s = request.getfixturevalue("settings")
+    s.cache_dir.mkdir(parents=True, exist_ok=True)
+    (s.cache_dir / "data").symlink_to(default_cache_dir() / "data")
+    return BenchOptions(settings=s, out_dir=tmp_path / "bench", quick=True,
+                        bootstrap_servers=s.kafka.bootstrap_servers)

@@ -6,17 +6,13 @@ import math
 
 import pytest
 
-from engine.bench import BenchOptions, runner
-from engine.config import default_cache_dir
+from engine.bench import runner
 
 
 @pytest.mark.slow
-def test_quick_freshness_bench_sees_every_probe_through(settings, ml100k, tmp_path) -> None:
+def test_quick_freshness_bench_sees_every_probe_through(quick_bench) -> None:
     """Each probe click reaches the published centroids and then a recommendation."""
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    (settings.cache_dir / "data").symlink_to(default_cache_dir() / "data")  # fetched by ml100k
-    opts = BenchOptions(settings=settings, out_dir=tmp_path / "bench", quick=True,
-                        bootstrap_servers=settings.kafka.bootstrap_servers)
+    opts = quick_bench
     report = runner("freshness")(opts)
     figures = {f.name: f.value for f in report.figures}
     assert figures["probes"] == 4

@@ -7,17 +7,13 @@ import math
 
 import pytest
 
-from engine.bench import BenchOptions, runner
-from engine.config import default_cache_dir
+from engine.bench import runner
 
 
 @pytest.mark.slow
 def test_quick_soak_answers_every_request_and_counts_only_injected_dead_letters(
-        settings, ml100k, tmp_path) -> None:
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    (settings.cache_dir / "data").symlink_to(default_cache_dir() / "data")  # fetched by ml100k
-    opts = BenchOptions(settings=settings, out_dir=tmp_path / "bench", quick=True,
-                        bootstrap_servers=settings.kafka.bootstrap_servers)
+        quick_bench) -> None:
+    opts = quick_bench
     report = runner("soak")(opts)
     f = {x.name: x.value for x in report.figures}
     assert f["requests sent"] > 100 and f["clicks sent"] > 1000
