@@ -306,11 +306,14 @@ class ConsumerLoop:
         if created:
             log.warning("the broker came back without %d topics (storage lost?): recreated %s",
                         len(created), ", ".join(created))
+        # fresh metadata first: a group joined while the topics were missing got nothing,
+        # and the consumer would only notice them at its next metadata refresh (minutes)
+        admin_view = self.consumer.topics()
+        if created or not self.consumer.assignment():
             self.consumer.unsubscribe()
             self.consumer.subscribe([self.names.name(t) for t in self.stage.topics],
                                     listener=on_rebalance(self._on_revoked, self._on_assigned))
         want = self.settings.kafka.partitions
-        admin_view = self.consumer.topics()  # fresh metadata from the broker
         wrong = {}
         for t in (self.names.name(t) for t in ALL):
             parts = self.consumer.partitions_for_topic(t) if t in admin_view else None
