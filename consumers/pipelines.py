@@ -81,11 +81,6 @@ def popular_items(table: CentroidTable) -> np.ndarray:
     return table.item_ids[live[order]]
 
 
-def zoo_scores(model: Recommender, histories: list[list[int]]) -> np.ndarray:
-    """[B, n_items] the model's scores of its items (``model.item_ids_`` order)."""
-    return model.score(histories)
-
-
 def top_unseen(items: np.ndarray, scores: np.ndarray | None, seen: set[int], n: int) -> list[int]:
     """The first ``n`` of ``items`` (ordered by ``scores`` if given) the user did not click."""
     order = items if scores is None else items[np.argsort(-scores, kind="stable")]

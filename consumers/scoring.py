@@ -43,7 +43,6 @@ from consumers.pipelines import (
     ralm_scores,
     rank_user,
     top_unseen,
-    zoo_scores,
 )
 from engine import topics as T
 from engine.audience import look_alike_users, refresh_vectors
@@ -533,7 +532,7 @@ class ScoringStage(Stage):
                     pool.add(src, top_unseen(pop, None, s, p.per_source))
             else:
                 model = self.zoo[src]
-                rows[src] = zoo_scores(model, histories)
+                rows[src] = model.score(histories)  # [B, n_items], item_ids_ order
                 for pool, row, s in zip(pools, rows[src], seen_sets):
                     pool.add(src, top_unseen(model.item_ids_, row, s, p.per_source))
         terms_needed = set(p.blend) if p.ranker == "blend" else {p.ranker}
