@@ -169,7 +169,9 @@ def test_items_beyond_max_items_are_evicted_with_a_tombstone(settings):
             produce(settings, "seed-events", [(key_of(item), encode_seeds(SeedBatch(
                 np.array([item]), np.array([float(item)]),
                 rng.normal(size=(1, 8)).astype(np.float32), "v1")))])
-            wait_until(lambda i=item: i in stage.state.items, what=f"item {item} held")
+            # the worker thread adds the item before it evicts: wait for both
+            wait_until(lambda i=item: i in stage.state.items and len(stage.state) <= 5,
+                       what=f"item {item} held, at most 5 items")
         assert len(stage.state) <= 5 and 11 in stage.state.items
         records = read_all(settings, "seed-centroids")
         deleted = {int(r.key) for r in records if r.value is None}
