@@ -123,9 +123,8 @@ class CDAE(Recommender):
         if k and getattr(self, "_keys_of", None) != id(train):
             users = np.repeat(np.arange(len(train)), train.lengths)
             self._keys_of, self._keys = id(train), np.unique(users * self.n_items + train.values)
-        for start in range(0, len(order), self.config.batch_size):
-            rows = order[start:start + self.config.batch_size]
-            batch = {"users": torch.from_numpy(rows), "clicks": Clicks.of(train.rows(rows))}
+        for rows, clicks in Clicks.batches(train, order, self.config.batch_size):
+            batch = {"users": torch.from_numpy(rows), "clicks": clicks}
             if k:
                 clicks = batch["clicks"]
                 r = np.repeat(clicks.rows.numpy(), k)

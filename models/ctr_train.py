@@ -41,7 +41,7 @@ from models.checkpoint import FORMAT, load_checkpoint, make_version, save_checkp
 from models.ctr_baselines import FactorizationMachine, FMConfig, LogisticRegression, LRConfig
 from models.ctr_data import DENSE_FIELDS, CTRData, CTRFrame
 from models.dlrm import DLRM, DLRMConfig
-from models.trainer import BestEpoch, EpochRecord, TrainResult
+from models.trainer import BestEpoch, EpochRecord, TrainResult, make_optimiser
 
 USER_COUNT = DENSE_FIELDS.index("user_count")
 CTR_MODELS: dict[str, tuple[type[nn.Module], type[BaseModel]]] = {
@@ -124,7 +124,7 @@ def fit(model: nn.Module, data: CTRData, config: CTRTrainerConfig | None = None,
 
 def _loop(model: nn.Module, data: CTRData, cfg: CTRTrainerConfig,
           rng: np.random.Generator) -> TrainResult:
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = make_optimiser(model.parameters(), "adam", cfg.lr, cfg.weight_decay)
     sparse, genres, dense, label = _tensors(data.train)
     new_user_count = float(-data.dense_mean[USER_COUNT] / data.dense_std[USER_COUNT])
     name = getattr(model, "name", type(model).__name__)

@@ -158,9 +158,8 @@ class LFM(Recommender):
     def batches(self, train: Ragged, rng: np.random.Generator) -> Iterator[Clicks]:
         """Shuffled users with at least one click (held-out users have none): their clicks."""
         order = rng.permutation(np.flatnonzero(train.lengths > 0))
-        size = self.config.batch_size
-        for start in range(0, len(order), size):
-            yield Clicks.of(train.rows(order[start:start + size]))
+        for _, clicks in Clicks.batches(train, order, self.config.batch_size):
+            yield clicks
 
     def loss(self, batch: Clicks) -> torch.Tensor:
         assert self.module_ is not None

@@ -103,6 +103,23 @@ class Clicks:
         return cls(torch.from_numpy(items), torch.from_numpy(np.cumsum(lengths) - lengths),
                    torch.from_numpy(np.repeat(np.arange(len(rows)), lengths)))
 
+    @classmethod
+    def of_rows(cls, rows: Ragged) -> Clicks:
+        """Every entry of `rows` as given (`Ragged.distinct` holds them deduplicated)."""
+        offsets = torch.from_numpy(rows.offsets[:-1].copy())
+        return cls(torch.from_numpy(rows.values), offsets,
+                   torch.from_numpy(np.repeat(np.arange(len(rows)), rows.lengths)))
+
+    @classmethod
+    def batches(cls, train: Ragged, order: np.ndarray, size: int
+                ) -> Iterator[tuple[np.ndarray, Clicks]]:
+        """(users, their distinct clicks) for each run of `size` users of `order`; the
+        deduplication is done once per epoch, not once per user."""
+        distinct = train.distinct
+        for start in range(0, len(order), size):
+            users = order[start:start + size]
+            yield users, cls.of_rows(distinct.take(users))
+
     @property
     def n(self) -> int:
         return len(self.offsets)
@@ -208,9 +225,8 @@ class _UserAutoencoder(Recommender):
         users = np.flatnonzero(train.lengths > 0)
         order = rng.permutation(users)
         size = self.config.batch_size  # type: ignore[attr-defined]
-        for start in range(0, len(order), size):
-            rows = order[start:start + size]
-            yield {"users": torch.from_numpy(rows), "clicks": Clicks.of(train.rows(rows))}
+        for rows, clicks in Clicks.batches(train, order, size):
+            yield {"users": torch.from_numpy(rows), "clicks": clicks}
 
 
 @register

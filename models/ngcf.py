@@ -69,6 +69,9 @@ class NGCFConfig(BaseModel):
     leaky_slope: float = Field(0.2, ge=0)
     reg: float = Field(1e-5, ge=0, description="L2 weight of the batch's layer-0 embeddings")
     batch_size: int = Field(1024, ge=1, description="BPR triples per step")
+    normalised_messages: bool = Field(
+        False, description="feed each layer the L2-normalised output of the one before "
+        "(RecBole's NGCF) instead of the raw output (the authors' code)")
 
 
 class LightGCNConfig(BaseModel):
@@ -228,6 +231,7 @@ class NGCFNet(GraphNet):
         self.w2 = nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.layers))
         self.drop = nn.Dropout(cfg.message_dropout)
         self.slope = cfg.leaky_slope
+        self.normalised = cfg.normalised_messages
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -235,8 +239,8 @@ class NGCFNet(GraphNet):
                 nn.init.zeros_(p)
 
     def layer(self, k: int, e: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.w1[k](e + side) + self.w2[k](side * e), self.slope)
-        return self.drop(out)
+        out = self.drop(F.leaky_relu(self.w1[k](e + side) + self.w2[k](side * e), self.slope))
+        return F.normalize(out, dim=1) if self.normalised else out
 
     def combine(self, layers: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([layers[0], *(F.normalize(x, dim=1) for x in layers[1:])], dim=1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -75,6 +76,27 @@ class Ragged:
 
     def rows(self, index: np.ndarray | Sequence[int]) -> list[np.ndarray]:
         return [self[int(i)] for i in index]
+
+    def take(self, index: np.ndarray) -> Ragged:
+        """The rows at `index`, in that order, without a Python loop over rows."""
+        index = np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[index]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        shift = np.repeat(self.offsets[index] - offsets[:-1], lengths)
+        return Ragged(offsets, self.values[np.arange(offsets[-1]) + shift])
+
+    @cached_property
+    def distinct(self) -> Ragged:
+        """Each row's distinct values, sorted (a repeated click counts once); computed
+        once per Ragged (it is immutable), so epoch loops do not deduplicate per batch."""
+        if not len(self.values):
+            return self
+        if self.values.min() < 0:
+            raise ValueError("distinct needs non-negative values")
+        width = int(self.values.max()) + 1
+        keys = np.unique(np.repeat(np.arange(len(self)), self.lengths) * width + self.values)
+        counts = np.bincount(keys // width, minlength=len(self))
+        return Ragged(np.concatenate([[0], np.cumsum(counts)]), keys % width)
 
 
 @dataclass(frozen=True, eq=False)

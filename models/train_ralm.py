@@ -42,6 +42,7 @@ from engine import kmeans
 from models.checkpoint import make_version
 from models.features import ClickLog, FeatureSpace
 from models.ralm import KIND, LookalikeTower, RalmConfig, RalmModel, UserTower
+from models.trainer import make_optimiser
 
 if TYPE_CHECKING:
     from engine.data import Dataset
@@ -203,7 +204,7 @@ def train_user_tower(
     keep = targets > 0
     users, ends, targets = users[keep], ends[keep], targets[keep]
     sampler = LogUniformSampler(features.n_items, rng)
-    opt = torch.optim.Adam(tower.parameters(), lr=cfg.lr, fused=True)
+    opt = make_optimiser(tower.parameters(), "adam", cfg.lr)
     losses: list[float] = []
 
     def loss_of(idx: np.ndarray) -> torch.Tensor:
@@ -426,7 +427,7 @@ def train_lookalike_tower(
     once (seeds and scored users alike): cheap at this scale (~1k users); at
     millions of users, transform only the union of the batch items' seeds.
     """
-    opt = torch.optim.Adam(tower.parameters(), lr=cfg.lookalike_lr or cfg.lr, fused=True)
+    opt = make_optimiser(tower.parameters(), "adam", cfg.lookalike_lr or cfg.lr)
     losses: list[float] = []
     for epoch in range(cfg.lookalike_epochs):
         with torch.no_grad():

@@ -602,12 +602,12 @@ def fit_ranker(data: CTRData, dataset: Dataset, cfg: RankConfig,
                progress: bool = False) -> tuple[RankingNet, TrainResult]:
     """Train the ranking MLP (Adam, weighted BCE), best validation AUC kept (patience)."""
     from models.ctr_train import evaluate_ctr
-    from models.trainer import BestEpoch, EpochRecord, TrainResult
+    from models.trainer import BestEpoch, EpochRecord, TrainResult, make_optimiser
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = RankingNet(data.field_sizes, data.n_dense, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimiser(model.parameters(), "adam", cfg.lr, cfg.weight_decay)
     tr = data.train
     x = (torch.from_numpy(tr.sparse), torch.from_numpy(tr.genres), torch.from_numpy(tr.dense))
     y = torch.from_numpy(tr.label)

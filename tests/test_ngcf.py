@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from models.ngcf import (
@@ -51,8 +52,11 @@ def _p(model) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in model.module_.state_dict().items()}
 
 
-def test_ngcf_propagation_by_hand():
-    model = _fitted(NGCF, message_dropout=0.5, node_dropout=0.5)
+@pytest.mark.parametrize("normalised", [False, True])
+def test_ngcf_propagation_by_hand(normalised: bool):
+    """The authors' form feeds a layer's raw output to the next; RecBole's its L2 norm."""
+    model = _fitted(NGCF, message_dropout=0.5, node_dropout=0.5,
+                    normalised_messages=normalised)
     p = _p(model)
     lap = hand_laplacian()
     e = np.concatenate([p["user.weight"], p["item.weight"]])
@@ -62,6 +66,8 @@ def test_ngcf_propagation_by_hand():
         x = ((e + side) @ p[f"w1.{k}.weight"].T + p[f"w1.{k}.bias"]
              + (side * e) @ p[f"w2.{k}.weight"].T + p[f"w2.{k}.bias"])
         e = np.where(x > 0, x, 0.2 * x)  # LeakyReLU(0.2)
+        if normalised:
+            e = e / np.linalg.norm(e, axis=1, keepdims=True)
         layers.append(e)
     final = np.concatenate([layers[0]] + [x / np.linalg.norm(x, axis=1, keepdims=True)
                                           for x in layers[1:]], axis=1)

@@ -28,6 +28,7 @@ from engine.data import load_dataset
 from models.recommender import get_model
 from models.sasrec import PAD
 from models.splits import Ragged, make_split
+from models.trainer import make_optimiser
 
 RECBOLE_SASREC_EPOCH_S = 194.287  # SASRec_CE_LS_full, ../shared/peers/recbole-ml100k.md
 RECBOLE_BATCH = 2048  # RecBole's default train_batch_size
@@ -68,7 +69,7 @@ def run(opts: BenchOptions) -> BenchReport:
 def our_epoch_seconds(model, train: Ragged, epochs: int, seed: int) -> float:
     """Mean seconds of a training epoch through the model's own batches and loss."""
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.module_.parameters(), lr=1e-3)
+    opt = make_optimiser(model.module_.parameters())  # the trainer's own optimiser
     model.module_.train()
     times = []
     for _ in range(epochs):
