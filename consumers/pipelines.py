@@ -11,9 +11,10 @@ and its ranker:
   click changes the next request's candidates);
 - ranker: ``ralm`` (the look-alike attention score over the item's seed
   centroids; a candidate without centroids cannot be scored and is dropped),
-  a source's own scores, or ``blend``: a weighted sum of each term
-  standardised over the user's candidates (a term that cannot score an item
-  gives it its lowest standardised value).
+  a source's own scores, a CTR model of ``scoring.rankers`` (DLRM, FM, LR:
+  P(click) from the user's id and profile and the item's id), or ``blend``:
+  a weighted sum of each term standardised over the user's candidates (a term
+  that cannot score an item gives it its lowest standardised value).
 
 The default pipeline, ``ralm`` → ``ralm``, keeps its batched fast path in
 ``ScoringStage.rank``; the others run here, a user at a time.
@@ -31,6 +32,7 @@ from engine.config import PipelineConfig
 
 if TYPE_CHECKING:
     from engine.centroid_table import CentroidTable
+    from models.ctr_ranker import CTRRanker
     from models.ralm import RalmModel
     from models.recommender import Recommender
 
@@ -72,6 +74,15 @@ def load_zoo(paths: dict[str, Path]) -> dict[str, Recommender]:
         model.module_.eval()
         out[name] = model
     return out
+
+
+def load_rankers(paths: dict[str, Path]) -> dict[str, CTRRanker]:
+    """The CTR rankers ``scoring.rankers`` names, loaded safely (weights only)."""
+    if not paths:
+        return {}
+    from models.ctr_ranker import CTRRanker
+
+    return {name: CTRRanker(path) for name, path in paths.items()}
 
 
 def popular_items(table: CentroidTable) -> np.ndarray:

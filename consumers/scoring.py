@@ -38,6 +38,7 @@ from consumers.pipelines import (
     Pool,
     Ranked,
     explanation,
+    load_rankers,
     load_zoo,
     popular_items,
     ralm_scores,
@@ -263,6 +264,7 @@ class ScoringStage(Stage):
         self.reloader: ModelReloader | None = None
         cfg = settings.scoring
         self.zoo = load_zoo(cfg.models)
+        self.rankers = load_rankers(cfg.rankers)
         self.pack_seeds = cfg.pack_seeds
         # numpy's OpenBLAS defaults to one thread per core: on 2 busy cores a
         # [5000, 128] x [128, 2] product then took 16 ms instead of 0.4 ms
@@ -462,7 +464,8 @@ class ScoringStage(Stage):
             if p.sources == ["ralm"] and p.ranker == "ralm":
                 ranked = self._rank_fast(vecs[idx], sub, ks, explain)
             else:
-                ranked = self.rank_pipeline(p, vecs[idx], sub, ks, explain)
+                who = [(reqs[i].user_id, profiles[i]) for i in idx]
+                ranked = self.rank_pipeline(p, vecs[idx], sub, ks, explain, who)
             for i, got in zip(idx, ranked, strict=True):
                 self._emit(reqs[i], states[i], got, seen_at, name)
 
@@ -513,8 +516,9 @@ class ScoringStage(Stage):
 
     def rank_pipeline(self, p: PipelineConfig, users: np.ndarray,
                       states: list[UserState | None], ks: list[int | None],
-                      explain: bool) -> list[Ranked]:
-        """A configured pipeline other than the default (consumers/pipelines.py)."""
+                      explain: bool, who: list[tuple[int, Profile | None]]) -> list[Ranked]:
+        """A configured pipeline other than the default (consumers/pipelines.py);
+        ``who``: each user's id and profile, for CTR rankers."""
         cfg = self.settings.scoring
         seen = [s.seen if s else _NONE_SEEN for s in states]
         seen_sets = [set(x.tolist()) for x in seen]
@@ -544,7 +548,12 @@ class ScoringStage(Stage):
                 terms["ralm"], att, counts = ralm_scores(self.model, self.table, users[b],
                                                          pool.items)
             for term in terms_needed - {"ralm"}:
-                terms[term] = self._term(term, pool.items, rows.get(term), b)
+                if term in self.rankers:
+                    user_id, profile = who[b]
+                    terms[term] = self.rankers[term].score(
+                        user_id, profile.to_json() if profile else None, pool.items)
+                else:
+                    terms[term] = self._term(term, pool.items, rows.get(term), b)
             out.append(rank_user(p, pool, ks[b] or cfg.top_k, terms, explain, att, counts))
         return out
 

@@ -120,7 +120,9 @@ class PipelineConfig(BaseModel):
     a zoo model in ``scoring.models`` (e.g. a SASRec checkpoint: next items from
     the user's live click sequence). ``ranker``: "ralm" (the look-alike
     attention score; candidates without centroids are dropped), a source's own
-    scores (its name), or "blend" (``blend`` weights over standardised scores).
+    scores (its name), a CTR model of ``scoring.rankers`` (DLRM, FM, LR: P(click)
+    from the user's id and profile and the item), or "blend" (``blend`` weights
+    over standardised scores of any of these).
     """
 
     sources: list[str] = Field(default_factory=lambda: ["ralm"], min_length=1)
@@ -161,6 +163,10 @@ class ScoringConfig(BaseModel):
     models: dict[str, Path] = Field(
         default_factory=dict, description="zoo checkpoints the worker serves besides RALM, by "
         "the name pipelines use (e.g. sasrec = \"~/.cache/lookalike/zoo/sasrec/model.pt\")")
+    rankers: dict[str, Path] = Field(
+        default_factory=dict, description="CTR checkpoints (`lookalike train dlrm|fm|lr`) that "
+        "order a pipeline's candidates by P(click | user, profile, item), by the name "
+        "pipelines use as ranker or blend term (e.g. dlrm = \"~/.cache/lookalike/.../x.pt\")")
     pipelines: dict[str, PipelineConfig] = Field(
         default_factory=lambda: {"default": PipelineConfig()},
         description="named serving pipelines; a request picks one with \"pipeline\"")
@@ -187,17 +193,24 @@ class ScoringConfig(BaseModel):
     @model_validator(mode="after")
     def _pipelines_refer_to_known_parts(self) -> ScoringConfig:
         known = {*BUILTIN_SOURCES, *self.models}
+        both = sorted((set(self.models) | set(BUILTIN_SOURCES)) & set(self.rankers))
+        if both:
+            raise ValueError(f"scoring.rankers reuses the name(s) {both} of a source or zoo "
+                             "model: give the CTR ranker another name")
         for name, p in self.pipelines.items():
             bad = [s for s in p.sources if s not in known]
             if bad:
                 raise ValueError(f"pipeline {name!r}: unknown source(s) {bad}; sources are "
                                  f"{sorted(known)} (zoo models come from scoring.models)")
-            if p.ranker not in {"ralm", "blend", *p.sources}:
+            terms = {"ralm", *p.sources, *self.rankers}
+            if p.ranker not in {"blend", *terms}:
                 raise ValueError(f"pipeline {name!r}: ranker {p.ranker!r} must be 'ralm', "
-                                 f"'blend' or one of its sources {p.sources}")
-            if p.ranker == "blend" and (not p.blend or set(p.blend) - {"ralm", *p.sources}):
-                raise ValueError(f"pipeline {name!r}: a blend needs weights over 'ralm' and "
-                                 f"its sources {p.sources}, got {p.blend}")
+                                 f"'blend', one of its sources {p.sources} or a CTR ranker "
+                                 f"of scoring.rankers {sorted(self.rankers)}")
+            if p.ranker == "blend" and (not p.blend or set(p.blend) - terms):
+                raise ValueError(f"pipeline {name!r}: a blend needs weights over 'ralm', "
+                                 f"its sources {p.sources} or CTR rankers "
+                                 f"{sorted(self.rankers)}, got {p.blend}")
         if self.default_pipeline not in self.pipelines:
             raise ValueError(f"default_pipeline {self.default_pipeline!r} is not among the "
                              f"pipelines {sorted(self.pipelines)}")

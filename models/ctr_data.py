@@ -41,6 +41,7 @@ from engine.data import Dataset
 LABEL_THRESHOLD = 4.0
 SPARSE_FIELDS = ("user", "item", "gender", "occupation", "zip", "year")
 USER_FIELDS = ("user", "gender", "occupation", "zip")
+ITEM_FIELDS = ("item", "year")
 GENRE_FIELD = "genre"
 DENSE_FIELDS = ("age", "user_count", "item_count")
 Protocol = Literal["time", "ctx"]
@@ -78,6 +79,7 @@ class CTRData:
     hash_buckets: int | None
     dense_mean: np.ndarray = field(repr=False)
     dense_std: np.ndarray = field(repr=False)
+    features: FeatureTable | None = field(default=None, repr=False)
 
     @property
     def n_dense(self) -> int:
@@ -99,6 +101,91 @@ class CTRData:
                 "positive_rate": {"train": float(self.train.label.mean()),
                                   "valid": float(self.valid.label.mean()),
                                   "test": float(self.test.label.mean())}}
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureTable:
+    """How to build a CTR row for any (user, item) from ids and a profile: what serving
+    needs of the training data, kept in every CTR checkpoint.
+
+    Why: a ranker in the scoring worker sees a user id, the profile the stream carries
+    and candidate item ids, not the training Dataset. The table holds the training
+    vocabularies (or the hash), each item's codes, genres and training count, each
+    user's training count, and the dense standardisation; `rows` then gives exactly the
+    features `build_ctr_data` gives the same pair (tests/test_ctr_ranker.py checks it).
+    """
+
+    zip_prefix: int
+    year_bucket: int
+    hash_buckets: int | None
+    vocab: dict[str, dict[str, int]]  # USER_FIELDS -> value -> code (empty when hashed)
+    user_count: dict[int, int]  # external user id -> training rows
+    item_ids: np.ndarray  # (I,) external ids
+    item_codes: np.ndarray  # (I, 2) the item and year codes
+    item_genres: np.ndarray  # (I, G) genre codes, 0 = pad
+    item_count: np.ndarray  # (I,) training rows
+    mean: np.ndarray  # (3,) dense standardisation
+    std: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_item_pos", {int(x): i for i, x in
+                                               enumerate(self.item_ids.tolist())})
+
+    def code(self, field_name: str, value: str) -> int:
+        """A user field's code: its hash bucket + 1, or its training code (0: unknown)."""
+        if self.hash_buckets is not None:
+            return int(stable_hash(field_name, [value], self.hash_buckets)[0]) + 1
+        return self.vocab[field_name].get(value, 0) if value else 0
+
+    def rows(self, user_id: int, profile: dict[str, object] | None, item_ids: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sparse (n, F), genres (n, G), dense (n, 3)) of one user against `item_ids`.
+
+        ``profile``: age, gender, occupation, zip_code, each optional (missing: the
+        unknown code, the training mean age). An item outside the table gets the
+        unknown codes and a count of 0: scored from the user's side alone.
+        """
+        prof = profile or {}
+        user_values = {"user": str(user_id), "gender": str(prof.get("gender") or ""),
+                       "occupation": str(prof.get("occupation") or ""),
+                       "zip": str(prof.get("zip_code") or "")[:self.zip_prefix]}
+        user_codes = {f: self.code(f, v) for f, v in user_values.items()}
+        pos = np.array([self._item_pos.get(int(i), -1) for i in item_ids], np.int64)  # type: ignore[attr-defined]
+        known = pos >= 0
+        safe = np.maximum(pos, 0)
+        item_codes = np.where(known[:, None], self.item_codes[safe], 0)
+        n = len(pos)
+        sparse = np.empty((n, len(SPARSE_FIELDS)), np.int64)
+        for j, name in enumerate(SPARSE_FIELDS):
+            sparse[:, j] = (user_codes[name] if name in USER_FIELDS
+                            else item_codes[:, ITEM_FIELDS.index(name)])
+        genres = np.where(known[:, None], self.item_genres[safe], 0)
+        age = prof.get("age")
+        raw = np.empty((n, 3), np.float64)
+        raw[:, 0] = self.mean[0] if age is None else float(age)  # type: ignore[arg-type]
+        raw[:, 1] = np.log1p(self.user_count.get(int(user_id), 0))
+        raw[:, 2] = np.log1p(np.where(known, self.item_count[safe], 0))
+        dense = ((raw - self.mean) / self.std).astype(np.float32)
+        return sparse, genres, dense
+
+    def to_payload(self) -> dict:
+        """Plain values and tensors: loadable by a weights-only checkpoint reader."""
+        import torch
+
+        return {"zip_prefix": self.zip_prefix, "year_bucket": self.year_bucket,
+                "hash_buckets": self.hash_buckets, "vocab": self.vocab,
+                "user_count": [list(self.user_count), list(self.user_count.values())],
+                **{k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                   for k in ("item_ids", "item_codes", "item_genres", "item_count", "mean",
+                             "std")}}
+
+    @classmethod
+    def from_payload(cls, p: dict) -> FeatureTable:
+        ids, counts = p["user_count"]
+        return cls(p["zip_prefix"], p["year_bucket"], p["hash_buckets"], p["vocab"],
+                   dict(zip(ids, counts)),
+                   *(p[k].numpy() for k in ("item_ids", "item_codes", "item_genres",
+                                            "item_count", "mean", "std")))
 
 
 def stable_hash(field_name: str, values: list[str], buckets: int) -> np.ndarray:
@@ -136,17 +223,19 @@ def _values(data: Dataset, zip_prefix: int, year_bucket: int) -> dict[str, list[
 
 
 def _encode(field_name: str, values: list[str], seen: np.ndarray,
-            hash_buckets: int | None) -> tuple[np.ndarray, int]:
-    """(index per value, table size): the training vocabulary (0 = unknown) or the hash.
+            hash_buckets: int | None) -> tuple[np.ndarray, int, dict[str, int]]:
+    """(index per value, table size, vocabulary): the training vocabulary (0 = unknown)
+    or the hash (and an empty vocabulary).
 
     `seen` marks the users/items of the training rows: a value only the validation or
     test part has (a user who joined later) maps to 0, a row every model keeps at zero.
     """
     if hash_buckets is not None:  # bucket + 1: row 0 stays the models' zero row
-        return stable_hash(field_name, values, hash_buckets) + 1, hash_buckets + 1
+        return stable_hash(field_name, values, hash_buckets) + 1, hash_buckets + 1, {}
     vocab = sorted({v for v, ok in zip(values, seen) if ok and v != ""})
     lookup = {v: i + 1 for i, v in enumerate(vocab)}
-    return np.array([lookup.get(v, 0) for v in values], dtype=np.int64), len(vocab) + 1
+    return (np.array([lookup.get(v, 0) for v in values], dtype=np.int64), len(vocab) + 1,
+            lookup)
 
 
 def _genre_matrix(data: Dataset, seen: np.ndarray,
@@ -187,10 +276,11 @@ def build_ctr_data(data: Dataset, protocol: str = "time", *, seed: int = 0,
     per_value = _values(data, zip_prefix, year_bucket)
     user_seen = np.bincount(data.user[train_rows], minlength=len(data.users)) > 0
     item_seen = np.bincount(data.item[train_rows], minlength=len(data.items)) > 0
-    codes, sizes = {}, {}
+    codes, sizes, vocab = {}, {}, {}
     for name in SPARSE_FIELDS:
         seen = user_seen if name in USER_FIELDS else item_seen
-        codes[name], sizes[name] = _encode(name, per_value[name], seen, hash_buckets)
+        codes[name], sizes[name], vocab[name] = _encode(name, per_value[name], seen,
+                                                        hash_buckets)
     genre_codes, sizes[GENRE_FIELD] = _genre_matrix(data, item_seen, hash_buckets)
 
     raw_train = dense_features(data, train_rows, train_rows)
@@ -208,8 +298,15 @@ def build_ctr_data(data: Dataset, protocol: str = "time", *, seed: int = 0,
         label = (data.rating[rows] >= LABEL_THRESHOLD).astype(np.float32)
         return CTRFrame(sparse, genre_codes[it], dense, label, rows.astype(np.int64))
 
+    user_count = np.bincount(data.user[train_rows], minlength=len(data.users))
+    features = FeatureTable(
+        zip_prefix, year_bucket, hash_buckets, {n: vocab[n] for n in USER_FIELDS},
+        {int(u): int(c) for u, c in zip(data.users.ids.tolist(), user_count.tolist()) if c},
+        data.items.ids.copy(), np.stack([codes[n] for n in ITEM_FIELDS], axis=1), genre_codes,
+        np.bincount(data.item[train_rows], minlength=len(data.items)), mean, std)
     return CTRData(frame(train_rows), frame(valid_rows), frame(test_rows), sizes, protocol,
-                   seed, hash_buckets, mean.astype(np.float32), std.astype(np.float32))
+                   seed, hash_buckets, mean.astype(np.float32), std.astype(np.float32),
+                   features)
 
 
 def id_space(data: Dataset) -> int:

@@ -187,6 +187,8 @@ def save_ctr(path: Path, name: str, model: nn.Module, data: CTRData,
     payload = {"format": FORMAT, "kind": name, "version": version,
                "config": model.config.model_dump(), "data": data.describe(),
                "model": state, "metrics": metrics, "created_at": time.time()}
+    if data.features is not None:  # what a serving ranker needs (models/ctr_ranker.py)
+        payload["features"] = data.features.to_payload()
     return save_checkpoint(path, payload)
 
 

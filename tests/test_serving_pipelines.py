@@ -13,6 +13,9 @@ from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
 from engine.codec import key_of
 from engine.config import PipelineConfig, ScoringConfig
+from models.ctr_data import build_ctr_data
+from models.ctr_ranker import CTRRanker
+from models.ctr_train import build_model, fit, save_ctr
 from models.ralm import RalmConfig, RalmModel
 from models.recommender import get_model
 from models.splits import make_split
@@ -38,8 +41,17 @@ def sasrec_path(ml100k, tmp_path_factory):
     return model.save(tmp_path_factory.mktemp("sasrec") / "sasrec.pt")
 
 
+@pytest.fixture(scope="module")
+def dlrm_path(ml100k, tmp_path_factory):
+    data = build_ctr_data(ml100k, "ctx", seed=0)
+    model = build_model("dlrm", data, seed=0)
+    fit(model, data, epochs=2, threads=1, progress=False)
+    return save_ctr(tmp_path_factory.mktemp("dlrm") / "dlrm.pt", "dlrm", model, data, {})
+
+
 PIPELINES = {
     "default": {},
+    "ctr": {"sources": ["sasrec", "ralm"], "ranker": "dlrm"},
     "seq": {"sources": ["sasrec"], "ranker": "sasrec"},
     "seq-then-ralm": {"sources": ["sasrec"], "ranker": "ralm"},
     "blend": {"sources": ["sasrec", "ralm"], "ranker": "blend",
@@ -55,12 +67,12 @@ def _request(s, user: int, rid: str, pipeline: str | None, k: int = 5) -> None:
 
 
 def test_every_pipeline_serves_and_sasrec_follows_live_clicks(settings, ml100k, ralm,
-                                                              sasrec_path):
+                                                              sasrec_path, dlrm_path):
     s = settings.model_copy(update={
         "window": settings.window.model_copy(update={"size": 10_000, "k": ralm.k}),
         "scoring": ScoringConfig.model_validate({
-            **settings.scoring.model_dump(), "min_seeds": 1,
-            "models": {"sasrec": sasrec_path}, "pipelines": PIPELINES}),
+            **settings.scoring.model_dump(), "min_seeds": 1, "models": {"sasrec": sasrec_path},
+            "rankers": {"dlrm": dlrm_path}, "pipelines": PIPELINES}),
     })
     scoring = ScoringStage(s, ralm)
     workers = [start_worker(st) for st in (scoring, ClusteringStage(s))]
@@ -92,6 +104,13 @@ def test_every_pipeline_serves_and_sasrec_follows_live_clicks(settings, ml100k, 
                 if why["ranker"] == "ralm":  # RALM-ranked: the seed cluster it leaned on
                     assert 0 < why["seed_cluster"]["weight"] <= 1
         assert recs["new-user"]["cold"] is True and len(recs["new-user"]["items"]) == 5
+        # DLRM ranks the pooled candidates by its own P(click | user, profile, item)
+        ctr = recs["r-ctr"]["items"]
+        profile = scoring.users.get(user).profile
+        assert profile is not None
+        want = CTRRanker(dlrm_path).score(user, profile.to_json(),
+                                          [it["item_id"] for it in ctr])
+        np.testing.assert_allclose([it["score"] for it in ctr], want, rtol=1e-4, atol=1e-5)
 
         # a click moves the user's SASRec recommendations (live state, no retraining)
         before = [it["item_id"] for it in recs["r-seq"]["items"]]
@@ -139,6 +158,8 @@ def test_blend_standardises_each_term_and_ranks_unscored_items_last():
     ({"pipelines": {"x": {"sources": ["ralm"], "ranker": "popular"}}}, "ranker 'popular'"),
     ({"pipelines": {"x": {"sources": ["ralm", "popular"], "ranker": "blend"}}}, "needs weights"),
     ({"default_pipeline": "nope"}, "not among the pipelines"),
+    ({"rankers": {"popular": "x.pt"}}, "reuses the name"),
+    ({"pipelines": {"x": {"sources": ["ralm"], "ranker": "dlrm"}}}, "CTR ranker"),
 ])
 def test_pipeline_config_errors_name_the_problem(bad, message):
     with pytest.raises(ValidationError, match=message):
