@@ -540,6 +540,8 @@ class ScoringStage(Stage):
                 for pool, row, s in zip(pools, rows[src], seen_sets):
                     pool.add(src, top_unseen(model.item_ids_, row, s, p.per_source))
         terms_needed = set(p.blend) if p.ranker == "blend" else {p.ranker}
+        for term in terms_needed & set(self.zoo) - set(rows):  # a zoo model ranking only
+            rows[term] = self.zoo[term].score(histories)
         out = []
         for b, pool in enumerate(pools):
             terms: dict[str, np.ndarray] = {}

@@ -202,15 +202,16 @@ class ScoringConfig(BaseModel):
             if bad:
                 raise ValueError(f"pipeline {name!r}: unknown source(s) {bad}; sources are "
                                  f"{sorted(known)} (zoo models come from scoring.models)")
-            terms = {"ralm", *p.sources, *self.rankers}
+            terms = {"ralm", *p.sources, *self.models, *self.rankers}
             if p.ranker not in {"blend", *terms}:
                 raise ValueError(f"pipeline {name!r}: ranker {p.ranker!r} must be 'ralm', "
-                                 f"'blend', one of its sources {p.sources} or a CTR ranker "
-                                 f"of scoring.rankers {sorted(self.rankers)}")
+                                 f"'blend', one of its sources {p.sources}, a zoo model "
+                                 f"{sorted(self.models)} or a CTR ranker of scoring.rankers "
+                                 f"{sorted(self.rankers)}")
             if p.ranker == "blend" and (not p.blend or set(p.blend) - terms):
                 raise ValueError(f"pipeline {name!r}: a blend needs weights over 'ralm', "
-                                 f"its sources {p.sources} or CTR rankers "
-                                 f"{sorted(self.rankers)}, got {p.blend}")
+                                 f"its sources {p.sources}, zoo models {sorted(self.models)} "
+                                 f"or CTR rankers {sorted(self.rankers)}, got {p.blend}")
         if self.default_pipeline not in self.pipelines:
             raise ValueError(f"default_pipeline {self.default_pipeline!r} is not among the "
                              f"pipelines {sorted(self.pipelines)}")

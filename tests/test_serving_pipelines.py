@@ -54,6 +54,7 @@ PIPELINES = {
     "ctr": {"sources": ["sasrec", "ralm"], "ranker": "dlrm"},
     "seq": {"sources": ["sasrec"], "ranker": "sasrec"},
     "seq-then-ralm": {"sources": ["sasrec"], "ranker": "ralm"},
+    "ralm-then-seq": {"sources": ["ralm"], "ranker": "sasrec"},  # a zoo model ranking only
     "blend": {"sources": ["sasrec", "ralm"], "ranker": "blend",
               "blend": {"sasrec": 0.5, "ralm": 0.5}},
     "cold": {"sources": ["popular"], "ranker": "popular"},
