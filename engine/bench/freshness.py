@@ -1,35 +1,53 @@
-"""Freshness: a click produced -> its seed in the item's published centroids -> a
-recommendation that reflects it.
+"""Freshness: a click produced -> a recommendation that reflects it, on both serving
+paths that learn from clicks without retraining.
 
 RALM's production system refreshes its seed clusters every 5 minutes; the
 target here is p99 <= 2 s on the embedded broker. The workers run as their own
 processes (``lookalike worker``), as in ``lookalike run``.
 
-One probe: a fresh user A with profile P clicks H (ten popular items) and then
-a probe item X that nobody has clicked yet; a twin B with the same profile
-clicks H only. A is then X's only seed, so X's centroids are A's embedding,
-which is nearly B's: X enters B's recommendations as soon as the scoring
-worker has X's centroids. From the moment A's click on X is produced the bench
-reads ``seed-centroids`` (leg 1: X published) and asks for B's
-recommendations every ``ask_every_s`` (leg 2: the first answer listing X).
+RALM path (click -> seed -> centroids -> recommendation). One probe: a fresh
+user A with profile P clicks H (ten popular items) and then a probe item X that
+nobody has clicked yet; a twin B with the same profile clicks H only. A is then
+X's only seed, so X's centroids are A's embedding, which is nearly B's: X
+enters B's recommendations as soon as the scoring worker has X's centroids.
+From the moment A's click on X is produced the bench reads ``seed-centroids``
+(leg 1: X published) and asks for B's recommendations every ``ask_every_s``
+(leg 2: the first answer listing X).
+
+SASRec path (click -> the scoring worker's live user state -> a ``seq``
+pipeline's answer). Why a second path: SASRec reads the user's recent clicks
+from the worker's state, not from centroids, so its freshness is a different
+chain of waits. A third user C of the same probe clicks H; the bench knows
+what SASRec answers for H (the model's own top-K, scored here) and picks Y, an
+item whose click changes that top-K *set* (not only by Y leaving as seen: Y
+is outside it). It asks for C's ``seq`` recommendations until the answer is
+the model's top-K for H (C's history is in the worker), clicks Y, and asks
+until the answer's set differs from that one. A differing answer "reflects"
+the click: SASRec's answer depends only on the history, and nothing but the
+click changes C's history; a click the worker never applies times out. The
+answers that reflect are also checked against the model's top-K for H + [Y].
+
 The baseline measured in the same run is the raw kafka-python produce ->
-consume round trip through the same broker; the ratio of the two p99s says
-how many broker round trips freshness costs.
+consume round trip through the same broker; the ratio of each path's p99 to
+it says how many broker round trips freshness costs.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 from tqdm.auto import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
+from consumers.pipelines import load_zoo, top_unseen
 from consumers.replay import profiles_of, replay
 from engine.bench.report import BenchOptions, BenchReport
 from engine.broker import EmbeddedBroker
@@ -48,7 +66,12 @@ from engine.pipeline import WorkerProcess, ensure_checkpoint, spawn_worker, wait
 from engine.scrape import quantile_from_histogram, scrape
 from engine.topics import Topics, create_topic, create_topics
 
-A_BASE, B_BASE = 70_000_000, 80_000_000  # user ids no dataset uses
+if TYPE_CHECKING:
+    from models.recommender import Recommender
+
+A_BASE, B_BASE, C_BASE = 70_000_000, 80_000_000, 90_000_000  # user ids no dataset uses
+SEQ = "seq"  # the SASRec pipeline the bench declares for its scoring worker
+PIPELINES = {"default": {}, SEQ: {"sources": ["sasrec"], "ranker": "sasrec"}}
 
 
 @dataclass
@@ -59,6 +82,8 @@ class Sizes:
     timeout_s: float = 10.0
     ask_every_s: float = 0.05
     history: int = 10
+    seq_k: int = 10  # the SASRec answer's length: its set is what a click must change
+    seq_tries: int = 50  # candidate clicks scored offline per probe to find one that moves it
 
 
 FULL, QUICK = Sizes(50_000, 40, 200), Sizes(3_000, 4, 30)
@@ -66,11 +91,31 @@ FULL, QUICK = Sizes(50_000, 40, 200), Sizes(3_000, 4, 30)
 
 @dataclass
 class Probe:
+    """RALM path: A's click on a cold item, its centroids, B's first answer listing it."""
+
     item: int
     clicked_at: float
     published_at: float | None = None
     reflected_at: float | None = None
-    asked: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SeqProbe:
+    """SASRec path: the model's top-K for C's history, without and with the click on ``item``."""
+
+    item: int
+    before: frozenset[int]
+    after: frozenset[int]
+    ready: bool = False  # the worker answered ``before`` for C before the click
+    clicked_at: float | None = None
+    reflected_at: float | None = None
+    as_expected: bool = False  # the answer that reflected the click was ``after``
+
+
+@dataclass
+class Probes:
+    ralm: list[Probe]
+    seq: list[SeqProbe]
 
 
 def run(opts: BenchOptions) -> BenchReport:
@@ -81,7 +126,10 @@ def run(opts: BenchOptions) -> BenchReport:
     ckpt = _checkpoint(s, train, opts.quick)
     run_dir = opts.out_dir / "freshness-run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    report = BenchReport("freshness", settings={"sizes": sizes.__dict__, "checkpoint": ckpt.name})
+    sasrec = _sasrec_checkpoint(s, ds, run_dir)
+    report = BenchReport("freshness", settings={
+        "sizes": sizes.__dict__, "checkpoint": ckpt.name, "sasrec": sasrec.name,
+        "pipelines": PIPELINES})
     broker = None
     workers: list[WorkerProcess] = []
     try:
@@ -91,22 +139,22 @@ def run(opts: BenchOptions) -> BenchReport:
             bootstrap = broker.bootstrap_servers
         s = _bench_settings(s, bootstrap)
         create_topics(s.kafka)
-        env = {"LOOKALIKE_SCORING__MIN_SEEDS": "1"}
-        workers = [spawn_worker(kind, s, ckpt, run_dir, 0, env)
+        workers = [spawn_worker(kind, s, ckpt, run_dir, 0, _worker_env(sasrec))
                    for kind in ("clustering", "scoring")]
         wait_ready(workers)
         rep = replay(ds, s.kafka, limit=sizes.warmup_clicks, progress=False)
         wait_drained(workers[1:], workers[:1], rep.events, timeout_s=300)
         rtt = round_trips(s, sizes.round_trips)
         before = scrape(workers[1].metrics_url)
-        probes = run_probes(s, ds, sizes)
+        probes = run_probes(s, ds, sizes, _load(sasrec))
         server = _minus(scrape(workers[1].metrics_url), before)  # the probes' share only
     finally:
         for w in workers:
             w.stop()
         if broker is not None:
             broker.stop()
-    _figures(report, probes, rtt, server)
+    _figures(report, probes.ralm, rtt, server)
+    _seq_figures(report, probes.seq, rtt)
     return report
 
 
@@ -122,6 +170,32 @@ def _checkpoint(s: Settings, train: Dataset, quick: bool) -> Path:
         return found
     return train_ralm(train, RalmConfig.tiny(), s.checkpoint_dir, progress=False,
                       log=lambda *_: None)
+
+
+def _sasrec_checkpoint(s: Settings, ds: Dataset, run_dir: Path) -> Path:
+    """The newest ``lookalike train sasrec`` checkpoint; none: a tiny one trained here in
+    seconds (saved in the run folder, so the cache's newest stays a real one)."""
+    found = sorted((s.checkpoint_dir / "sasrec").glob("sasrec-*.pt"))  # versions sort by time
+    if found:
+        return found[-1]
+    from models.recommender import get_model
+    from models.splits import make_split
+
+    model = get_model("sasrec")(hidden=16, max_len=20, blocks=1, heads=1)
+    model.fit(make_split(ds, "loo", seed=0), epochs=3, seed=0, threads=1, progress=False)
+    return model.save(run_dir / "sasrec.pt")
+
+
+def _load(path: Path) -> Recommender:
+    """The checkpoint as the scoring worker loads it (``scoring.models``)."""
+    return load_zoo({"sasrec": path})["sasrec"]
+
+
+def _worker_env(sasrec: Path) -> dict[str, str]:
+    """The workers' settings beyond the defaults: one seed serves, and the SASRec pipeline."""
+    return {"LOOKALIKE_SCORING__MIN_SEEDS": "1",
+            "LOOKALIKE_SCORING__MODELS": orjson.dumps({"sasrec": str(sasrec)}).decode(),
+            "LOOKALIKE_SCORING__PIPELINES": orjson.dumps(PIPELINES).decode()}
 
 
 def _bench_settings(s: Settings, bootstrap: str) -> Settings:
@@ -172,67 +246,134 @@ def probe_items(ds: Dataset, warmup: int, n: int, rng: np.random.Generator) -> n
     return ds.items.ids[rng.choice(cold, size=n, replace=False)]
 
 
-def run_probes(s: Settings, ds: Dataset, sizes: Sizes) -> list[Probe]:
+def seq_probe(model: Recommender, history: list[int], candidates: np.ndarray,
+              k: int) -> SeqProbe:
+    """The candidate whose click changes SASRec's top-``k`` set for ``history`` most, by
+    the model's own scores (candidates already in that set are passed over: their click
+    would change it only by leaving it as seen)."""
+    seen = set(history)
+    before = frozenset(top_unseen(model.item_ids_, model.score([history])[0], seen, k))
+    cands = [int(i) for i in candidates if int(i) not in before and int(i) not in seen]
+    rows = model.score([[*history, c] for c in cands])
+    afters = [frozenset(top_unseen(model.item_ids_, row, seen | {c}, k))
+              for c, row in zip(cands, rows, strict=True)]
+    best = int(np.argmax([len(a - before) for a in afters])) if cands else -1
+    if best < 0 or not afters[best] - before:
+        raise ValueError(f"none of {len(cands)} clicks changes SASRec's top-{k}; raise seq_tries")
+    return SeqProbe(cands[best], before, afters[best])
+
+
+@dataclass
+class Asker:
+    """Score requests for one user every ``every_s`` until an answer satisfies a test."""
+
+    producer: KafkaProducer
+    topic: str
+    recs: KafkaConsumer
+    every_s: float
+
+    def until(self, user: int, body: dict, done: Callable[[list[int]], bool],
+              deadline: float, between: Callable[[], None] | None = None,
+              ) -> tuple[float, list[int]] | None:
+        """(when, items) of the first answer to these requests that ``done`` accepts; None at
+        ``deadline``. ``between`` runs once a loop (another topic's reader)."""
+        asked: set[str] = set()
+        next_ask = 0.0
+        while time.time() < deadline:
+            now = time.time()
+            if now >= next_ask:
+                rid = uuid.uuid4().hex[:12]
+                asked.add(rid)
+                self.producer.send(self.topic, key=key_of(user), value=encode_json(
+                    {"user_id": user, "request_id": rid, **body}))
+                self.producer.flush()
+                next_ask = now + self.every_s
+            if between is not None:
+                between()
+            for rs in self.recs.poll(timeout_ms=5).values():
+                for r in rs:
+                    obj = orjson.loads(r.value)
+                    items = [it["item_id"] for it in obj["items"]]
+                    if obj.get("request_id") in asked and done(items):
+                        return time.time(), items
+        return None
+
+
+def run_probes(s: Settings, ds: Dataset, sizes: Sizes, sasrec: Recommender) -> Probes:
     names = Topics(s.kafka.topic_prefix)
-    rng = np.random.default_rng(0)
+    rng, seq_rng = np.random.default_rng(0), np.random.default_rng(1)  # RALM's draws as before
     items = probe_items(ds, sizes.warmup_clicks, sizes.probes, rng)
     popular = ds.items.ids[np.argsort(-np.bincount(ds.item[:sizes.warmup_clicks]))]
+    # SASRec's probe clicks: known to it, never a RALM probe item (those must stay cold)
+    seq_items = np.setdiff1d(np.intersect1d(sasrec.item_ids_, ds.items.ids), items)
     profiles = profiles_of(ds)
     producer = make_producer(s.kafka, linger_ms=0)
     centroids = _tail(s, names.seed_centroids)
-    recs = _tail(s, names.recommendations)
-    probes = []
+    asker = Asker(producer, names.score_requests, _tail(s, names.recommendations),
+                  sizes.ask_every_s)
+    out = Probes([], [])
     try:
         for j, item in enumerate(tqdm(items, desc="freshness probes", leave=False)):
             profile = profiles[int(rng.integers(len(profiles)))]
             history = popular[rng.permutation(3 * sizes.history)[:sizes.history]]
-            a, b = A_BASE + j, B_BASE + j
-            for user in (a, b):
+            a, b, c = A_BASE + j, B_BASE + j, C_BASE + j
+            for user in (a, b, c):
                 for h in history:
                     _click(producer, names.clicks, user, int(h), profile)
             producer.flush()
-            time.sleep(0.5)  # the twins' histories are in the scoring worker's state
-            probes.append(_probe(producer, names, centroids, recs, a, b, int(item), profile, sizes))
+            seq = seq_probe(sasrec, history.tolist(),
+                            seq_rng.permutation(seq_items)[:sizes.seq_tries], sizes.seq_k)
+            time.sleep(0.5)  # the probe users' histories are in the scoring worker's state
+            out.ralm.append(_probe(producer, names, centroids, asker, a, b, int(item), profile,
+                                   sizes))
+            _seq_probe(producer, names, asker, c, seq, profile, sizes)
+            out.seq.append(seq)
     finally:
         producer.close()
         centroids.close()
-        recs.close()
-    return probes
+        asker.recs.close()
+    return out
 
 
-def _click(producer, topic: str, user: int, item: int, profile: Profile) -> float:
+def _click(producer: KafkaProducer, topic: str, user: int, item: int, profile: Profile) -> float:
     now = time.time()
     producer.send(topic, key=key_of(user), value=encode_click(Click(user, item, now, profile)))
     return now
 
 
-def _probe(producer, names: Topics, centroids: KafkaConsumer, recs: KafkaConsumer, a: int,
+def _probe(producer: KafkaProducer, names: Topics, centroids: KafkaConsumer, asker: Asker, a: int,
            b: int, item: int, profile: Profile, sizes: Sizes) -> Probe:
     p = Probe(item, _click(producer, names.clicks, a, item, profile))
     producer.flush()
-    next_ask = 0.0
-    deadline = p.clicked_at + sizes.timeout_s
-    while p.reflected_at is None and time.time() < deadline:
-        now = time.time()
-        if now >= next_ask:
-            rid = uuid.uuid4().hex[:12]
-            p.asked[rid] = now
-            producer.send(names.score_requests, key=key_of(b),
-                          value=encode_json({"user_id": b, "k": 50, "request_id": rid}))
-            producer.flush()
-            next_ask = now + sizes.ask_every_s
+
+    def published() -> None:
         for rs in centroids.poll(timeout_ms=5).values():
             for r in rs:
                 if p.published_at is None and decode_key(r.key) == item and decode_centroids(
                         r.value) is not None:
                     p.published_at = time.time()
-        for rs in recs.poll(timeout_ms=5).values():
-            for r in rs:
-                obj = orjson.loads(r.value)
-                if obj.get("request_id") in p.asked and any(
-                        it["item_id"] == item for it in obj["items"]):
-                    p.reflected_at = time.time()
+
+    got = asker.until(b, {"k": 50}, lambda got: item in got, p.clicked_at + sizes.timeout_s,
+                      published)
+    p.reflected_at = None if got is None else got[0]
     return p
+
+
+def _seq_probe(producer: KafkaProducer, names: Topics, asker: Asker, c: int, p: SeqProbe,
+               profile: Profile, sizes: Sizes) -> None:
+    """C's answer is SASRec's top-K for its history; then the click; then a changed answer."""
+    body = {"k": sizes.seq_k, "pipeline": SEQ}
+    ready = asker.until(c, body, lambda got: frozenset(got) == p.before,
+                        time.time() + sizes.timeout_s)
+    p.ready = ready is not None
+    if not p.ready:
+        return  # the worker never answered from C's history: no baseline to differ from
+    p.clicked_at = _click(producer, names.clicks, c, p.item, profile)
+    producer.flush()
+    got = asker.until(c, body, lambda got: frozenset(got) != p.before,
+                      p.clicked_at + sizes.timeout_s)
+    if got is not None:
+        p.reflected_at, p.as_expected = got[0], frozenset(got[1]) == p.after
 
 
 # ---------------------------------------------------------------- the figures
@@ -249,16 +390,37 @@ def _figures(report: BenchReport, probes: list[Probe], rtt: np.ndarray, server: 
     report.add("probes", n, "clicks")
     report.add("click -> item's centroids published, p50", _pct(published, 50), "s")
     report.add("click -> item's centroids published, p99", _pct(published, 99), "s")
-    report.add("probes reflected in a recommendation", len(reflected) / max(n, 1), "fraction",
-               ">= 0.95", "the rest timed out")
-    report.add("click -> a recommendation that reflects it, p50", _pct(reflected, 50), "s")
-    report.add("click -> a recommendation that reflects it, p99", _pct(reflected, 99), "s",
-               "<= 2.0", "RALM in production: 300 s")
-    report.add("freshness p99 / raw round trip p99", _pct(reflected, 99) / np.percentile(rtt, 99),
-               "ratio", note="broker round trips freshness costs")
+    _reflected(report, "", reflected, n, rtt, "RALM in production: 300 s")
     worker_p99 = quantile_from_histogram(server, "lookalike_click_to_recommendation_seconds", 0.99)
     report.add("worker-side freshness p99 (histogram bucket bound)", worker_p99, "s",
                note="click produced -> centroid table refreshed, scraped over HTTP")
+
+
+def _seq_figures(report: BenchReport, probes: list[SeqProbe], rtt: np.ndarray) -> None:
+    n = len(probes)
+    done = [p for p in probes if p.reflected_at is not None and p.clicked_at is not None]
+    reflected = np.array([p.reflected_at - p.clicked_at for p in done])
+    report.add("SASRec: probes answered from their history before the click",
+               sum(p.ready for p in probes) / max(n, 1), "fraction", ">= 0.95",
+               "the answer was the model's own top-K for the history")
+    _reflected(report, "SASRec: ", reflected, n, rtt, "click -> live user state -> seq pipeline")
+    report.add("SASRec: reflecting answers equal to the model's top-K with the click",
+               sum(p.as_expected for p in done) / max(len(done), 1), "fraction", ">= 0.95",
+               "checked offline with the same checkpoint")
+
+
+def _reflected(report: BenchReport, path: str, reflected: np.ndarray, n: int,
+               rtt: np.ndarray, note: str) -> None:
+    """One path's share of probes reflected, its p50 and p99 (<= 2 s), and its p99 in raw
+    round trips."""
+    report.add(f"{path}probes reflected in a recommendation", len(reflected) / max(n, 1),
+               "fraction", ">= 0.95", "the rest timed out")
+    report.add(f"{path}click -> a recommendation that reflects it, p50", _pct(reflected, 50), "s")
+    report.add(f"{path}click -> a recommendation that reflects it, p99", _pct(reflected, 99), "s",
+               "<= 2.0", note)
+    report.add(f"{path}freshness p99 / raw round trip p99",
+               _pct(reflected, 99) / np.percentile(rtt, 99), "ratio",
+               note="broker round trips freshness costs")
 
 
 def _minus(after: dict, before: dict) -> dict:
