@@ -25,8 +25,11 @@ and Recommendation Systems*, arXiv:1906.00091, 2019.
 
 from __future__ import annotations
 
+import math
+from typing import Any, Literal
+
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
 from models.ctr_data import GENRE_FIELD
@@ -39,6 +42,21 @@ class DLRMConfig(BaseModel):
     bottom: list[int] = Field(default_factory=lambda: [32], description="bottom MLP hidden")
     top: list[int] = Field(default_factory=lambda: [64, 32], description="top MLP hidden")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the top MLP")
+    interaction_itself: bool = Field(
+        False, description="also the self dots <t_i, t_i> (the diagonal of T Tᵀ), the "
+        "reference code's --arch-interaction-itself: F(F+1)/2 dots instead of F(F-1)/2")
+    init: Literal["torch", "reference"] = Field(
+        "torch", description="torch: embeddings N(0, 0.05²), torch's Linear default; "
+        "reference: facebookresearch/dlrm's, embeddings U(±1/sqrt(rows)), MLP weights "
+        "N(0, 2/(fan_in + fan_out)), biases N(0, 1/fan_out)")
+
+    @field_validator("bottom", "top", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: Any) -> Any:
+        """Also "64,32" or "[64, 32]" (as `lookalike train --set top=...` gives); "" = none."""
+        if isinstance(value, str):
+            return [int(v) for v in value.strip("()[] ").split(",") if v.strip()]
+        return value
 
 
 def mlp(sizes: list[int], *, last_relu: bool, dropout: float = 0.0) -> nn.Sequential:
@@ -60,14 +78,18 @@ class SparseArch(nn.Module):
     genre field last. Returns (B, F_s + 1, D): the sparse fields' vectors, then genres'.
     """
 
-    def __init__(self, field_sizes: dict[str, int], dim: int) -> None:
+    def __init__(self, field_sizes: dict[str, int], dim: int, init: str = "torch") -> None:
         super().__init__()
         names = [n for n in field_sizes if n != GENRE_FIELD]
         self.tables = nn.ModuleList(nn.Embedding(field_sizes[n], dim, padding_idx=0) for n in names)
         self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], dim, mode="mean",
                                       padding_idx=0)
         for t in [*self.tables, self.genres]:
-            nn.init.normal_(t.weight, std=0.05)
+            if init == "reference":  # dlrm_s_pytorch.py create_emb: U(-1/sqrt(n), 1/sqrt(n))
+                bound = 1 / math.sqrt(t.num_embeddings)
+                nn.init.uniform_(t.weight, -bound, bound)
+            else:
+                nn.init.normal_(t.weight, std=0.05)
         with torch.no_grad():  # row 0: unknown value / genre padding, a zero vector
             for t in [*self.tables, self.genres]:
                 t.weight[0].zero_()
@@ -93,22 +115,34 @@ class DenseArch(nn.Module):
         return self.mlp(dense)
 
 
+def reference_init_(module: nn.Module) -> None:
+    """facebookresearch/dlrm's MLP init (create_mlp): every Linear's weight
+    N(0, 2/(fan_in + fan_out)), its bias N(0, 1/fan_out)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            fan_out, fan_in = layer.weight.shape
+            nn.init.normal_(layer.weight, std=math.sqrt(2 / (fan_in + fan_out)))
+            nn.init.normal_(layer.bias, std=math.sqrt(1 / fan_out))
+
+
 class InteractionArch(nn.Module):
     """(B, D) dense vector + (B, F_s, D) sparse vectors -> (B, D + F(F-1)/2), F = F_s + 1.
 
     All vectors are stacked as T (B, F, D); Z = T Tᵀ; the strict upper triangle of Z
-    (pairs i < j, no self terms) is concatenated with the dense vector.
+    (pairs i < j, no self terms) is concatenated with the dense vector. With `itself`
+    the diagonal too (pairs i <= j, F(F+1)/2 dots: the reference code's
+    --arch-interaction-itself), which hands the top MLP each vector's squared norm.
     """
 
-    def __init__(self, n_vectors: int) -> None:
+    def __init__(self, n_vectors: int, itself: bool = False) -> None:
         super().__init__()
-        rows, cols = torch.triu_indices(n_vectors, n_vectors, offset=1)
+        rows, cols = torch.triu_indices(n_vectors, n_vectors, offset=0 if itself else 1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
 
     @staticmethod
-    def output_size(n_vectors: int, dim: int) -> int:
-        return dim + n_vectors * (n_vectors - 1) // 2
+    def output_size(n_vectors: int, dim: int, itself: bool = False) -> int:
+        return dim + n_vectors * (n_vectors + (1 if itself else -1)) // 2
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         t = torch.cat([dense.unsqueeze(1), sparse], dim=1)
@@ -137,12 +171,16 @@ class DLRM(nn.Module):
         super().__init__()
         self.config = config or DLRMConfig()
         d = self.config.embed_dim
-        self.sparse_arch = SparseArch(field_sizes, d)
+        itself = self.config.interaction_itself
+        self.sparse_arch = SparseArch(field_sizes, d, self.config.init)
         self.dense_arch = DenseArch(n_dense, self.config.bottom, d)
         n_vectors = self.sparse_arch.n_vectors + 1
-        self.interaction = InteractionArch(n_vectors)
-        self.over = OverArch(InteractionArch.output_size(n_vectors, d), self.config.top,
-                             self.config.dropout)
+        self.interaction = InteractionArch(n_vectors, itself)
+        self.over = OverArch(InteractionArch.output_size(n_vectors, d, itself),
+                             self.config.top, self.config.dropout)
+        if self.config.init == "reference":
+            reference_init_(self.dense_arch)
+            reference_init_(self.over)
 
     def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
                 dense: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,31 @@ def test_interaction_is_the_upper_triangle_without_self_terms() -> None:
     assert InteractionArch.output_size(3, 2) == 5
 
 
+def test_interaction_itself_adds_the_diagonal() -> None:
+    dense = torch.tensor([[1.0, 0.0]])
+    sparse = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    # pairs i <= j in row order: <t0,t0> = 1, <t0,t1> = 0, <t0,t2> = 2, <t1,t1> = 1,
+    # <t1,t2> = 3, <t2,t2> = 13
+    out = InteractionArch(3, itself=True)(dense, sparse)
+    assert out.tolist() == [[1.0, 0.0, 1.0, 0.0, 2.0, 1.0, 3.0, 13.0]]
+    assert InteractionArch.output_size(3, 2, itself=True) == 8
+    model = DLRM(SIZES, n_dense=3, config=DLRMConfig(embed_dim=2, interaction_itself=True))
+    assert model.over.mlp[0].in_features == 2 + 10  # F = 4 vectors: 4 * 5 / 2 dots
+
+
+def test_reference_init_and_sizes_from_strings() -> None:
+    torch.manual_seed(0)
+    sizes = {"user": 10_000, "item": 5, "genre": 4}
+    model = DLRM(sizes, n_dense=3, config=DLRMConfig(embed_dim=64, init="reference",
+                                                     top="128, 1"))
+    user = model.sparse_arch.tables[0].weight.detach()
+    assert user[0].abs().max() == 0 and user.abs().max() <= 0.01  # U(±1/sqrt(10,000))
+    first = model.over.mlp[0].weight.detach()  # fan_in 64 + 6, fan_out 128
+    assert abs(float(first.std()) - (2 / (70 + 128)) ** 0.5) < 0.01
+    assert DLRMConfig(top="[64, 32]", bottom="").top == [64, 32]
+    assert DLRMConfig(bottom="").bottom == []
+
+
 def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
