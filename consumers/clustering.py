@@ -16,11 +16,14 @@ more load than that, changed items wait in first-changed order, so every
 change is published after a delay the backlog gauges show, and the seed
 windows keep up with the stream instead of the producer setting the pace.
 
-State recovery (first version): ``seed-events`` is the changelog of the
-windows. A worker that is assigned a partition replays it from the beginning;
-window updates are idempotent and k-means steps deterministic, so the
-rebuilt state and the centroids it republishes equal the ones lost. Snapshots
-with offsets (bounded replay) replace this when the log outgrows memory.
+State recovery: ``seed-events`` is the changelog of the windows. Every
+``snapshots.every_s`` the worker writes each partition's windows, centroids
+and not-yet-published items with the offset they reflect
+(``consumers/snapshots.py``); a worker assigned a partition loads its
+snapshot and replays only what came after it, or, without a valid snapshot,
+replays the partition from the beginning. Window updates are idempotent, so
+records replayed twice change nothing; items that were waiting to be
+published when the snapshot was written are published after the restore.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.loop import Event, Stage
+from consumers.snapshots import Snapshot
 from engine import topics as T
 from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import (
@@ -55,6 +59,7 @@ MAX_SEED_ABS = MAX_ABS
 class ClusteringStage(Stage):
     name = "clustering"
     topics = (T.SEED_EVENTS,)
+    snapshot_topics = (T.SEED_EVENTS,)
     fetch_max_wait_ms = 50
 
     def __init__(self, settings: Settings):
@@ -140,10 +145,29 @@ class ClusteringStage(Stage):
         self.metrics.window_items.labels(self.name).set(len(self.state))
         self.metrics.window_seeds.labels(self.name).set(self.state.seeds_held())
 
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        assert self.loop is not None and self.loop.consumer is not None
-        if partitions:
-            self.loop.consumer.seek_to_beginning(*partitions)
+    def restore(self, tp: TopicPartition, snap: Snapshot | None,
+                committed: int | None) -> int | None:
+        """The partition's items from its snapshot, then the log from the snapshot's
+        offset; without one, the whole log (offset 0)."""
+        if snap is None:
+            return 0
+        items = self.state.restore(snap.arrays)
+        self._partition_of.update(dict.fromkeys(items, tp.partition))
+        now = time.time()
+        for item, ms in zip(snap.arrays["dirty"].tolist(), snap.arrays["dirty_ms"].tolist(),
+                            strict=True):
+            self._dirty[item] = max(self._dirty.get(item, 0), ms)
+            self._dirty_since.setdefault(item, now)
+        self._report_state()
+        return snap.offset
+
+    def snapshot(self, tp: TopicPartition, offset: int) -> Snapshot:
+        items = [i for i, p in self._partition_of.items() if p == tp.partition]
+        dirty = [i for i in self._dirty if self._partition_of.get(i) == tp.partition]
+        arrays = self.state.export(items)
+        arrays["dirty"] = np.array(dirty, np.int64)
+        arrays["dirty_ms"] = np.array([self._dirty[i] for i in dirty], np.int64)
+        return Snapshot(offset, arrays, {"items": len(arrays["item"]), "dirty": len(dirty)})
 
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         gone = {tp.partition for tp in partitions}

@@ -14,7 +14,14 @@ One iteration, in this order — the only place the order is written:
    (``processing_error``): one bad event never stops a worker;
 4. ``stage.tick(now)``: periodic work (index refresh, table reads);
 5. flush the producer: outputs and dead letters are durable in Kafka;
-6. commit the consumed offsets.
+6. commit the consumed offsets;
+7. every ``snapshots.every_s``: write each assigned partition's state with
+   the offset it reflects (``consumers/snapshots.py`` has the whole order).
+
+Newly assigned partitions of the topics a stage snapshots are paused in the
+rebalance listener and restored right after the poll, before any record is
+handled: the stage loads the partition's snapshot (if valid) and says where
+to read from (the snapshot's offset, the beginning, or the committed offset).
 
 Offsets are committed only after what they produced is durable (5 before 6),
 so a crash replays at most the last batch: at-least-once. Stage state updates
@@ -53,6 +60,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
 from consumers.kafka import make_consumer, make_producer, on_rebalance
+from consumers.snapshots import Snapshot, SnapshotStore
 from engine.codec import BadEvent
 from engine.config import Settings
 from engine.metrics import WorkerMetrics
@@ -109,6 +117,21 @@ class Stage:
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         """Partitions leaving: their outputs are already flushed and committed."""
 
+    #: base names of the consumed topics whose partitions carry state the stage
+    #: snapshots and restores (``restore`` / ``snapshot``)
+    snapshot_topics: Sequence[str] = ()
+
+    def restore(self, tp: TopicPartition, snap: Snapshot | None,
+                committed: int | None) -> int | None:
+        """Load a newly assigned partition's state (``snap``: its valid snapshot, if
+        any); the offset to read from (0: the beginning), or None for the committed one.
+        Runs on the loop's thread before the partition's first record."""
+        return None
+
+    def snapshot(self, tp: TopicPartition, offset: int) -> Snapshot | None:
+        """The partition's state now, reflecting every record before ``offset``."""
+        return None
+
     def start(self) -> None:
         """Resources that need the loop's producer (called once before polling)."""
 
@@ -148,6 +171,10 @@ class ConsumerLoop:
         self._down_since: float | None = None  # when the broker was first found unreachable
         self.failure: BaseException | None = None  # what stopped the loop, if not ``stop``
         self._next_dlq_log: dict[str, float] = {}
+        self._restoring: set[TopicPartition] = set()  # assigned, paused, not yet restored
+        snap = self.settings.snapshots
+        self.snapshots = SnapshotStore(snap.dir or self.settings.cache_dir / "snapshots",
+                                       self.group_id, snap.every_s)
         stage.loop = self
 
     # ------------------------------------------------------------- kafka io
@@ -237,6 +264,7 @@ class ConsumerLoop:
             timeout_ms=self.stage.poll_timeout_ms, max_records=self.stage.max_poll_records
         )
         t0 = time.perf_counter()
+        self._restore()
         n = sum(len(v) for v in polled.values())
         if n:
             events = self._decode(polled)
@@ -246,8 +274,52 @@ class ConsumerLoop:
         if n:
             self._flush_and_commit()
             self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - t0)
+        if self.snapshots.due():
+            self.write_snapshots()
         self._report_lag()
         return n
+
+    # ------------------------------------------------------------- snapshots
+    def _snapshotted(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
+        return {tp for tp in partitions
+                if self.names.base(tp.topic) in self.stage.snapshot_topics}
+
+    def _restore(self) -> None:
+        """Newly assigned partitions: their state from a snapshot or the log, then resume.
+
+        A partition is only polled from where its state leaves off: it stays paused
+        from the rebalance until here (nothing of it was handled meanwhile)."""
+        if not self._restoring:
+            return
+        assert self.consumer is not None
+        todo, self._restoring = self._restoring & self.consumer.assignment(), set()
+        for tp in sorted(todo):
+            committed = self.consumer.committed(tp)
+            snap = self.snapshots.load(tp, committed) if self.snapshots.enabled else None
+            start = self.stage.restore(tp, snap, committed)
+            if start == 0:
+                self.consumer.seek_to_beginning(tp)
+            elif start is not None:
+                self.consumer.seek(tp, start)
+            log.info("%s: %s restored %s", self.stage.name, tp,
+                     f"from a snapshot at offset {snap.offset}" if snap else "from the log")
+        self.consumer.resume(*todo)
+
+    def write_snapshots(self) -> int:
+        """Step 7: outputs flushed and offsets committed first, then each assigned
+        partition's state with the offset it reflects. Returns the files written."""
+        assert self.consumer is not None
+        parts = self._snapshotted(self.consumer.assignment()) - self._restoring
+        if not parts:
+            return 0
+        self._flush_and_commit()
+        written = 0
+        for tp in sorted(parts):
+            snap = self.stage.snapshot(tp, self.consumer.position(tp))
+            if snap is not None:
+                self.snapshots.save(tp, snap)
+                written += 1
+        return written
 
     def _report_lag(self) -> None:
         now = time.monotonic()
@@ -327,6 +399,7 @@ class ConsumerLoop:
                 "recreate the topics (`lookalike topics create`), then start the workers again")
 
     def _on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self._restoring -= partitions
         self.stage.on_revoked(partitions)
         for tp in partitions:  # another member reports these now
             try:
@@ -337,6 +410,11 @@ class ConsumerLoop:
         self.metrics.assigned.labels(self.stage.name).set(0)
 
     def _on_assigned(self, partitions: set[TopicPartition]) -> None:
+        mine = self._snapshotted(partitions)
+        if mine:  # restored on the loop's thread after this poll (``_restore``)
+            assert self.consumer is not None
+            self.consumer.pause(*mine)
+            self._restoring |= mine
         self.stage.on_assigned(partitions)
         self.metrics.assigned.labels(self.stage.name).set(len(partitions))
         self.ready.set()
@@ -360,6 +438,8 @@ class ConsumerLoop:
                 if self.consumer.assignment():
                     self.stage.drain()
                     self._flush_and_commit()
+                    if self.snapshots.enabled:
+                        self.write_snapshots()
             except KafkaError as e:
                 log.warning("final commit failed: %s", e)
             self.consumer.close(autocommit=False)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
+import orjson
 import torch
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
@@ -45,6 +46,7 @@ from consumers.pipelines import (
     rank_user,
     top_unseen,
 )
+from consumers.snapshots import Snapshot
 from engine import topics as T
 from engine.audience import look_alike_users, refresh_vectors
 from engine.centroid_table import CentroidTable
@@ -218,6 +220,52 @@ class UserStore:
             out[j] = bool((self.id_ring(slot)[:min(st.clicks, self.id_len)] == item).any())
         return out
 
+    def export(self, partition: int) -> dict[str, np.ndarray]:
+        """The users of one clicks partition as flat arrays (a snapshot's body), least
+        recently active first: rings as stored, so ``restore`` puts back the same state."""
+        users = [(u, st) for u, st in self.users.items() if st.partition == partition]
+        slots = np.array([st.slot for _, st in users], np.int64)
+        h = self.vecs.shape[1]
+        return {
+            "user": np.array([u for u, _ in users], np.int64),
+            "clicks": np.array([st.clicks for _, st in users], np.int64),
+            "last_ts": np.array([st.last_ts for _, st in users], np.float64),
+            "profile": np.array([orjson.dumps(st.profile.to_json()).decode() if st.profile
+                                 else "" for _, st in users], dtype=np.str_),
+            "ids": (np.stack([self.id_ring(int(x)) for x in slots]) if len(slots)
+                    else np.zeros((0, self.id_len), np.int64)),
+            "rows": self.rows[slots], "vecs": self.vecs[slots] if h else
+            np.zeros((len(slots), 0), np.float32), "fresh": self.fresh[slots],
+        }
+
+    def restore(self, arrays: dict[str, np.ndarray], partition: int) -> int:
+        """Put ``export``'s users back (replacing what is held of them); how many."""
+        if arrays["ids"].shape[1] != self.id_len or arrays["rows"].shape[1] != self.ring_len:
+            raise ValueError(f"snapshot rings of {arrays['ids'].shape[1]}/"
+                             f"{arrays['rows'].shape[1]} clicks, the store keeps "
+                             f"{self.id_len}/{self.ring_len} (max_seen/history_len changed)")
+        vecs = arrays["vecs"]
+        if vecs.shape[1] and self.vecs.shape[1] != vecs.shape[1]:
+            self.vecs = np.zeros((len(self.rows), vecs.shape[1]), np.float32)
+            self.fresh[:] = False
+        for j, user in enumerate(arrays["user"].tolist()):
+            old = self.users.pop(user, None)
+            if old is not None:
+                self._release(old.slot)
+            prof = str(arrays["profile"][j])
+            st = UserState(self, self._take_slot(), Profile(**orjson.loads(prof)) if prof
+                           else None, int(arrays["clicks"][j]), partition,
+                           float(arrays["last_ts"][j]))
+            self.users[user] = st
+            self.user_of[st.slot] = user
+            self.id_ring(st.slot)[:] = arrays["ids"][j]
+            self.rows[st.slot] = arrays["rows"][j]
+            if vecs.shape[1] and vecs.shape[1] == self.vecs.shape[1]:
+                self.vecs[st.slot], self.fresh[st.slot] = vecs[j], arrays["fresh"][j]
+            if len(self.users) > self.max_users:
+                self._release(self.users.popitem(last=False)[1].slot)
+        return len(arrays["user"])
+
     def recent_ids(self, st: UserState, n: int) -> list[int]:
         """Item ids of the user's last ``n`` clicks (at most ``id_len``), oldest first."""
         n = min(n, st.clicks, self.id_len)
@@ -251,6 +299,7 @@ class UserStore:
 class ScoringStage(Stage):
     name = "scoring"
     topics = (T.CLICKS, T.SCORE_REQUESTS)
+    snapshot_topics = (T.CLICKS,)
     fetch_max_wait_ms = 10  # requests are latency-sensitive (see CONVENTIONS.md)
     score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
     seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
@@ -288,7 +337,6 @@ class ScoringStage(Stage):
         self._next_audiences = 0.0
         self._next_refresh = 0.0
         self._pending_fresh: list[float] = []  # produce times of clicks not yet served
-        self._to_restore: set[TopicPartition] = set()
         self._caught_up = False
         self.seed_messages = 0  # Kafka messages sent on seed-events (each packs seeds)
         self._searches = 0  # index searches, for sampling their recall
@@ -313,7 +361,6 @@ class ScoringStage(Stage):
     # ------------------------------------------------------------- handle
     def handle(self, events: list[Event]) -> None:
         seen_at = time.time()
-        self._restore_pending()
         clicks = [ev for ev in events if ev.topic == T.CLICKS]
         requests = [ev for ev in events if ev.topic == T.SCORE_REQUESTS]
         if clicks:
@@ -673,31 +720,46 @@ class ScoringStage(Stage):
             self.audience_reader.position(tp)
 
     # ------------------------------------------------------------- user state recovery
-    def on_assigned(self, partitions: set[TopicPartition]) -> None:
-        # runs on kafka-python's IO thread, where blocking calls are refused: defer
-        self._to_restore |= {tp for tp in partitions if tp.topic == self.names.clicks}
-
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
         lost = {tp.partition for tp in partitions if tp.topic == self.names.clicks}
-        self._to_restore -= set(partitions)
         if lost:
             self.users.drop(lambda st: st.partition in lost)
 
-    def _restore_pending(self) -> None:
-        """Re-read the assigned clicks partitions up to the committed offsets."""
-        if not self._to_restore:
-            return
-        assert self.loop is not None and self.loop.consumer is not None
-        todo, self._to_restore = self._to_restore, set()
-        ends = {tp: self.loop.consumer.committed(tp) or 0 for tp in todo}
-        ends = {tp: off for tp, off in ends.items() if off > 0}
+    def restore(self, tp: TopicPartition, snap: Snapshot | None,
+                committed: int | None) -> int | None:
+        """A clicks partition's users: from its snapshot, then the clicks after the
+        snapshot's offset (or all, without one) up to the committed offset, applied
+        without emitting (their seeds were sent before); polling goes on from there."""
+        start = 0
+        if snap is not None:
+            try:
+                n = self.users.restore(snap.arrays, tp.partition)
+                start = snap.offset
+                log.info("%s: %d users from a snapshot at offset %d", tp, n, start)
+            except (ValueError, KeyError) as e:
+                log.warning("snapshot of %s not used (%s): rebuilding from the log", tp, e)
+        if committed:
+            self._replay_clicks({tp: (start, committed)})
+        return None
+
+    def snapshot(self, tp: TopicPartition, offset: int) -> Snapshot:
+        arrays = self.users.export(tp.partition)
+        return Snapshot(offset, arrays, {"users": len(arrays["user"])})
+
+    def _replay_clicks(self, spans: dict[TopicPartition, tuple[int, int]]) -> None:
+        """Clicks [start, end) of each partition into user state, nothing emitted."""
+        ends = {tp: end for tp, (start, end) in spans.items() if end > start}
         if not ends:
             return
         reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=50,
                                max_poll_records=10_000)
         try:
             reader.assign(list(ends))
-            reader.seek_to_beginning(*ends)
+            for tp, (start, _) in spans.items():
+                if start:
+                    reader.seek(tp, start)
+                else:
+                    reader.seek_to_beginning(tp)
             restored, left = 0, dict(ends)
             deadline = time.monotonic() + 300
             while left and time.monotonic() < deadline:
@@ -718,12 +780,11 @@ class ScoringStage(Stage):
                         left.pop(tp)
             if left:
                 log.error("user state of %s not fully restored in time", sorted(left))
-            log.info("restored %d clicks of %d partitions into user state", restored, len(ends))
+            log.info("replayed %d clicks of %d partitions into user state", restored, len(ends))
         finally:
             reader.close(autocommit=False)
 
     def tick(self, now: float) -> None:
-        self._restore_pending()
         self.prioritise_requests()
         self.read_table()
         if self.reloader is not None:

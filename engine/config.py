@@ -218,6 +218,18 @@ class ScoringConfig(BaseModel):
         return self
 
 
+class SnapshotConfig(BaseModel):
+    """State snapshots of the stateful workers (consumers/snapshots.py)."""
+
+    every_s: float = Field(
+        30.0, ge=0, description="write each assigned partition's state (with the offset it "
+        "reflects) this often, and on a clean stop; a restarted or newly assigned worker then "
+        "re-reads only what came after it (0: no snapshots, state rebuilt from the log)")
+    dir: Path | None = Field(
+        None, description="where (default: <cache_dir>/snapshots); a volume every worker of a "
+        "stage mounts lets a partition's new owner start from its old owner's snapshot")
+
+
 class MetricsConfig(BaseModel):
     port: int = Field(0, ge=0, description="Prometheus HTTP port; 0 picks a free one")
     addr: str = Field("127.0.0.1", description="address /metrics binds to: loopback unless "
@@ -233,6 +245,7 @@ class Settings(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     window: WindowConfig = WindowConfig()
     scoring: ScoringConfig = ScoringConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @classmethod
