@@ -656,8 +656,8 @@ for _name in CTR_MODELS:
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(
-        help="ingest, cluster, score, freshness, train, scale, all (these six) or soak "
-        "(ten minutes of steady load)")] = "all",
+        help="ingest, cluster, score, freshness, train, scale, all (these six), soak "
+        "(ten minutes of steady load) or recovery (1M clicks, workers killed 20 times)")] = "all",
     quick: Annotated[bool, typer.Option(help="small sizes: a smoke run")] = False,
     out: Annotated[Path | None, typer.Option(
         help="output folder (default <cache_dir>/reports/bench)")] = None,

@@ -15,8 +15,9 @@ from engine.bench.report import BenchOptions, BenchReport
 
 #: every bench, in the order ``lookalike bench all`` runs them
 NAMES = ("ingest", "cluster", "score", "freshness", "train", "scale")
-#: benches ``all`` leaves out (``soak`` takes ten minutes by design)
-EXTRA = ("soak",)
+#: benches ``all`` leaves out (``soak`` takes ten minutes by design, ``recovery`` about as
+#: long: two passes of 1M clicks, one with 30 kill events)
+EXTRA = ("soak", "recovery")
 
 
 def runner(name: str) -> Callable[[BenchOptions], BenchReport]:
