@@ -6,12 +6,12 @@ user's events. Besides its users, every scoring worker keeps the whole
 centroid table (all partitions of ``seed-centroids``, read without a group)
 and ranks with the same RALM model that embedded the seeds.
 
-User state recovery (first version): ``clicks`` is the changelog of the user
-state. When a partition is assigned, its clicks up to the group's committed
-offset are read again (decode and ``UserStore.click`` only: no seeds are
-re-emitted, no request is answered twice) before the partition's first new
-record is handled. Snapshots with offsets replace this when the log outgrows
-a restart budget.
+User state recovery: ``clicks`` is the changelog of the user state. When a
+partition is assigned, its users come from its snapshot (consumers/snapshots.py)
+and its clicks from the snapshot's offset (or the beginning, without one) up to
+the group's committed offset are read again (decode and ``UserStore.click``
+only: no seeds are re-emitted, no request is answered twice) before the
+partition's first new record is handled.
 """
 
 from __future__ import annotations

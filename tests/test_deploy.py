@@ -361,6 +361,16 @@ def test_compose_cache_volume_is_shared() -> None:
         assert svc["environment"]["LOOKALIKE_CACHE_DIR"] == "/cache", name
 
 
+def test_compose_workers_expect_the_partitions_topics_creates() -> None:
+    """A worker checks the topic layout after an outage against kafka.partitions: the
+    count it is told must be the one the `topics` service creates, or it stops (exit 3)."""
+    services = lookalike_services()
+    argv = _argv(services["topics"])
+    created = argv[argv.index("--partitions") + 1]
+    for name, svc in services.items():
+        assert svc["environment"]["LOOKALIKE_KAFKA__PARTITIONS"] == created, name
+
+
 def test_compose_mounts_exist() -> None:
     """Every bind mount of a file or folder under deploy/ points at something that exists."""
     for name, svc in compose()["services"].items():
