@@ -129,8 +129,23 @@ class ModelReloader:
                 except BadEvent as e:
                     dead_letter(rec, e)
                     continue
-                if ann.kind == "ralm":
-                    self._want(Path(ann.path), f"announced as {ann.version or '-'}")
+                if ann.kind != "ralm":
+                    continue
+                path = Path(ann.path)
+                if not self.allowed(path):
+                    dead_letter(rec, BadEvent("schema", f"path {ann.path[:200]!r} is outside "
+                                              "the model folders (scoring.model_dirs)"))
+                    continue
+                self._want(path, f"announced as {ann.version or '-'}")
+
+    def allowed(self, path: Path) -> bool:
+        """Whether an announced path lies in a model folder (links resolved first, so a
+        link inside cannot point outside)."""
+        roots = [self.settings.checkpoint_dir, *self.settings.scoring.model_dirs]
+        if self._watched.path is not None:
+            roots.append(self._watched.path.parent)
+        real = path.expanduser().resolve()
+        return any(real.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
 
     def _check_file(self) -> None:
         from models.train_ralm import latest_checkpoint

@@ -171,6 +171,10 @@ class ScoringConfig(BaseModel):
         default_factory=lambda: {"default": PipelineConfig()},
         description="named serving pipelines; a request picks one with \"pipeline\"")
     default_pipeline: str = Field("default", description="the pipeline of requests naming none")
+    model_dirs: list[Path] = Field(
+        default_factory=list, description="folders a `models` topic announcement may point "
+        "into (besides <cache_dir>/checkpoints and the folder of the worker's --checkpoint): "
+        "anyone who can write the topic must not make the workers read any file they can")
     reload_check_s: float = Field(
         2.0, ge=0, description="re-check the checkpoint file (or checkpoint_dir's latest) this "
         "often and hot-reload a new one (0: only on a `models` topic announcement)")

@@ -112,12 +112,15 @@ def test_bad_announcements_have_reasons(raw):
 def test_hot_reload_under_a_request_stream_loses_nothing(settings, features, tmp_path):
     """Requests flow while a new model is announced, then a corrupt one: every request
     is answered once, the version switches once, and the corrupt file changes nothing."""
+    models = tmp_path / "models"
+    models.mkdir()
     s = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={
-        "min_seeds": 1, "reload_check_s": 0.0})})
+        "min_seeds": 1, "reload_check_s": 0.0, "model_dirs": [models]})})
     v1 = _model(features, "v1")
-    v2_path = _save(_model(features, "v2", seed=3), tmp_path / "v2.pt")
-    bad_path = tmp_path / "bad.pt"
+    v2_path = _save(_model(features, "v2", seed=3), models / "v2.pt")
+    bad_path = models / "bad.pt"
     bad_path.write_bytes(b"\x00garbage")
+    outside = _save(_model(features, "v3", seed=4), tmp_path / "v3.pt")
     stage = ScoringStage(s, v1)
     w = start_worker(stage)
     rng = np.random.default_rng(1)
@@ -140,7 +143,8 @@ def test_hot_reload_under_a_request_stream_loses_nothing(settings, features, tmp
                         {"kind": "ralm", "path": str(v2_path), "version": "v2"}))])
                 if i == 200:
                     produce(s, "models", [(b"ralm", encode_json(
-                        {"kind": "ralm", "path": str(bad_path)})), (b"ralm", b"{oops")])
+                        {"kind": "ralm", "path": str(bad_path)})), (b"ralm", b"{oops"),
+                        (b"ralm", encode_json({"kind": "ralm", "path": str(outside)}))])
             sent.set()
 
         t = threading.Thread(target=requests)
@@ -153,10 +157,12 @@ def test_hot_reload_under_a_request_stream_loses_nothing(settings, features, tmp
         versions = [by_id[f"r{i}"]["model_version"] for i in range(n)]
         switch = versions.index("v2")
         assert 0 < switch < n and set(versions[:switch]) == {"v1"}
-        assert set(versions[switch:]) == {"v2"}  # the corrupt one never served
+        assert set(versions[switch:]) == {"v2"}  # the corrupt and the outside one never
         assert all(len(r["items"]) == 3 for r in recs)
-        dlq = read_all(s, "models.dlq", expect=1)
-        assert dict(dlq[0].headers)["reason"] == b"not_json"
+        dlq = read_all(s, "models.dlq", expect=2)  # the broken record, the outside path
+        reasons = sorted(dict(r.headers)["reason"] for r in dlq)
+        assert reasons == [b"not_json", b"schema"]
+        assert any(b"outside the model folders" in dict(r.headers)["detail"] for r in dlq)
         m = scrape(w.metrics_url)
         assert total(m, "lookalike_model_reloads_total", outcome="loaded") == 1
         assert total(m, "lookalike_model_reloads_total", outcome="rejected") == 1
