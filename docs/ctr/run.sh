@@ -19,10 +19,10 @@ settings() {  # $1 protocol, $2 model
   case "$1/$2" in
     time/lr) echo "$common --lr 1e-2 --user-dropout 0.2" ;;
     time/fm) echo "$common --user-dropout 0.5" ;;
-    time/dlrm) echo "$common --user-dropout 0.2 --weight-decay 1e-5" ;;
+    time/dlrm) echo "$common --user-dropout 0.2 --lr 1e-2 --weight-decay 3e-4 --set dropout=0.3" ;;
     ctx/lr) echo "$common --lr 1e-2" ;;
     ctx/fm) echo "$common --weight-decay 1e-4" ;;
-    ctx/dlrm) echo "$common --weight-decay 3e-5" ;;
+    ctx/dlrm) echo "$common --lr 2e-2 --weight-decay 3e-5 --set interaction_itself=true" ;;
   esac
 }
 
