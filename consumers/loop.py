@@ -52,6 +52,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,8 @@ class ConsumerLoop:
         snap = self.settings.snapshots
         self.snapshots = SnapshotStore(snap.dir or self.settings.cache_dir / "snapshots",
                                        self.group_id, snap.every_s)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshots")
+        self._writing: Future[None] | None = None
         stage.loop = self
 
     # ------------------------------------------------------------- kafka io
@@ -305,21 +308,41 @@ class ConsumerLoop:
                      f"from a snapshot at offset {snap.offset}" if snap else "from the log")
         self.consumer.resume(*todo)
 
-    def write_snapshots(self) -> int:
+    def write_snapshots(self, wait: bool = False) -> int:
         """Step 7: outputs flushed and offsets committed first, then each assigned
-        partition's state with the offset it reflects. Returns the files written."""
+        partition's state with the offset it reflects. Returns the snapshots taken.
+
+        The state is copied here, between two polls; the files are written on a
+        background thread (the loop must poll again within ``max_poll_interval_ms``,
+        and a large state takes seconds to write). While one round is still being
+        written the next is skipped. ``wait``: write before returning (a clean stop).
+        """
         assert self.consumer is not None
         parts = self._snapshotted(self.consumer.assignment()) - self._restoring
-        if not parts:
+        if not parts or (self._writing is not None and not self._writing.done()
+                         and not wait):
             return 0
+        if self._writing is not None:
+            self._writing.result()
         self._flush_and_commit()
-        written = 0
-        for tp in sorted(parts):
-            snap = self.stage.snapshot(tp, self.consumer.position(tp))
-            if snap is not None:
+        snaps = [(tp, self.stage.snapshot(tp, self.consumer.position(tp)))
+                 for tp in sorted(parts)]
+        snaps = [(tp, snap) for tp, snap in snaps if snap is not None]
+        self._writing = self._writer.submit(self._save_all, snaps)
+        if wait:
+            self._writing.result()
+        return len(snaps)
+
+    def _save_all(self, snaps: list[tuple[TopicPartition, Snapshot]]) -> None:
+        t0 = time.perf_counter()
+        for tp, snap in snaps:
+            try:
                 self.snapshots.save(tp, snap)
-                written += 1
-        return written
+            except OSError as e:  # a full disk must not stop the worker: the log remains
+                self.metrics.errors.labels(self.stage.name, "snapshot").inc()
+                log.error("snapshot of %s not written (%s); the previous one stays", tp, e)
+        log.info("%s: %d snapshots written in %.2f s", self.stage.name, len(snaps),
+                 time.perf_counter() - t0)
 
     def _report_lag(self) -> None:
         now = time.monotonic()
@@ -439,12 +462,13 @@ class ConsumerLoop:
                     self.stage.drain()
                     self._flush_and_commit()
                     if self.snapshots.enabled:
-                        self.write_snapshots()
+                        self.write_snapshots(wait=True)
             except KafkaError as e:
                 log.warning("final commit failed: %s", e)
             self.consumer.close(autocommit=False)
         if self.producer is not None:
             self.producer.close(timeout=10)
+        self._writer.shutdown(wait=True)
         self.stage.close()
 
     def run(self) -> None:

@@ -443,46 +443,53 @@ class ItemClusters:
         Windows in their order (oldest seed first), so ``restore`` rebuilds them
         exactly; vectors, centroids and counts per embedding size (``<name>_<dim>``).
         """
-        states = [self.items[i] for i in items if i in self.items]
+        kept = [i for i in items if i in self.items]
+        states = [self.items[i] for i in kept]
+        users: list[int] = []
+        ts: list[float] = []
+        for st in states:
+            rows = st.window._rows
+            users += rows.keys()
+            ts += map(st.window._ts.__getitem__, rows.values())
         out: dict[str, np.ndarray] = {
-            "item": np.array([i for i in items if i in self.items], np.int64),
+            "item": np.array(kept, np.int64),
             "dim": np.array([st.dim for st in states], np.int64),
             "version": np.array([st.model_version for st in states], dtype=np.str_),
             "last_seed_ts": np.array([st.last_seed_ts for st in states], np.float64),
             "length": np.array([len(st.window) for st in states], np.int64),
-            "users": np.array([u for st in states for u in st.window.users()], np.int64),
-            "ts": np.array([st.window._ts[r] for st in states
-                            for r in st.window._rows.values()], np.float64),
+            "users": np.array(users, np.int64), "ts": np.array(ts, np.float64),
         }
         for dim in sorted({st.dim for st in states}):
             mine = [st for st in states if st.dim == dim]
             out[f"vectors_{dim}"] = np.concatenate(
-                [st.window.vectors().astype(self.cfg.vector_dtype) for st in mine])
-            out[f"centroids_{dim}"] = np.stack([st.centroids for st in mine])
-            out[f"counts_{dim}"] = np.stack([st.counts for st in mine])
+                [st.window.vectors().astype(self.cfg.vector_dtype) if len(st.window)
+                 else np.empty((0, dim), self.cfg.vector_dtype) for st in mine])
+            rows = np.array([st.row for st in mine])
+            out[f"centroids_{dim}"] = mine[0]._table.centroids[rows]
+            out[f"counts_{dim}"] = mine[0]._table.counts[rows]
         return out
 
     def restore(self, arrays: dict[str, np.ndarray]) -> list[int]:
         """Put ``export``'s items back (replacing any held state of them); the items."""
         items = arrays["item"].tolist()
-        ends = np.cumsum(arrays["length"])
-        at = {d: 0 for d in set(arrays["dim"].tolist())}
-        vec_at = {d: 0 for d in at}
+        lengths, dims = arrays["length"].tolist(), arrays["dim"].tolist()
+        users, ts = arrays["users"].tolist(), arrays["ts"].tolist()
+        at = dict.fromkeys(dims, 0)
+        vec_at = dict.fromkeys(dims, 0)
+        lo = 0
         for j, item in enumerate(items):
-            dim, n = int(arrays["dim"][j]), int(arrays["length"][j])
+            dim, n = dims[j], lengths[j]
             old = self.items.pop(item, None)
             if old is not None:
                 self._forget(old)
             st = self._state(item, dim, str(arrays["version"][j]))
-            lo = int(ends[j]) - n
-            vecs = arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n]
-            for user, ts, vec in zip(arrays["users"][lo:lo + n].tolist(),
-                                     arrays["ts"][lo:lo + n].tolist(), vecs, strict=True):
-                st.window.add(user, ts, vec)
+            st.window.load(users[lo:lo + n], ts[lo:lo + n],
+                           arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n])
+            lo += n
             vec_at[dim] += n
             self._held += len(st.window)
-            st.centroids = arrays[f"centroids_{dim}"][at[dim]]
-            st.counts = arrays[f"counts_{dim}"][at[dim]]
+            st._table.set(st.row, arrays[f"centroids_{dim}"][at[dim]],
+                          arrays[f"counts_{dim}"][at[dim]])
             at[dim] += 1
             st.last_seed_ts = float(arrays["last_seed_ts"][j])
         return items

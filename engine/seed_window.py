@@ -117,6 +117,20 @@ class SeedWindow:
         self.write(row, vector)
         return True
 
+    def load(self, users: list[int], ts: list[float], vectors: np.ndarray) -> None:
+        """Become the window of distinct ``users`` (oldest first) at once, as a snapshot
+        holds it: what ``add`` one seed at a time would build, without the per-seed work
+        (the last ``size`` when there are more)."""
+        users, ts, vectors = users[-self.size:], ts[-self.size:], vectors[-self.size:]
+        n = len(users)
+        self._rows = OrderedDict(zip(users, range(n)))
+        if len(self._rows) != n:
+            raise ValueError("a window's users must be distinct")
+        self._ts = [float(t) for t in ts]
+        cap = min(self.size, max(4, 1 << max(n - 1, 0).bit_length()))
+        self._vecs = np.empty((cap, vectors.shape[1]), self.dtype)
+        self._vecs[:n] = vectors
+
     def _grow(self, dim: int) -> None:
         """Room for one more row: doubling, capped at ``size``."""
         old = 0 if self._vecs is None else len(self._vecs)
