@@ -90,7 +90,8 @@ def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int,
     return WorkerProcess(kind, proc, f"http://127.0.0.1:{port}/metrics", log_path)
 
 
-def _metric(w: WorkerProcess, name: str, **labels: str) -> float:
+def worker_metric(w: WorkerProcess, name: str, **labels: str) -> float:
+    """A metric of a worker process, summed over its other labels (NaN: unreachable)."""
     try:
         return total(scrape(w.metrics_url), name, **labels)
     except OSError:
@@ -101,7 +102,7 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = 120.0) -> None:
     """Every group member has partitions (the groups are formed)."""
     deadline = time.monotonic() + timeout_s
     for w in workers:
-        while not _metric(w, "lookalike_assigned_partitions") > 0:
+        while not worker_metric(w, "lookalike_assigned_partitions") > 0:
             if w.proc.poll() is not None:
                 raise RuntimeError(f"{w.kind} worker exited; see {w.log_path}")
             if time.monotonic() > deadline:
@@ -114,14 +115,15 @@ def wait_drained(scoring: list[WorkerProcess], clustering: list[WorkerProcess], 
     """Until every click became a seed and every seed reached a window; returns when."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        clicks = sum(_metric(w, "lookalike_events_consumed_total", topic="clicks")
+        clicks = sum(worker_metric(w, "lookalike_events_consumed_total", topic="clicks")
                      for w in scoring)
-        dead = sum(_metric(w, "lookalike_dead_letters_total", topic="clicks") for w in scoring)
-        seeds_out = sum(_metric(w, "lookalike_events_produced_total", topic="seed-events")
+        dead = sum(worker_metric(w, "lookalike_dead_letters_total", topic="clicks")
+                   for w in scoring)
+        seeds_out = sum(worker_metric(w, "lookalike_events_produced_total", topic="seed-events")
                         for w in scoring)
-        msgs_out = sum(_metric(w, "lookalike_events_produced_total", topic="seed-centroids")
+        msgs_out = sum(worker_metric(w, "lookalike_events_produced_total", topic="seed-centroids")
                        for w in clustering)
-        lag = sum(_metric(w, "lookalike_consumer_lag_messages") for w in scoring + clustering)
+        lag = sum(worker_metric(w, "lookalike_consumer_lag_messages") for w in scoring + clustering)
         if clicks >= n_clicks and seeds_out + dead >= n_clicks and msgs_out > 0 and lag == 0:
             return time.monotonic()
         for w in scoring + clustering:
@@ -215,8 +217,8 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
 
         results = show_recommendations(s, ds, o.show_users)
         latencies = [r["received_at"] - r["sent_at"] for r in results.values()]
-        items = sum(_metric(w, "lookalike_centroid_table_items") for w in scoring[:1])
-        dlq = sum(_metric(w, "lookalike_dead_letters_total") for w in workers)
+        items = sum(worker_metric(w, "lookalike_centroid_table_items") for w in scoring[:1])
+        dlq = sum(worker_metric(w, "lookalike_dead_letters_total") for w in workers)
         print(
             f"summary: {rep.events:,} clicks through every stage in {pipeline_s:.1f} s "
             f"({rep.events / pipeline_s:,.0f} clicks/s end to end; replay {rep.rate:,.0f}/s); "

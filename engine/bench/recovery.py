@@ -42,7 +42,7 @@ from engine.bench.report import BenchOptions, BenchReport
 from engine.broker import EmbeddedBroker
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
-from engine.pipeline import WorkerProcess, _metric, spawn_worker, wait_ready
+from engine.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
 from engine.synthetic import SyntheticSpec, generate
 from engine.topics import create_topics
 
@@ -171,7 +171,7 @@ def _drained(workers: list[WorkerProcess], timeout_s: float) -> None:
     while quiet < 3:
         if time.monotonic() > deadline:
             raise TimeoutError("the workers did not catch up in time")
-        lag = sum(_metric(w, "lookalike_consumer_lag_messages") for w in workers)
+        lag = sum(worker_metric(w, "lookalike_consumer_lag_messages") for w in workers)
         quiet = quiet + 1 if lag == 0 else 0
         time.sleep(2.0)
 
