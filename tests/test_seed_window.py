@@ -63,3 +63,27 @@ def test_window_is_the_last_n_distinct_users_by_time(events, size):
     for u, ts in events:  # replaying everything changes nothing
         assert not w.add(u, float(ts), v(u))
     assert w.users() == expect
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 10_000)), max_size=200,
+                unique_by=lambda e: e[1]),
+       st.integers(1, 10), st.randoms(use_true_random=False))
+def test_any_arrival_order_gives_the_same_window(events, size, rnd):
+    """Seeds of one item come from every click partition, so they arrive out of time
+    order: the window is still the N users with the newest clicks, oldest first, and
+    a second arrival order of the same seeds builds the same window."""
+    newest: dict[int, int] = {}
+    for u, ts in events:
+        newest[u] = max(newest.get(u, -1), ts)
+    expect = sorted(newest, key=lambda u: newest[u])[-size:]
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    windows = []
+    for order in (events, shuffled):
+        w = SeedWindow(size)
+        for u, ts in order:
+            w.add(u, float(ts), v(u))
+        assert w.users() == expect
+        assert [w._ts[w._rows[u]] for u in expect] == [float(newest[u]) for u in expect]
+        windows.append(w)
+    np.testing.assert_array_equal(windows[0].vectors(), windows[1].vectors())
