@@ -69,6 +69,11 @@ from engine.topics import ALL, Topics, create_topics
 
 log = logging.getLogger(__name__)
 
+#: after a broker outage, how long a member may stay without partitions before it joins
+#: its group again, and how many times (``ConsumerLoop._retry_rejoin``)
+REJOIN_AFTER_S = 30.0  # more than a rejoin takes (session + rebalance timeouts: 10 s each)
+REJOIN_TRIES = 4
+
 
 class TopologyLost(RuntimeError):
     """The broker came back with the dataflow's topics laid out differently."""
@@ -170,6 +175,7 @@ class ConsumerLoop:
         self.ready = threading.Event()  # set once partitions are assigned
         self._next_lag = 0.0
         self._down_since: float | None = None  # when the broker was first found unreachable
+        self._rejoin: tuple[float, int] | None = None  # after an outage: (next try, tries left)
         self.failure: BaseException | None = None  # what stopped the loop, if not ``stop``
         self._next_dlq_log: dict[str, float] = {}
         self._restoring: set[TopicPartition] = set()  # assigned, paused, not yet restored
@@ -386,7 +392,50 @@ class ConsumerLoop:
                         now - self._down_since)
             self._down_since = None
             self.ensure_topics()
+            self._rejoin = (now + REJOIN_AFTER_S, REJOIN_TRIES)
+        elif self._rejoin is not None:
+            self._retry_rejoin(now)
         return True
+
+    def _retry_rejoin(self, now: float) -> None:
+        """After an outage, join the group again while no partition comes back.
+
+        Why: a broker that lost its storage forgot the group; the consumer's first
+        rejoin can complete before its metadata has the recreated topics, get an
+        empty assignment and never ask again (seen in about half the outage test's
+        runs). A bounded number of tries: a member of a group with more members
+        than partitions legitimately has none, and every rejoin rebalances the group.
+        """
+        assert self.consumer is not None and self._rejoin is not None
+        due, left = self._rejoin
+        if self.consumer.assignment():
+            self._rejoin = None
+        elif now >= due:
+            if left == 0:
+                log.warning("%s worker: no partitions since the broker came back; if this "
+                            "group has no more members than partitions, restart it",
+                            self.stage.name)
+                self._rejoin = None
+                return
+            log.warning("%s worker: no partitions %.0f s after the broker came back: "
+                        "joining the group again with a new consumer", self.stage.name,
+                        REJOIN_AFTER_S)
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
+                log.warning("closing the old consumer: %s", e)
+            self._subscribe()
+            self._rejoin = (now + REJOIN_AFTER_S, left - 1)
+
+    def _subscribe(self) -> None:
+        """A new consumer of the stage's group, subscribed to the stage's topics."""
+        self.consumer = make_consumer(
+            self.settings.kafka, self.group_id,
+            fetch_max_wait_ms=self.stage.fetch_max_wait_ms,
+            max_poll_records=self.stage.max_poll_records,
+        )
+        topics = [self.names.name(t) for t in self.stage.topics]
+        self.consumer.subscribe(topics, listener=on_rebalance(self._on_revoked, self._on_assigned))
 
     def ensure_topics(self) -> None:
         """The dataflow's topics as ``create_topics`` makes them, or :class:`TopologyLost`.
@@ -443,15 +492,8 @@ class ConsumerLoop:
         self.ready.set()
 
     def open(self) -> None:
-        cfg = self.settings.kafka
-        self.producer = make_producer(cfg)
-        self.consumer = make_consumer(
-            cfg, self.group_id,
-            fetch_max_wait_ms=self.stage.fetch_max_wait_ms,
-            max_poll_records=self.stage.max_poll_records,
-        )
-        topics = [self.names.name(t) for t in self.stage.topics]
-        self.consumer.subscribe(topics, listener=on_rebalance(self._on_revoked, self._on_assigned))
+        self.producer = make_producer(self.settings.kafka)
+        self._subscribe()
         self.stage.start()
         self.metrics.broker_up.labels(self.stage.name).set(1)
 

@@ -69,8 +69,13 @@ def test_a_worker_rides_out_a_30_s_outage_and_recreates_the_lost_topics(tmp_path
         wait_until(lambda: set(names.all()) <= set(w.loop.consumer.topics()), timeout_s=30,
                    what="topics recreated")
         assert w.thread.is_alive() and w.loop.failure is None
-        # Not asserted: that processing resumes. After a restart that lost the storage the
-        # group rejoin sometimes never gets the recreated partitions (issue 8, open).
+        # processing resumes on the recreated topics (a rejoin that got no partitions is
+        # retried with a new consumer: ConsumerLoop._retry_rejoin)
+        wait_until(lambda: bool(w.loop.consumer.assignment()), timeout_s=150,
+                   what="partitions assigned again")
+        _seeds(s, 2, range(5))
+        wait_until(lambda: 2 in stage.state.items and len(stage.state.items[2].window) == 5,
+                   timeout_s=60, what="seeds after the outage")
     finally:
         w.stop()
         for b in (broker, second):
