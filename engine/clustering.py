@@ -461,8 +461,8 @@ class ItemClusters:
         }
         for dim in sorted({st.dim for st in states}):
             mine = [st for st in states if st.dim == dim]
-            out[f"vectors_{dim}"] = np.concatenate(
-                [st.window.vectors().astype(self.cfg.vector_dtype) if len(st.window)
+            out[f"vectors_{dim}"] = np.concatenate(  # as stored: no float32 round trip
+                [st.window.ordered() if len(st.window)
                  else np.empty((0, dim), self.cfg.vector_dtype) for st in mine])
             rows = np.array([st.row for st in mine])
             out[f"centroids_{dim}"] = mine[0]._table.centroids[rows]

@@ -65,9 +65,13 @@ class SeedWindow:
 
     def vectors(self) -> np.ndarray:
         """[n, d] float32 embeddings in window order."""
+        return self.ordered().astype(np.float32, copy=False)
+
+    def ordered(self) -> np.ndarray:
+        """[n, d] embeddings in window order, as stored (a snapshot keeps the dtype)."""
         if self._vecs is None or not self._rows:
-            return np.empty((0, 0), np.float32)
-        return self._vecs[list(self._rows.values())].astype(np.float32, copy=False)
+            return np.empty((0, 0), self.dtype)
+        return self._vecs[list(self._rows.values())]
 
     def stored(self) -> np.ndarray:
         """[n, d] stored vectors in row order (not window order): k-means needs no order."""
