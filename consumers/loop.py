@@ -71,8 +71,8 @@ log = logging.getLogger(__name__)
 
 #: after a broker outage, how long a member may stay without partitions before it joins
 #: its group again, and how many times (``ConsumerLoop._retry_rejoin``)
-REJOIN_AFTER_S = 30.0  # more than a rejoin takes (session + rebalance timeouts: 10 s each)
-REJOIN_TRIES = 4
+REJOIN_AFTER_S = 45.0  # well over a join (a fresh consumer joins in ~6-11 s here)
+REJOIN_TRIES = 3
 
 
 class TopologyLost(RuntimeError):
@@ -301,8 +301,10 @@ class ConsumerLoop:
         if not self._restoring:
             return
         assert self.consumer is not None
-        todo, self._restoring = self._restoring & self.consumer.assignment(), set()
-        for tp in sorted(todo):
+        self._restoring &= self.consumer.assignment()
+        for tp in sorted(self._restoring):
+            # one at a time: a broker error here (raised to the loop, retried next poll)
+            # leaves the partitions not yet restored paused and queued, never lost
             committed = self.consumer.committed(tp)
             snap = self.snapshots.load(tp, committed) if self.snapshots.enabled else None
             start = self.stage.restore(tp, snap, committed)
@@ -310,9 +312,10 @@ class ConsumerLoop:
                 self.consumer.seek_to_beginning(tp)
             elif start is not None:
                 self.consumer.seek(tp, start)
+            self._restoring.discard(tp)
+            self.consumer.resume(tp)
             log.info("%s: %s restored %s", self.stage.name, tp,
                      f"from a snapshot at offset {snap.offset}" if snap else "from the log")
-        self.consumer.resume(*todo)
 
     def write_snapshots(self, wait: bool = False) -> int:
         """Step 7: outputs flushed and offsets committed first, then each assigned
@@ -400,11 +403,11 @@ class ConsumerLoop:
     def _retry_rejoin(self, now: float) -> None:
         """After an outage, join the group again while no partition comes back.
 
-        Why: a broker that lost its storage forgot the group; the consumer's first
-        rejoin can complete before its metadata has the recreated topics, get an
-        empty assignment and never ask again (seen in about half the outage test's
-        runs). A bounded number of tries: a member of a group with more members
-        than partitions legitimately has none, and every rejoin rebalances the group.
+        Why: a member whose join is cut short (by its own leave, or a broker that
+        went away mid-join) can linger in the embedded broker's group as a leader
+        that never syncs, and every join then fails with "coordinator rebalance".
+        A fresh consumer gets a fresh member id. Bounded: a member of a group with
+        more members than partitions legitimately has none, and each try rebalances.
         """
         assert self.consumer is not None and self._rejoin is not None
         due, left = self._rejoin
@@ -420,12 +423,19 @@ class ConsumerLoop:
             log.warning("%s worker: no partitions %.0f s after the broker came back: "
                         "joining the group again with a new consumer", self.stage.name,
                         REJOIN_AFTER_S)
-            try:
-                self.consumer.close(autocommit=False)
-            except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
-                log.warning("closing the old consumer: %s", e)
-            self._subscribe()
+            self._replace_consumer()
             self._rejoin = (now + REJOIN_AFTER_S, left - 1)
+
+    def _replace_consumer(self) -> None:
+        """Drop the consumer (no commit: its member is gone) and join with a new one."""
+        assert self.consumer is not None
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
+            log.warning("closing the old consumer: %s", e)
+        self._restoring.clear()  # paused on the old client; the new one assigns afresh
+        self.metrics.assigned.labels(self.stage.name).set(0)
+        self._subscribe()
 
     def _subscribe(self) -> None:
         """A new consumer of the stage's group, subscribed to the stage's topics."""
@@ -440,24 +450,21 @@ class ConsumerLoop:
     def ensure_topics(self) -> None:
         """The dataflow's topics as ``create_topics`` makes them, or :class:`TopologyLost`.
 
-        Topics the broker lost are created again and the consumer joins its group
-        afresh, so it is assigned the new (empty) partitions from their beginning
-        instead of waiting at positions of the old ones; a stage's state of what it
-        consumed before stays (its logs are gone with the storage: nothing replays).
+        Topics the broker lost are created again and the stage joins its group with
+        a new consumer, so it is assigned the new (empty) partitions from their
+        beginning instead of waiting at positions of the old ones. (Re-subscribing
+        the old consumer was tried: its join took over 30 s on the embedded broker,
+        a new consumer's 6-11 s.) A stage's state of what it consumed before stays
+        (its logs are gone with the storage: nothing replays).
         """
         assert self.consumer is not None
         created = create_topics(self.settings.kafka)
         if created:
             log.warning("the broker came back without %d topics (storage lost?): recreated %s",
                         len(created), ", ".join(created))
-        # fresh metadata first: a group joined while the topics were missing got nothing,
-        # and the consumer would only notice them at its next metadata refresh (minutes)
-        admin_view = self.consumer.topics()
-        if created or not self.consumer.assignment():
-            self.consumer.unsubscribe()
-            self.consumer.subscribe([self.names.name(t) for t in self.stage.topics],
-                                    listener=on_rebalance(self._on_revoked, self._on_assigned))
+            self._replace_consumer()
         want = self.settings.kafka.partitions
+        admin_view = self.consumer.topics()  # fresh metadata: the recreated topics included
         wrong = {}
         for t in (self.names.name(t) for t in ALL):
             parts = self.consumer.partitions_for_topic(t) if t in admin_view else None

@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
+from kafka import KafkaAdminClient
 
 from consumers.clustering import ClusteringStage
 from consumers.loop import ConsumerLoop, TopologyLost
@@ -25,6 +26,14 @@ def _settings(bootstrap: str, partitions: int = 2) -> Settings:
     return s.model_copy(update={"kafka": s.kafka.model_copy(update={
         "bootstrap_servers": bootstrap, "topic_prefix": f"out-{uuid.uuid4().hex[:6]}-",
         "partitions": partitions})})
+
+
+def _broker_topics(s: Settings) -> set[str]:
+    admin = KafkaAdminClient(**s.kafka.client_options(), client_id="outage-test")
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
 
 
 def _seeds(s: Settings, item: int, users: range) -> None:
@@ -53,6 +62,7 @@ def test_a_worker_rides_out_a_30_s_outage_and_recreates_the_lost_topics(tmp_path
         _seeds(s, 1, range(10))
         wait_until(lambda: stage.state.seeds_held() == 10, what="seeds before the outage")
 
+        first = w.loop.consumer
         broker.stop()
         down_at = time.monotonic()
         wait_until(lambda: total(scrape(w.metrics_url), "lookalike_broker_up") == 0,
@@ -66,13 +76,14 @@ def test_a_worker_rides_out_a_30_s_outage_and_recreates_the_lost_topics(tmp_path
         wait_until(lambda: total(scrape(w.metrics_url), "lookalike_broker_up") == 1,
                    timeout_s=60, what="the broker back in the metrics")
         names = Topics(s.kafka.topic_prefix)
-        wait_until(lambda: set(names.all()) <= set(w.loop.consumer.topics()), timeout_s=30,
+        wait_until(lambda: set(names.all()) <= _broker_topics(s), timeout_s=30,
                    what="topics recreated")
         assert w.thread.is_alive() and w.loop.failure is None
-        # processing resumes on the recreated topics (a rejoin that got no partitions is
-        # retried with a new consumer: ConsumerLoop._retry_rejoin)
-        wait_until(lambda: bool(w.loop.consumer.assignment()), timeout_s=150,
-                   what="partitions assigned again")
+        # processing resumes on the recreated topics: the worker joins its group with a
+        # new consumer (ConsumerLoop.ensure_topics); its partitions read from the metrics
+        wait_until(lambda: w.loop.consumer is not first, timeout_s=30, what="a new consumer")
+        wait_until(lambda: total(scrape(w.metrics_url), "lookalike_assigned_partitions") > 0,
+                   timeout_s=150, what="partitions assigned again")
         _seeds(s, 2, range(5))
         wait_until(lambda: 2 in stage.state.items and len(stage.state.items[2].window) == 5,
                    timeout_s=60, what="seeds after the outage")
