@@ -54,6 +54,7 @@ from engine.config import Settings
 #: largest |component| a seed vector may have. Why: k-means squares them (float32
 #: overflows to inf), and one inf or huge centroid poisons its item's centroids for good
 MAX_SEED_ABS = MAX_ABS
+WINDOW_BYTES_EVERY_S = 5.0  # how often lookalike_seed_window_bytes is recomputed
 
 
 class ClusteringStage(Stage):
@@ -70,6 +71,7 @@ class ClusteringStage(Stage):
         self._dirty: dict[int, int] = {}
         self._dirty_since: dict[int, float] = {}  # item -> when it first changed unpublished
         self._next_publish = 0.0
+        self._next_bytes = 0.0  # when the window-bytes gauge is due again (a scan of all items)
         self._tokens = 0.0  # records the budget allows now (a token bucket, 1 s deep)
         self._tokens_at = time.monotonic()
 
@@ -108,6 +110,9 @@ class ClusteringStage(Stage):
         self._report_state()
 
     def tick(self, now: float) -> None:
+        if now >= self._next_bytes:  # every few seconds: it walks every window
+            self.metrics.window_bytes.labels(self.name).set(self.state.window_bytes())
+            self._next_bytes = now + WINDOW_BYTES_EVERY_S
         if self._dirty and now >= self._next_publish:
             self.publish(now)
             self._next_publish = now + self.settings.window.publish_interval_s

@@ -326,6 +326,8 @@ class ScoringStage(Stage):
         self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
         self._partition_cache: dict[int, int] = {}
         self._partitions = 0
+        self._clicks_paused_at: float | None = None  # since when requests went first
+        self._clicks_owed = False  # the pause bound was hit: clicks stay on until polled
         # attention is over however many centroid slots an item has: the
         # clustering workers' k (settings.window.k) sets it, not training's k
         self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds,
@@ -364,6 +366,7 @@ class ScoringStage(Stage):
         clicks = [ev for ev in events if ev.topic == T.CLICKS]
         requests = [ev for ev in events if ev.topic == T.SCORE_REQUESTS]
         if clicks:
+            self._clicks_owed = False
             self._clicks(clicks)
         if requests:
             self._requests(requests, seen_at)
@@ -925,15 +928,37 @@ class ScoringStage(Stage):
 
         Why: clicks and requests share one poll loop, and a click backlog (a burst,
         or more clicks than the worker sustains) would otherwise make every request
-        wait behind it (``bench soak``: p99 19 s). Clicks resume once no request
-        waits, so they still get every other poll under a steady request stream.
-        Returns whether clicks are paused.
+        wait behind it (``bench soak``: p99 19 s). Bounded: after
+        ``scoring.max_click_pause_s`` of pause in a row the clicks get one poll even
+        though requests wait (a steady stream of requests always has one waiting, and
+        starved the clicks for good in the second soak). Returns whether clicks are
+        paused.
         """
         consumer = getattr(self.loop, "consumer", None)
         if consumer is None:
             return False
         assigned = consumer.assignment()
         clicks = [tp for tp in assigned if tp.topic == self.names.clicks]
+        now = time.monotonic()
+        if clicks and not self._clicks_owed and self._requests_waiting(consumer, assigned):
+            if self._clicks_paused_at is None:
+                self._clicks_paused_at = now
+            if now - self._clicks_paused_at < self.settings.scoring.max_click_pause_s:
+                consumer.pause(*clicks)
+                self.metrics.requests_first.labels(self.name).inc()
+                return True
+            # resumed until a poll brings clicks: the first polls after a resume return
+            # requests already fetched, before the clicks' fetch comes back
+            self._clicks_owed = True
+        self._clicks_paused_at = None
+        paused = consumer.paused()
+        if paused:
+            consumer.resume(*[tp for tp in paused if tp.topic == self.names.clicks])
+        return False
+
+    def _requests_waiting(self, consumer: KafkaConsumer,
+                          assigned: set[TopicPartition]) -> int:
+        """Score requests fetched by the broker's last answer but not yet polled."""
         waiting = 0
         for tp in assigned:
             if tp.topic != self.names.score_requests:
@@ -946,14 +971,7 @@ class ScoringStage(Stage):
             except (KafkaError, ValueError):
                 continue
             waiting += max(0, hw - (pos or 0))
-        if waiting and clicks:
-            consumer.pause(*clicks)
-            self.metrics.requests_first.labels(self.name).inc()
-            return True
-        paused = consumer.paused()
-        if paused:
-            consumer.resume(*[tp for tp in paused if tp.topic == self.names.clicks])
-        return False
+        return waiting
 
     def _user_partitions(self) -> tuple[list[int], int | None]:
         """The clicks partitions whose users this worker holds, and how many there are."""

@@ -142,6 +142,10 @@ class ScoringConfig(BaseModel):
     top_k: int = Field(10, ge=1)
     max_k: int = Field(500, ge=1, description="largest K a request may ask for")
     candidates: int = Field(200, ge=1, description="Faiss candidates ranked by RALM attention")
+    max_click_pause_s: float = Field(
+        0.5, ge=0, description="while score requests wait, clicks are paused (requests "
+        "first), but never longer than this in a row: a steady request stream cannot "
+        "starve the clicks (and freshness)")
     index_refresh_s: float = Field(
         0.1, gt=0, description="apply received centroids to the item index at most this "
         "often (adds at most this much to freshness; the IVF index updates in place, the "

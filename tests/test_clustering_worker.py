@@ -73,6 +73,11 @@ def test_two_workers_own_disjoint_items_and_publish_centroids(settings):
         assert sum(total(m, "lookalike_dead_letters_total") for m in metrics) == 2
         assert sum(total(m, "lookalike_seed_window_seeds") for m in metrics) == sum(
             map(len, expected.values()))
+        # the memory gauge (refreshed every few seconds) matches the windows held
+        wait_until(lambda: sum(total(scrape(w.metrics_url), "lookalike_seed_window_bytes")
+                               for w in workers)
+                   == sum(w.loop.stage.state.window_bytes() for w in workers) > 0,
+                   timeout_s=15, what="lookalike_seed_window_bytes")
     finally:
         for w in workers:
             w.stop()

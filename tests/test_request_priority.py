@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import orjson
 import torch
 
@@ -9,6 +12,8 @@ from consumers.kafka import make_producer
 from consumers.loop import ConsumerLoop
 from consumers.scoring import ScoringStage
 from engine.codec import key_of
+from engine.config import Settings
+from engine.data import Dataset
 from engine.synthetic import SyntheticSpec, generate
 from engine.topics import Topics
 from models.features import FeatureSpace
@@ -16,13 +21,23 @@ from models.ralm import RalmConfig, RalmModel
 from tests.kafka_fixtures import wait_until
 
 
-def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
+def _stage(settings: Settings, max_click_pause_s: float) -> tuple[ScoringStage, Dataset]:
     data = generate(SyntheticSpec(n_users=300, n_items=200, clicks_per_user=10, seed=1))
     torch.manual_seed(0)
     model = RalmModel.new(RalmConfig.tiny(history_len=8), FeatureSpace.build(data, 8), "v")
+    s = settings.model_copy(update={"scoring": settings.scoring.model_copy(
+        update={"max_click_pause_s": max_click_pause_s})})
+    return ScoringStage(s, model), data
+
+
+def _click(i: int, data: Dataset) -> bytes:
+    return orjson.dumps({"user_id": i % 300, "item_id": int(data.items.ids[i % 200])})
+
+
+def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
     names = Topics(settings.kafka.topic_prefix)
     producer = make_producer(settings.kafka)
-    stage = ScoringStage(settings, model)
+    stage, data = _stage(settings, max_click_pause_s=600)  # no bound within this test
     stage.max_poll_records = 50  # a poll takes a sliver of the backlogs
     loop = ConsumerLoop(stage)
     loop.open()
@@ -32,8 +47,7 @@ def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
         paused_with_requests_waiting = False
         for attempt in range(20):
             for i in range(5_000):  # a click backlog, then a request behind it
-                producer.send(names.clicks, key=key_of(i % 300), value=orjson.dumps(
-                    {"user_id": i % 300, "item_id": int(data.items.ids[i % 200])}))
+                producer.send(names.clicks, key=key_of(i % 300), value=_click(i, data))
             for j in range(300):  # more requests than one poll takes
                 producer.send(names.score_requests, key=key_of(j % 300), value=orjson.dumps(
                     {"user_id": j % 300, "request_id": f"r{attempt}-{j}"}))
@@ -59,5 +73,52 @@ def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
             "lookalike_events_consumed_total", {"stage": "scoring", "topic": "clicks"}
         ) == before  # no click was taken while a request waited
     finally:
+        producer.close()
+        loop.close()
+
+
+def test_a_steady_request_stream_does_not_starve_the_clicks(settings):
+    """Requests always waiting (a producer thread keeps them coming): clicks are
+    paused for at most ``max_click_pause_s`` in a row, so they are still consumed."""
+    names = Topics(settings.kafka.topic_prefix)
+    producer = make_producer(settings.kafka, linger_ms=0)
+    stage, data = _stage(settings, max_click_pause_s=0.2)
+    stage.max_poll_records = 20  # a poll never drains the requests
+    loop = ConsumerLoop(stage)
+    loop.open()
+    stop = threading.Event()
+
+    def requests() -> None:
+        j = 0
+        while not stop.is_set():
+            for _ in range(50):
+                producer.send(names.score_requests, key=key_of(j % 300),
+                              value=orjson.dumps({"user_id": j % 300, "request_id": f"s{j}"}))
+                j += 1
+            producer.flush()
+            time.sleep(0.01)
+
+    def consumed(topic: str) -> float:
+        return stage.metrics.registry.get_sample_value(
+            "lookalike_events_consumed_total", {"stage": "scoring", "topic": topic}) or 0.0
+
+    feeder = threading.Thread(target=requests, daemon=True)
+    try:
+        wait_until(lambda: loop.poll_once() is not None and loop.consumer.assignment(),
+                   what="partitions assigned")
+        for i in range(2_000):
+            producer.send(names.clicks, key=key_of(i % 300), value=_click(i, data))
+        producer.flush()
+        feeder.start()
+        wait_until(lambda: loop.poll_once() is not None and consumed("score-requests") > 200,
+                   timeout_s=30, what="a steady request stream")
+        before = consumed("clicks")
+        wait_until(lambda: loop.poll_once() is not None and consumed("clicks") > before + 100,
+                   timeout_s=30, what="clicks consumed while requests keep coming")
+        assert stage.metrics.registry.get_sample_value(
+            "lookalike_requests_first_total", {"stage": "scoring"}) >= 1  # requests went first
+    finally:
+        stop.set()
+        feeder.join(10)
         producer.close()
         loop.close()

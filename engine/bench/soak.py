@@ -234,28 +234,38 @@ def _settle(workers: list[WorkerProcess], timeout_s: float) -> None:
 def _calibrate(s: Settings, ds: Dataset, workers: list[WorkerProcess], n: int,
                request_rate: float) -> float:
     """Clicks/s this deployment ingests while it answers ``request_rate`` requests/s:
-    a burst of ``n`` real clicks, produced as fast as kafka-python can, until every one
-    is a seed in a window, with the soak's request load flowing meanwhile.
+    with the soak's request load flowing, a warm-up burst of ``n`` real clicks, then
+    a measured one of ``n`` more, produced as fast as kafka-python can; measured until
+    every click is a seed in a window and no request waits.
 
-    Why under load: a burst of clicks alone measured 5.4k clicks/s, and 80% of it
-    was more than the scoring worker sustains while it also answers requests and
-    shares the cores with the load generators (the first soak's click lag grew
-    to 2.7M)."""
+    Why so: a burst of clicks alone measured 5.4k clicks/s (the first soak's click
+    lag grew to 2.7M at 80% of it); one burst under request load but onto an empty
+    centroid table (requests cheap: few items to rank) measured 3.0k/s, and at 80%
+    of it the second soak fell behind in its first two minutes: ranking a full
+    table costs each request ~4x more."""
     requests = Pumps(s, [], [], np.unique(ds.users.ids[ds.user]), 0.0, request_rate)
     threads = [threading.Thread(target=f, daemon=True) for f in
                (requests.run_requests, requests.run_answers)]
     for t in threads:
         t.start()
     try:
+        warm = replay(ds, s.kafka, limit=n, progress=False)
+        _clicks_drained(workers, warm.events, timeout_s=600)
         t0 = time.monotonic()
-        rep = replay(ds, s.kafka, limit=n, progress=False)
-        done = _clicks_drained(workers, rep.events, timeout_s=600)
+        rep = replay(ds, s.kafka, limit=2 * n, skip=n, progress=False)
+        _clicks_drained(workers, warm.events + rep.events, timeout_s=600)
+        done = _requests_drained(workers, timeout_s=600)
     finally:
         requests.drain_until = time.monotonic() + 5
         requests.stop.set()
         for t in threads:
             t.join(30)
     return rep.events / (done - t0)
+
+
+def _lag(workers: list[WorkerProcess], topics: tuple[str, ...]) -> float:
+    return sum(worker_metric(w, "lookalike_consumer_lag_messages", topic=t)
+               for w in workers for t in topics)
 
 
 def _clicks_drained(workers: list[WorkerProcess], n: int, timeout_s: float) -> float:
@@ -266,12 +276,22 @@ def _clicks_drained(workers: list[WorkerProcess], n: int, timeout_s: float) -> f
     while time.monotonic() < deadline:
         consumed = sum(worker_metric(w, "lookalike_events_consumed_total", topic="clicks")
                        for w in scoring)
-        lag = sum(worker_metric(w, "lookalike_consumer_lag_messages", topic=t)
-                  for w in workers for t in ("clicks", "seed-events"))
-        if consumed >= n and lag == 0:
+        if consumed >= n and _lag(workers, ("clicks", "seed-events")) == 0:
             return time.monotonic()
         time.sleep(0.25)
     raise TimeoutError("the clicks were not all ingested in time")
+
+
+def _requests_drained(workers: list[WorkerProcess], timeout_s: float) -> float:
+    """When no score request waits (the lag gauges are refreshed every 2 s: a few
+    readings in a row at 0, as requests keep arriving)."""
+    deadline, zeros = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        zeros = zeros + 1 if _lag(workers, ("score-requests",)) == 0 else 0
+        if zeros >= 3:
+            return time.monotonic()
+        time.sleep(0.25)
+    raise TimeoutError("score requests kept waiting: the request rate alone is too much")
 
 
 def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize,
@@ -349,14 +369,14 @@ def _p99(windows: list[Window]) -> float:
 
 
 def plot(windows: list[Window], path: Path) -> Path:
-    """RSS of each worker and request latency over the soak."""
+    """RSS of each worker, request latency and the workers' lag over the soak."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = [w.t for w in windows]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
     for kind in windows[0].rss:
         a.plot(t, [w.rss[kind] / 2**20 for w in windows], label=f"{kind} worker")
     a.set_ylabel("RSS (MiB)")
@@ -365,9 +385,12 @@ def plot(windows: list[Window], path: Path) -> Path:
     b.plot(t, [w.p50_ms for w in windows], label="p50")
     b.plot(t, [w.p99_ms for w in windows], label="p99")
     b.set_ylabel("request -> recommendation (ms)")
-    b.set_xlabel("seconds into the soak")
     b.legend()
     b.set_ylim(bottom=0)
+    c.plot(t, [w.lag for w in windows])
+    c.set_ylabel("consumer lag (messages)")
+    c.set_xlabel("seconds into the soak")
+    c.set_ylim(bottom=0)
     fig.suptitle("lookalike bench soak")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
