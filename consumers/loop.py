@@ -60,7 +60,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError
 
-from consumers.kafka import make_consumer, make_producer, on_rebalance
+from consumers.kafka import make_consumer, make_producer, on_rebalance, poll
 from consumers.snapshots import Snapshot, SnapshotStore
 from engine.codec import BadEvent
 from engine.config import Settings
@@ -269,9 +269,7 @@ class ConsumerLoop:
 
     def poll_once(self) -> int:
         assert self.consumer is not None
-        polled = self.consumer.poll(
-            timeout_ms=self.stage.poll_timeout_ms, max_records=self.stage.max_poll_records
-        )
+        polled = poll(self.consumer, self.stage.poll_timeout_ms, self.stage.max_poll_records)
         t0 = time.perf_counter()
         self._restore()
         n = sum(len(v) for v in polled.values())
