@@ -14,7 +14,10 @@ training clicks) and its Laplacian-normalised form L = D^-1/2 A D^-1/2, entries
   dropout on each layer's output, node dropout (a dropped node sends no message in that
   step, `node_dropout_mask`) during training; the
   layers' outputs are L2-normalised (the authors' code) and concatenated:
-  e* = [e^(0); ...; e^(L)].
+  e* = [e^(0); ...; e^(L)]. `form="code"`: the authors' TensorFlow code instead of eq. 7
+  (their default `adj_type="norm"`): side = D~^-1 (A + I) E^(l-1) (row-normalised, a
+  self-loop on every node, D~ = degrees + 1), E^(l) = LeakyReLU(side W1 + b1)
+  + LeakyReLU((side * E^(l-1)) W2 + b2), biases Xavier-initialised as the weights.
 - LightGCN (He et al. 2020): no transforms, no non-linearity: E^(l) = L E^(l-1), and
   e* = the mean of E^(0..K).
 
@@ -46,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -72,6 +75,11 @@ class NGCFConfig(BaseModel):
     normalised_messages: bool = Field(
         False, description="feed each layer the L2-normalised output of the one before "
         "(RecBole's NGCF) instead of the raw output (the authors' code)")
+    form: Literal["paper", "code"] = Field(
+        "paper", description="paper: eq. 7, LeakyReLU((L + I) E W1 + (L E) * E W2), L "
+        "symmetric; code: the authors' TensorFlow code, side = D~^-1 (A + I) E (row-"
+        "normalised, self-loops), LeakyReLU(side W1) + LeakyReLU((side * E) W2), "
+        "Xavier-initialised biases")
 
 
 class LightGCNConfig(BaseModel):
@@ -81,6 +89,27 @@ class LightGCNConfig(BaseModel):
     layers: int = Field(3, ge=0)
     reg: float = Field(1e-4, ge=0, description="L2 weight of the batch's layer-0 embeddings")
     batch_size: int = Field(2048, ge=1, description="BPR triples per step")
+
+
+def row_normalized_adjacency(users: np.ndarray, items: np.ndarray, n_users: int,
+                             n_items: int) -> torch.Tensor:
+    """D~^-1 (A + I) of the bipartite graph (users first), sparse COO (N, N): the authors'
+    code's `norm_adj` (`adj_type="norm"`, their default).
+
+    Row n: 1 / (|N_n| + 1) at n itself and at each neighbour; repeated clicks count once.
+    Not symmetric (row u, column i is 1 / (|N_u| + 1); row i, column u 1 / (|N_i| + 1)).
+    """
+    keys = np.unique(np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64))
+    u, i = keys // n_items, keys % n_items
+    n = n_users + n_items
+    deg = np.concatenate([np.bincount(u, minlength=n_users),
+                          np.bincount(i, minlength=n_items)]).astype(np.float64) + 1
+    nodes = np.arange(n)
+    rows = np.concatenate([u, n_users + i, nodes])
+    cols = np.concatenate([n_users + i, u, nodes])
+    return torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
+                                   torch.from_numpy(1.0 / deg[rows]).float(),
+                                   (n, n), check_invariants=True).coalesce()
 
 
 def normalized_adjacency(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
@@ -120,6 +149,20 @@ class SymmetricSpMM(torch.autograd.Function):
         return torch.sparse.mm(ctx.adj, grad), None
 
 
+class SpMM(torch.autograd.Function):
+    """M x for a sparse M (CSR) whose transpose is given (CSR): the gradient is M^T g."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, adj: torch.Tensor, adj_t: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.adj_t = adj_t
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return torch.sparse.mm(ctx.adj_t, grad), None, None
+
+
 def node_dropout_mask(n: int, p: float) -> torch.Tensor:
     """(n, 1) node dropout (the paper's): a dropped node sends no message in this step;
     kept ones are scaled by 1 / (1 - p). L diag(mask) E = L (mask * E)."""
@@ -133,28 +176,42 @@ class GraphNet(nn.Module):
     that a checkpoint holds what scoring needs; L is rebuilt from it when it changes.
     """
 
+    # True: propagate with D~^-1 (A + I) (the NGCF authors' code) instead of L
+    self_loops: bool = False
+
     def __init__(self, n_users: int, n_items: int, embedding: int) -> None:
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
         self.user = nn.Embedding(n_users, embedding)
         self.item = nn.Embedding(n_items, embedding)
         self.register_buffer("edges", torch.zeros(2, 0, dtype=torch.int64))
-        self._adj: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._adj: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
 
     def set_graph(self, users: np.ndarray, items: np.ndarray) -> None:
         self.edges = torch.from_numpy(np.stack([users, items]).astype(np.int64))
         self._adj = None
 
     def adjacency(self) -> torch.Tensor:
-        """L of the training graph, CSR (cached until the graph changes)."""
+        """The propagation matrix of the training graph, CSR (cached until the graph
+        changes): L, or D~^-1 (A + I) when `self_loops`."""
+        return self._matrices()[0]
+
+    def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, M^T), CSR; the same tensor twice when M is symmetric (L)."""
         key = (self.edges.data_ptr(), self.edges.shape[1])
         if self._adj is None or self._adj[0] != key:
             e = self.edges.numpy()
             with warnings.catch_warnings():  # "CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                adj = normalized_adjacency(e[0], e[1], self.n_users, self.n_items)
-                self._adj = (key, adj.to_sparse_csr())
-        return self._adj[1]
+                if self.self_loops:
+                    adj = row_normalized_adjacency(e[0], e[1], self.n_users, self.n_items)
+                    self._adj = (key, adj.to_sparse_csr(),
+                                 adj.t().coalesce().to_sparse_csr())
+                else:
+                    adj = normalized_adjacency(e[0], e[1], self.n_users, self.n_items)
+                    csr = adj.to_sparse_csr()
+                    self._adj = (key, csr, csr)
+        return self._adj[1], self._adj[2]
 
     def item_degrees(self) -> torch.Tensor:
         e = self.edges.numpy()
@@ -174,7 +231,8 @@ class GraphNet(nn.Module):
         return torch.cat([self.user.weight, self.item.weight])
 
     def layer(self, k: int, e: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """E^(k+1) from E^(k) = e and its neighbourhood sum L E^(k) = side."""
+        """E^(k+1) from E^(k) = e and its neighbourhood sum side = M E^(k) (M = L, or
+        D~^-1 (A + I) when `self_loops`)."""
         raise NotImplementedError
 
     def combine(self, layers: list[torch.Tensor]) -> torch.Tensor:
@@ -182,13 +240,15 @@ class GraphNet(nn.Module):
 
     def layers(self, node_dropout: float = 0.0) -> list[torch.Tensor]:
         """[E^(0), ..., E^(L)], each (N, D), users then items."""
-        adj = self.adjacency()
+        adj, adj_t = self._matrices()
         out = [self.ego()]
         for k in range(self.n_layers):
             e = out[-1]
             if self.training and node_dropout > 0:
                 e = e * node_dropout_mask(len(e), node_dropout)
-            out.append(self.layer(k, out[-1], SymmetricSpMM.apply(e, adj)))
+            side = (SpMM.apply(e, adj, adj_t) if self.self_loops
+                    else SymmetricSpMM.apply(e, adj))
+            out.append(self.layer(k, out[-1], side))
         return out
 
     def propagate(self, node_dropout: float = 0.0) -> torch.Tensor:
@@ -200,7 +260,8 @@ class GraphNet(nn.Module):
         """(B, D*) final embeddings of users outside the graph, from their clicks.
 
         `layers`: the graph's `layers()`; the new users' neighbours are their clicked
-        items, weighted 1 / sqrt(|N_u| |N_i|) with the items' training degrees.
+        items, weighted 1 / sqrt(|N_u| |N_i|) with the items' training degrees (with
+        `self_loops`: their items and themselves, each weighted 1 / (|N_u| + 1)).
         """
         rows = [np.unique(np.asarray(h, np.int64)) for h in clicks]
         lengths = torch.tensor([len(x) for x in rows])
@@ -209,6 +270,9 @@ class GraphNet(nn.Module):
         deg = self.item_degrees()[items].clamp(min=1)
         norm = (lengths.clamp(min=1).float()[r] * deg).rsqrt()  # 1 / sqrt(|N_u| |N_i|)
         mean = 1.0 / lengths.clamp(min=1).float()[r]
+        if self.self_loops:
+            norm = 1.0 / (lengths.float()[r] + 1)
+        own = 1.0 / (lengths.float() + 1) if self.self_loops else torch.zeros(len(rows))
 
         def gather(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(len(rows), values.shape[1])
@@ -216,7 +280,8 @@ class GraphNet(nn.Module):
 
         u = [gather(layers[0][self.n_users:], mean)]  # layer 0: their items' mean
         for k in range(self.n_layers):
-            u.append(self.layer(k, u[-1], gather(layers[k][self.n_users:], norm)))
+            side = gather(layers[k][self.n_users:], norm) + own.unsqueeze(1) * u[-1]
+            u.append(self.layer(k, u[-1], side))
         return self.combine(u)
 
 
@@ -232,14 +297,22 @@ class NGCFNet(GraphNet):
         self.drop = nn.Dropout(cfg.message_dropout)
         self.slope = cfg.leaky_slope
         self.normalised = cfg.normalised_messages
+        self.self_loops = cfg.form == "code"
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+            elif self.self_loops:  # the authors' code: biases (1, d), Xavier too
+                nn.init.xavier_uniform_(p.data.view(1, -1))
             else:
                 nn.init.zeros_(p)
 
     def layer(self, k: int, e: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        out = self.drop(F.leaky_relu(self.w1[k](e + side) + self.w2[k](side * e), self.slope))
+        if self.self_loops:  # side = D~^-1 (A + I) E; one LeakyReLU per term
+            out = (F.leaky_relu(self.w1[k](side), self.slope)
+                   + F.leaky_relu(self.w2[k](side * e), self.slope))
+        else:  # side = L E
+            out = F.leaky_relu(self.w1[k](e + side) + self.w2[k](side * e), self.slope)
+        out = self.drop(out)
         return F.normalize(out, dim=1) if self.normalised else out
 
     def combine(self, layers: list[torch.Tensor]) -> torch.Tensor:

@@ -11,9 +11,11 @@ import torch
 from models.ngcf import (
     NGCF,
     LightGCN,
+    SpMM,
     SymmetricSpMM,
     node_dropout_mask,
     normalized_adjacency,
+    row_normalized_adjacency,
 )
 from models.splits import Ragged
 
@@ -35,6 +37,20 @@ def test_normalized_adjacency_entries_are_one_over_sqrt_degrees():
     lap = normalized_adjacency(USERS, ITEMS, 2, 3).to_dense().numpy()
     np.testing.assert_allclose(lap, hand_laplacian(), rtol=1e-6)
     assert lap[0, 2] == np.float32(1 / math.sqrt(2)) and lap[0, 3] == 0.5
+
+
+def hand_row_normalised() -> np.ndarray:
+    """D~^-1 (A + I): row n is 1 / (|N_n| + 1) at n and at each neighbour."""
+    a = np.eye(5)
+    for u, i in {(0, 0), (0, 1), (1, 1), (1, 2)}:
+        a[u, 2 + i] = a[2 + i, u] = 1
+    return a / a.sum(1, keepdims=True)
+
+
+def test_row_normalized_adjacency_is_the_authors_norm_adj():
+    m = row_normalized_adjacency(USERS, ITEMS, 2, 3).to_dense().numpy()
+    np.testing.assert_allclose(m, hand_row_normalised(), rtol=1e-6)
+    assert m[0, 0] == m[0, 2] == np.float32(1 / 3) and m[2, 2] == m[2, 0] == 0.5
 
 
 def _fitted(cls: type, **cfg) -> NGCF | LightGCN:
@@ -76,6 +92,38 @@ def test_ngcf_propagation_by_hand(normalised: bool):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_ngcf_code_form_by_hand():
+    """The authors' TensorFlow form: side = D~^-1 (A + I) E, one LeakyReLU per term."""
+    model = _fitted(NGCF, message_dropout=0.5, form="code")
+    p = _p(model)
+    m = hand_row_normalised()
+    e = np.concatenate([p["user.weight"], p["item.weight"]])
+    layers = [e]
+
+    def leaky(x: np.ndarray) -> np.ndarray:
+        return np.where(x > 0, x, 0.2 * x)
+    for k in range(2):
+        side = m @ e
+        e = (leaky(side @ p[f"w1.{k}.weight"].T + p[f"w1.{k}.bias"])
+             + leaky((side * e) @ p[f"w2.{k}.weight"].T + p[f"w2.{k}.bias"]))
+        layers.append(e)
+    final = np.concatenate([layers[0]] + [x / np.linalg.norm(x, axis=1, keepdims=True)
+                                          for x in layers[1:]], axis=1)
+    got = model.score_many([TRAIN[0], TRAIN[1]], users=np.array([0, 1]))
+    np.testing.assert_allclose(got.numpy(), final[:2] @ final[2:].T, rtol=1e-5, atol=1e-6)
+
+
+def test_ngcf_code_form_initialises_biases_like_weights():
+    torch.manual_seed(0)
+    model = NGCF(embedding=16, layers=1, form="code")
+    model.prepare(np.arange(3), user_ids=np.array([10, 20]))
+    bias = model.module_.w1[0].bias
+    assert bias.abs().max() <= math.sqrt(6 / 17) and bias.abs().min() > 0  # Xavier (1, 16)
+    paper = NGCF(embedding=16, layers=1)
+    paper.prepare(np.arange(3), user_ids=np.array([10, 20]))
+    assert torch.count_nonzero(paper.module_.w1[0].bias) == 0
+
+
 def test_lightgcn_propagation_by_hand():
     model = _fitted(LightGCN)
     p = _p(model)
@@ -91,8 +139,9 @@ def test_lightgcn_propagation_by_hand():
 def test_fold_in_follows_the_graph_rule():
     """A new user whose clicks equal a training user's, and whose layer 0 (their items'
     mean) equals that user's row, gets that user's scores exactly."""
-    for cls in (LightGCN, NGCF):
-        model = _fitted(cls, **({"message_dropout": 0.0} if cls is NGCF else {}))
+    for cls, cfg in ((LightGCN, {}), (NGCF, {"message_dropout": 0.0}),
+                     (NGCF, {"message_dropout": 0.0, "form": "code"})):
+        model = _fitted(cls, **cfg)
         net = model.module_
         with torch.no_grad():
             net.user.weight[1] = net.item.weight[[1, 2]].mean(0)
@@ -121,6 +170,14 @@ def test_bpr_triples_node_dropout_and_the_sparse_product():
     (grad,) = torch.autograd.grad(out.pow(2).sum(), e)
     e2 = e.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad((lap @ (e2 * m)).pow(2).sum(), e2)
+    torch.testing.assert_close(grad, expected)
+    # not symmetric: the gradient goes through the given transpose
+    row = row_normalized_adjacency(USERS, ITEMS, 2, 3)
+    mt = torch.tensor(hand_row_normalised(), dtype=torch.float32)
+    out = SpMM.apply(e, row.to_sparse_csr(), row.t().coalesce().to_sparse_csr())
+    torch.testing.assert_close(out, mt @ e)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), e)
+    (expected,) = torch.autograd.grad((mt @ e2).pow(2).sum(), e2)
     torch.testing.assert_close(grad, expected)
 
 
