@@ -51,6 +51,13 @@ class SoakSize:
     bad_per_injection: int = 3
 
 
+#: the load generators batch their sends (latency counts from before the send, so it
+#: includes this). Why: the embedded broker's memory storage costs every produce and
+#: fetch of a partition time in proportion to the batches it holds (a round trip went
+#: from 4.6 to 15.8 ms after 20k one-record batches), and one request per batch at
+#: 500/s stalled the third soak's broker after two minutes (docs/bench.md)
+PUMP_LINGER_MS = 20
+
 FULL = SoakSize(600, 500, 10, 30_000, 60)
 QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8)
 
@@ -86,7 +93,8 @@ class Pumps:
     drain_until: float = float("inf")  # after stop: how long answers are still awaited
 
     def run_clicks(self) -> None:
-        names, producer = Topics(self.s.kafka.topic_prefix), make_producer(self.s.kafka)
+        names = Topics(self.s.kafka.topic_prefix)
+        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS)
         t0, n = time.monotonic(), len(self.clicks)
         try:
             while not self.stop.is_set():
@@ -101,8 +109,8 @@ class Pumps:
             producer.close(timeout=10)
 
     def run_requests(self) -> None:
-        names, producer = Topics(self.s.kafka.topic_prefix), make_producer(self.s.kafka,
-                                                                             linger_ms=0)
+        names = Topics(self.s.kafka.topic_prefix)
+        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS)
         rng = np.random.default_rng(1)
         t0 = time.monotonic()
         try:
@@ -116,8 +124,8 @@ class Pumps:
                     producer.send(names.score_requests, key=key_of(user),
                                   value=encode_json({"user_id": user, "request_id": rid}))
                     self.requests_sent += 1
-                producer.flush()
                 time.sleep(0.002)
+            producer.flush()
         finally:
             producer.close(timeout=10)
 
