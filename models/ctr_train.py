@@ -208,7 +208,9 @@ def summarise(folder: Path) -> str:
     for path in sorted(Path(folder).rglob("evaluate*.json")):
         r = json.loads(path.read_text())
         hashed = str(r["data"].get("hash_buckets") or "-")
-        groups.setdefault((r["data"]["protocol"], hashed, r["model"]), []).append(r)
+        model = r["model"] + (" + first-order" if r.get("config", {}).get("first_order")
+                              else "")  # DLRM's extension: a row of its own
+        groups.setdefault((r["data"]["protocol"], hashed, model), []).append(r)
     lines = ["| protocol | hash buckets | model | seeds | test AUC | test log-loss | "
              "valid AUC | epochs (best) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 

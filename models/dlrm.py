@@ -10,6 +10,9 @@ F (feature vectors), D (embedding size)::
         (dot products of every pair i < j of the F = F_s + 2 vectors, no self terms,
          concatenated with the dense vector, as in the paper's Fig. 1 and its code)
     ─► OverArch (top MLP) ─► logit (B,)   sigmoid(logit) = P(click); loss BCE
+    optional (``first_order``, not in the paper): + FirstOrderArch(sparse, genres, dense),
+        a per-value scalar bias per sparse field and a linear term on the dense features
+        (the "wide" part of Wide&Deep / DeepFM), added to the logit
 
 The model returns logits; the trainer applies ``binary_cross_entropy_with_logits``,
 the same loss as sigmoid + BCE without its overflow.
@@ -49,6 +52,12 @@ class DLRMConfig(BaseModel):
         "torch", description="torch: embeddings N(0, 0.05²), torch's Linear default; "
         "reference: facebookresearch/dlrm's, embeddings U(±1/sqrt(rows)), MLP weights "
         "N(0, 2/(fan_in + fan_out)), biases N(0, 1/fan_out)")
+    first_order: bool = Field(
+        False, description="an extension beyond Naumov et al. 2019 (the wide/linear part "
+        "of Wide&Deep and DeepFM, LR inside DLRM): a scalar bias per value of every sparse "
+        "field (an embedding of dim 1 per table, genres mean-pooled like their vectors, "
+        "row 0 = unknown fixed at 0) plus a linear term w·x on the dense features, added "
+        "to the top MLP's logit before the sigmoid; all zero at the start")
 
     @field_validator("bottom", "top", mode="before")
     @classmethod
@@ -161,8 +170,38 @@ class OverArch(nn.Module):
         return self.mlp(x).squeeze(-1)
 
 
+class FirstOrderArch(nn.Module):
+    """Σ_field b_field(value) + mean_genre b_genre(g) + w · dense: (B,) first-order logits.
+
+    Not part of DLRM (Naumov et al. 2019): the linear model that FM, Wide&Deep and
+    DeepFM add to their pairwise/deep part. Tables of dim 1 with the same rows as
+    SparseArch's (so hashed ids share buckets the same way); no bias (the top MLP has
+    one); every weight starts at zero, so the model starts as the plain DLRM.
+    """
+
+    def __init__(self, field_sizes: dict[str, int], n_dense: int) -> None:
+        super().__init__()
+        names = [n for n in field_sizes if n != GENRE_FIELD]
+        self.tables = nn.ModuleList(nn.Embedding(field_sizes[n], 1, padding_idx=0) for n in names)
+        self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], 1, mode="mean", padding_idx=0)
+        self.dense = nn.Linear(n_dense, 1, bias=False)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
+                dense: torch.Tensor) -> torch.Tensor:
+        out = self.dense(dense).squeeze(-1) + self.genres(genres).squeeze(-1)
+        for i, t in enumerate(self.tables):
+            out = out + t(sparse[:, i]).squeeze(-1)
+        return out
+
+
 class DLRM(nn.Module):
-    """The four arches in a row; forward(sparse, genres, dense) -> logits (B,)."""
+    """The four arches in a row; forward(sparse, genres, dense) -> logits (B,).
+
+    With ``config.first_order`` (an extension, not the paper's model) the logit also
+    gets FirstOrderArch's per-value biases and dense linear term.
+    """
 
     name = "dlrm"
 
@@ -181,8 +220,15 @@ class DLRM(nn.Module):
         if self.config.init == "reference":
             reference_init_(self.dense_arch)
             reference_init_(self.over)
+        # built last, so that the other weights are drawn the same with or without it
+        self.first_order: FirstOrderArch | None = None
+        if self.config.first_order:
+            self.first_order = FirstOrderArch(field_sizes, n_dense)
 
     def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
                 dense: torch.Tensor) -> torch.Tensor:
-        return self.over(self.interaction(self.dense_arch(dense),
-                                          self.sparse_arch(sparse, genres)))
+        logit = self.over(self.interaction(self.dense_arch(dense),
+                                           self.sparse_arch(sparse, genres)))
+        if self.first_order is not None:
+            logit = logit + self.first_order(sparse, genres, dense)
+        return logit

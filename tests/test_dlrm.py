@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,15 +58,9 @@ def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0)
 
 
-def test_dlrm_forward_matches_numpy() -> None:
-    torch.manual_seed(0)
-    model = DLRM(SIZES, n_dense=3, config=DLRMConfig(embed_dim=2, bottom=[3], top=[4]))
-    sparse = torch.tensor([[1, 2], [3, 0]])  # row 2: item unknown (the zero row)
-    genres = torch.tensor([[1, 3, 0], [2, 0, 0]])  # 0 = padding
-    dense = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]])
-    got = model(sparse, genres, dense).detach().numpy()
-
-    w = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+def _numpy_dlrm(w: dict[str, np.ndarray], sparse: torch.Tensor, genres: torch.Tensor,
+                dense: torch.Tensor) -> list[float]:
+    """The plain DLRM's logits (bottom [3], top [4], two sparse fields) in numpy."""
     expected = []
     for b in range(2):
         x = dense[b].numpy().astype(np.float64)
@@ -80,8 +75,49 @@ def test_dlrm_forward_matches_numpy() -> None:
         z = np.concatenate([d, dots])
         h = _relu(w["over.mlp.0.weight"] @ z + w["over.mlp.0.bias"])
         expected.append((w["over.mlp.2.weight"] @ h + w["over.mlp.2.bias"])[0])
-    assert np.allclose(got, expected, atol=1e-5)
+    return expected
+
+
+SPARSE = torch.tensor([[1, 2], [3, 0]])  # row 2: item unknown (the zero row)
+GENRES = torch.tensor([[1, 3, 0], [2, 0, 0]])  # 0 = padding
+DENSE = torch.tensor([[0.5, -1.0, 2.0], [0.0, 1.0, -0.5]])
+
+
+def test_dlrm_forward_matches_numpy() -> None:
+    torch.manual_seed(0)
+    model = DLRM(SIZES, n_dense=3, config=DLRMConfig(embed_dim=2, bottom=[3], top=[4]))
+    got = model(SPARSE, GENRES, DENSE).detach().numpy()
+    w = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    assert np.allclose(got, _numpy_dlrm(w, SPARSE, GENRES, DENSE), atol=1e-5)
     assert np.allclose(w["sparse_arch.tables.1.weight"][0], 0)  # unknown item: zero vector
+    assert model.first_order is None and not any("first_order" in k for k in w)
+
+
+def test_first_order_term_adds_per_value_biases_and_a_dense_linear_term() -> None:
+    config = {"embed_dim": 2, "bottom": [3], "top": [4]}
+    torch.manual_seed(0)
+    plain = DLRM(SIZES, n_dense=3, config=DLRMConfig(**config))
+    torch.manual_seed(0)
+    model = DLRM(SIZES, n_dense=3, config=DLRMConfig(**config, first_order=True))
+    state = model.state_dict()
+    for k, v in plain.state_dict().items():  # built last: the DLRM weights are unchanged
+        assert torch.equal(state[k], v), k
+    fo = model.first_order
+    assert fo is not None
+    assert all(float(p.detach().abs().sum()) == 0 for p in fo.parameters())  # starts as plain DLRM
+    assert torch.equal(model(SPARSE, GENRES, DENSE), plain(SPARSE, GENRES, DENSE))
+    with torch.no_grad():  # hand-made biases; row 0 (unknown / padding) stays 0
+        fo.tables[0].weight[:, 0] = torch.tensor([0.0, 0.5, -1.0, 2.0])  # user
+        fo.tables[1].weight[:, 0] = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])  # item
+        fo.genres.weight[:, 0] = torch.tensor([0.0, 1.0, -2.0, 4.0])
+        fo.dense.weight[0] = torch.tensor([1.0, 2.0, -1.0])
+    got = model(SPARSE, GENRES, DENSE).detach().numpy()
+    w = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    # row 1: user 1 (0.5) + item 2 (0.2) + mean(genre 1, genre 3) = 2.5 + dense 0.5 - 2 - 2
+    # row 2: user 3 (2.0) + item unknown (0) + genre 2 (-2.0) + dense 0 + 2 + 0.5
+    first = np.array([0.5 + 0.2 + 2.5 + (0.5 - 2.0 - 2.0), 2.0 + 0.0 - 2.0 + (0.0 + 2.0 + 0.5)])
+    assert np.allclose(got, np.array(_numpy_dlrm(w, SPARSE, GENRES, DENSE)) + first, atol=1e-5)
+    assert "first_order.dense.bias" not in w  # the top MLP's bias is the only intercept
 
 
 def test_fm_ok_n_formula_equals_the_naive_pairwise_sum() -> None:
@@ -138,6 +174,24 @@ def test_same_seed_same_fit_and_checkpoint_round_trip(ctx_data, tmp_path) -> Non
     name, loaded, payload = load_ctr(path)
     assert name == "dlrm" and payload["data"]["protocol"] == "ctx"
     assert evaluate_ctr(loaded, ctx_data.valid) == evaluate_ctr(runs[0][1], ctx_data.valid)
+
+
+def test_first_order_dlrm_trains_and_round_trips_hashed(ml100k: Dataset, tmp_path) -> None:
+    data = build_ctr_data(ml100k, "ctx", seed=0, hash_buckets=64)
+    small = replace(data, train=data.train.take(np.arange(20_000)),
+                    valid=data.valid.take(np.arange(4_000)))
+    model = build_model("dlrm", small, {"embed_dim": 4, "first_order": True}, seed=0)
+    result = fit(model, small, seed=0, epochs=3, lr=1e-2, patience=3, progress=False)
+    losses = [r.loss for r in result.history]
+    assert losses[-1] < losses[0], losses
+    fo = model.first_order
+    assert fo.tables[0].weight.shape == (65, 1) and fo.genres.weight.shape == (65, 1)
+    assert float(fo.tables[1].weight[1:].detach().abs().max()) > 0  # the item biases learned
+    assert all(float(t.weight.detach()[0, 0]) == 0.0 for t in [*fo.tables, fo.genres])  # zero rows
+    path = save_ctr(tmp_path / "fo.pt", "dlrm", model, small, {})
+    name, loaded, payload = load_ctr(path)
+    assert payload["config"]["first_order"] is True and loaded.first_order is not None
+    assert evaluate_ctr(loaded, small.valid) == evaluate_ctr(model, small.valid)
 
 
 def test_user_dropout_teaches_the_model_new_users(ml100k: Dataset) -> None:
