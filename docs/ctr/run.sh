@@ -4,6 +4,7 @@
 # table itself (python -m models.ctr_train docs/ctr/runs).
 #   SEEDS="0 1 2 3 4" docs/ctr/run.sh      (default seeds 0 1 2)
 #   MODELS="dlrm" BUCKETS="328" docs/ctr/run.sh
+#   MODELS="dlrm-fo" docs/ctr/run.sh      (DLRM + first-order term: --set first_order=true)
 set -euo pipefail
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 SEEDS=${SEEDS:-"0 1 2"}
@@ -23,6 +24,8 @@ settings() {  # $1 protocol, $2 model
     ctx/lr) echo "$common --lr 1e-2" ;;
     ctx/fm) echo "$common --weight-decay 1e-4" ;;
     ctx/dlrm) echo "$common --lr 2e-2 --weight-decay 3e-5 --set interaction_itself=true" ;;
+    time/dlrm-fo) echo "$common --user-dropout 0.2 --lr 3e-3 --weight-decay 3e-4 --set dropout=0.3 --set first_order=true" ;;
+    ctx/dlrm-fo) echo "$common --lr 2e-2 --weight-decay 3e-5 --set dropout=0.3 --set first_order=true" ;;
   esac
 }
 
@@ -34,11 +37,11 @@ for protocol in $PROTOCOLS; do
         hash=()
         [ "$buckets" != none ] && hash=(--hash-buckets "$buckets")
         # shellcheck disable=SC2046
-        $LOOKALIKE train "$model" --protocol "$protocol" --seed "$seed" "${hash[@]}" \
+        $LOOKALIKE train "${model%-fo}" --protocol "$protocol" --seed "$seed" "${hash[@]}" \
           $(settings "$protocol" "$model") --out "$dir"
         ckpt=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" \
           "$dir/train.json")
-        $LOOKALIKE evaluate "$model" --checkpoint "$ckpt" --out "$dir"
+        $LOOKALIKE evaluate "${model%-fo}" --checkpoint "$ckpt" --out "$dir"
       done
     done
   done
