@@ -78,45 +78,46 @@ def test_waiting_requests_pause_the_clicks_until_they_are_answered(settings):
 
 
 def test_a_steady_request_stream_does_not_starve_the_clicks(settings):
-    """Requests always waiting (a producer thread keeps them coming): clicks are
-    paused for at most ``max_click_pause_s`` in a row, so they are still consumed."""
+    """Requests always waiting (a producer thread keeps them coming faster than the
+    worker takes them, clicks alongside): clicks are paused for at most
+    ``max_click_pause_s`` in a row, so they are still consumed."""
     names = Topics(settings.kafka.topic_prefix)
     producer = make_producer(settings.kafka, linger_ms=0)
     stage, data = _stage(settings, max_click_pause_s=0.2)
-    stage.max_poll_records = 20  # a poll never drains the requests
+    stage.max_poll_records = 5  # at most ~250 requests/s taken: they keep waiting
     loop = ConsumerLoop(stage)
     loop.open()
     stop = threading.Event()
 
-    def requests() -> None:
+    def feed() -> None:  # ~500 requests/s and ~100 clicks/s
         j = 0
         while not stop.is_set():
-            for _ in range(50):
+            for _ in range(25):
                 producer.send(names.score_requests, key=key_of(j % 300),
                               value=orjson.dumps({"user_id": j % 300, "request_id": f"s{j}"}))
                 j += 1
+            for i in range(j - 5, j):
+                producer.send(names.clicks, key=key_of(i % 300), value=_click(i, data))
             producer.flush()
-            time.sleep(0.01)
+            time.sleep(0.05)
 
     def consumed(topic: str) -> float:
         return stage.metrics.registry.get_sample_value(
             "lookalike_events_consumed_total", {"stage": "scoring", "topic": topic}) or 0.0
 
-    feeder = threading.Thread(target=requests, daemon=True)
+    feeder = threading.Thread(target=feed, daemon=True)
     try:
         wait_until(lambda: loop.poll_once() is not None and loop.consumer.assignment(),
                    what="partitions assigned")
-        for i in range(2_000):
-            producer.send(names.clicks, key=key_of(i % 300), value=_click(i, data))
-        producer.flush()
         feeder.start()
-        wait_until(lambda: loop.poll_once() is not None and consumed("score-requests") > 200,
-                   timeout_s=30, what="a steady request stream")
+        wait_until(lambda: loop.poll_once() is not None and consumed("score-requests") > 100
+                   and bool(loop.consumer.paused()),
+                   timeout_s=60, every_s=0.02, what="requests first, clicks paused")
         before = consumed("clicks")
-        wait_until(lambda: loop.poll_once() is not None and consumed("clicks") > before + 100,
-                   timeout_s=30, what="clicks consumed while requests keep coming")
+        wait_until(lambda: loop.poll_once() is not None and consumed("clicks") > before + 50,
+                   timeout_s=60, every_s=0.02, what="clicks consumed while requests keep coming")
         assert stage.metrics.registry.get_sample_value(
-            "lookalike_requests_first_total", {"stage": "scoring"}) >= 1  # requests went first
+            "lookalike_requests_first_total", {"stage": "scoring"}) >= 1
     finally:
         stop.set()
         feeder.join(10)
