@@ -33,15 +33,18 @@ class FMConfig(BaseModel):
     embed_dim: int = Field(16, ge=1, description="k: factor size of every feature")
 
 
-class _Linear(nn.Module):
-    """w0 + Σ w_field(value) + mean_genre w_genre + w_dense · x_dense: (B,) logits."""
+class LinearTerm(nn.Module):
+    """w0 + Σ w_field(value) + mean_genre w_genre + w_dense · x_dense: (B,) logits.
 
-    def __init__(self, field_sizes: dict[str, int], n_dense: int) -> None:
+    Logistic regression, FM's first-order part, and DLRM's optional first-order
+    term (``bias=False``: its top MLP has the intercept)."""
+
+    def __init__(self, field_sizes: dict[str, int], n_dense: int, bias: bool = True) -> None:
         super().__init__()
         names = [n for n in field_sizes if n != GENRE_FIELD]
         self.weights = nn.ModuleList(nn.Embedding(field_sizes[n], 1, padding_idx=0) for n in names)
         self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], 1, mode="mean", padding_idx=0)
-        self.dense = nn.Linear(n_dense, 1)  # its bias is w0
+        self.dense = nn.Linear(n_dense, 1, bias=bias)  # its bias is w0
         for t in [*self.weights, self.genres]:
             nn.init.zeros_(t.weight)
 
@@ -62,7 +65,7 @@ class LogisticRegression(nn.Module):
                  config: LRConfig | None = None) -> None:
         super().__init__()
         self.config = config or LRConfig()
-        self.linear = _Linear(field_sizes, n_dense)
+        self.linear = LinearTerm(field_sizes, n_dense)
 
     def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
                 dense: torch.Tensor) -> torch.Tensor:
@@ -89,7 +92,7 @@ class FactorizationMachine(nn.Module):
         self.config = config or FMConfig()
         k = self.config.embed_dim
         names = [n for n in field_sizes if n != GENRE_FIELD]
-        self.linear = _Linear(field_sizes, n_dense)
+        self.linear = LinearTerm(field_sizes, n_dense)
         self.factors = nn.ModuleList(nn.Embedding(field_sizes[n], k, padding_idx=0) for n in names)
         self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], k, mode="mean", padding_idx=0)
         self.dense = nn.Parameter(torch.empty(n_dense, k))

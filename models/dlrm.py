@@ -10,7 +10,7 @@ F (feature vectors), D (embedding size)::
         (dot products of every pair i < j of the F = F_s + 2 vectors, no self terms,
          concatenated with the dense vector, as in the paper's Fig. 1 and its code)
     ─► OverArch (top MLP) ─► logit (B,)   sigmoid(logit) = P(click); loss BCE
-    optional (``first_order``, not in the paper): + FirstOrderArch(sparse, genres, dense),
+    optional (``first_order``, not in the paper): + first_order_term(sparse, genres, dense),
         a per-value scalar bias per sparse field and a linear term on the dense features
         (the "wide" part of Wide&Deep / DeepFM), added to the logit
 
@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 from torch import nn
 
+from models.ctr_baselines import LinearTerm
 from models.ctr_data import GENRE_FIELD
 
 
@@ -170,7 +171,7 @@ class OverArch(nn.Module):
         return self.mlp(x).squeeze(-1)
 
 
-class FirstOrderArch(nn.Module):
+def first_order_term(field_sizes: dict[str, int], n_dense: int) -> LinearTerm:
     """Σ_field b_field(value) + mean_genre b_genre(g) + w · dense: (B,) first-order logits.
 
     Not part of DLRM (Naumov et al. 2019): the linear model that FM, Wide&Deep and
@@ -178,29 +179,16 @@ class FirstOrderArch(nn.Module):
     SparseArch's (so hashed ids share buckets the same way); no bias (the top MLP has
     one); every weight starts at zero, so the model starts as the plain DLRM.
     """
-
-    def __init__(self, field_sizes: dict[str, int], n_dense: int) -> None:
-        super().__init__()
-        names = [n for n in field_sizes if n != GENRE_FIELD]
-        self.tables = nn.ModuleList(nn.Embedding(field_sizes[n], 1, padding_idx=0) for n in names)
-        self.genres = nn.EmbeddingBag(field_sizes[GENRE_FIELD], 1, mode="mean", padding_idx=0)
-        self.dense = nn.Linear(n_dense, 1, bias=False)
-        for p in self.parameters():
-            nn.init.zeros_(p)
-
-    def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
-                dense: torch.Tensor) -> torch.Tensor:
-        out = self.dense(dense).squeeze(-1) + self.genres(genres).squeeze(-1)
-        for i, t in enumerate(self.tables):
-            out = out + t(sparse[:, i]).squeeze(-1)
-        return out
+    term = LinearTerm(field_sizes, n_dense, bias=False)
+    nn.init.zeros_(term.dense.weight)
+    return term
 
 
 class DLRM(nn.Module):
     """The four arches in a row; forward(sparse, genres, dense) -> logits (B,).
 
     With ``config.first_order`` (an extension, not the paper's model) the logit also
-    gets FirstOrderArch's per-value biases and dense linear term.
+    gets ``first_order_term``'s per-value biases and dense linear term.
     """
 
     name = "dlrm"
@@ -221,9 +209,9 @@ class DLRM(nn.Module):
             reference_init_(self.dense_arch)
             reference_init_(self.over)
         # built last, so that the other weights are drawn the same with or without it
-        self.first_order: FirstOrderArch | None = None
+        self.first_order: LinearTerm | None = None
         if self.config.first_order:
-            self.first_order = FirstOrderArch(field_sizes, n_dense)
+            self.first_order = first_order_term(field_sizes, n_dense)
 
     def forward(self, sparse: torch.Tensor, genres: torch.Tensor,
                 dense: torch.Tensor) -> torch.Tensor:

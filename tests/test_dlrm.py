@@ -107,8 +107,8 @@ def test_first_order_term_adds_per_value_biases_and_a_dense_linear_term() -> Non
     assert all(float(p.detach().abs().sum()) == 0 for p in fo.parameters())  # starts as plain DLRM
     assert torch.equal(model(SPARSE, GENRES, DENSE), plain(SPARSE, GENRES, DENSE))
     with torch.no_grad():  # hand-made biases; row 0 (unknown / padding) stays 0
-        fo.tables[0].weight[:, 0] = torch.tensor([0.0, 0.5, -1.0, 2.0])  # user
-        fo.tables[1].weight[:, 0] = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])  # item
+        fo.weights[0].weight[:, 0] = torch.tensor([0.0, 0.5, -1.0, 2.0])  # user
+        fo.weights[1].weight[:, 0] = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])  # item
         fo.genres.weight[:, 0] = torch.tensor([0.0, 1.0, -2.0, 4.0])
         fo.dense.weight[0] = torch.tensor([1.0, 2.0, -1.0])
     got = model(SPARSE, GENRES, DENSE).detach().numpy()
@@ -185,9 +185,9 @@ def test_first_order_dlrm_trains_and_round_trips_hashed(ml100k: Dataset, tmp_pat
     losses = [r.loss for r in result.history]
     assert losses[-1] < losses[0], losses
     fo = model.first_order
-    assert fo.tables[0].weight.shape == (65, 1) and fo.genres.weight.shape == (65, 1)
-    assert float(fo.tables[1].weight[1:].detach().abs().max()) > 0  # the item biases learned
-    assert all(float(t.weight.detach()[0, 0]) == 0.0 for t in [*fo.tables, fo.genres])  # zero rows
+    assert fo.weights[0].weight.shape == (65, 1) and fo.genres.weight.shape == (65, 1)
+    assert float(fo.weights[1].weight[1:].detach().abs().max()) > 0  # the item biases learned
+    assert all(float(t.weight.detach()[0, 0]) == 0.0 for t in [*fo.weights, fo.genres])  # zero rows
     path = save_ctr(tmp_path / "fo.pt", "dlrm", model, small, {})
     name, loaded, payload = load_ctr(path)
     assert payload["config"]["first_order"] is True and loaded.first_order is not None
