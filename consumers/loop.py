@@ -448,19 +448,27 @@ class ConsumerLoop:
     def ensure_topics(self) -> None:
         """The dataflow's topics as ``create_topics`` makes them, or :class:`TopologyLost`.
 
-        Topics the broker lost are created again and the stage joins its group with
-        a new consumer, so it is assigned the new (empty) partitions from their
-        beginning instead of waiting at positions of the old ones. (Re-subscribing
-        the old consumer was tried: its join took over 30 s on the embedded broker,
-        a new consumer's 6-11 s.) A stage's state of what it consumed before stays
-        (its logs are gone with the storage: nothing replays).
+        Topics the broker lost are created again and the consumer's metadata is
+        refreshed at once: the topics' new partitions change its metadata snapshot,
+        and kafka-python rejoins the group by itself, assigned the new (empty)
+        partitions from their beginning. The rejoin revokes the partitions first, and
+        the stage drops their state as at any revocation; their logs are gone with
+        the storage, so nothing rebuilds it: after a broker loses its storage, the
+        stages start over from what arrives next.
+
+        Tried and dropped: re-subscribing the consumer (its join took over 30 s on
+        the embedded broker) and replacing it at once (when the old one was already
+        rejoining, closing it mid-join left a member in the broker's group that
+        blocked every later join for minutes: a fresh-clone CI failure).
         """
         assert self.consumer is not None
         created = create_topics(self.settings.kafka)
         if created:
             log.warning("the broker came back without %d topics (storage lost?): recreated %s",
                         len(created), ", ".join(created))
-            self._replace_consumer()
+            cluster = getattr(getattr(self.consumer, "_client", None), "cluster", None)
+            if cluster is not None:  # else: the next periodic refresh finds them
+                cluster.request_update()
         want = self.settings.kafka.partitions
         admin_view = self.consumer.topics()  # fresh metadata: the recreated topics included
         wrong = {}
