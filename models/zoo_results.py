@@ -1,0 +1,123 @@
+"""The general-CF results table of docs/models.md, built from the run folders.
+
+Why a module: the table is mean ± std over seeds of figures written by
+``lookalike train`` / ``lookalike evaluate`` (docs/models/run.sh); typing it by
+hand is how a table and its runs drift apart. RecBole's figures come from the
+peers file when given, so both sides of every comparison are read, not copied.
+
+    python -m models.zoo_results docs/models/runs --json docs/models/general-cf-ml100k.json \
+        --recbole ../shared/peers/recbole-ml100k.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+METRICS = ("recall@10", "ndcg@10", "hit@10", "precision@10", "mrr@10")
+# Table order, label, RecBole's run of the same model (None: RecBole has no such run).
+MODELS: dict[str, tuple[str, str | None]] = {
+    "multvae": ("Mult-VAE", "MultiVAE_RO_full"),
+    "multdae": ("Mult-DAE", None),
+    "cdae": ("CDAE", "CDAE_RO_full"),
+    "ncf-gmf": ("GMF", None),
+    "ncf-mlp": ("MLP", None),
+    "neumf": ("NeuMF (pre-trained)", "NeuMF_RO_full"),
+    "ngcf": ("NGCF", "NGCF_RO_full"),
+    "lightgcn": ("LightGCN", "LightGCN_RO_full"),
+    "autorec": ("I-AutoRec (ranked by predicted rating)", None),
+}
+PRETRAINED_BY = {"neumf": ("ncf-gmf", "ncf-mlp")}  # their time counts in NeuMF's run
+
+
+def load_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per model, one record per seed: test metrics @10 and how training went."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(Path(folder).glob("*/seed*/evaluate-ro-full.json")):
+        ev = json.loads(path.read_text())
+        tr = json.loads((path.parent / "train.json").read_text())
+        t = tr["train"]
+        runs.setdefault(ev["model"], []).append({
+            "seed": tr["seed"],
+            "metrics": {m: round(ev["variants"]["recbole"]["metrics"][m], 4) for m in METRICS},
+            "config": tr["config"], "trainer": tr["trainer"], "split": tr["split"],
+            "epochs": t["epochs"], "best_epoch": t["best_epoch"], "stopped": t["stopped"],
+            "seconds": round(t["seconds"], 1),
+            "seconds_per_epoch": round(t["seconds_per_epoch"], 3),
+        })
+    for model, parts in PRETRAINED_BY.items():
+        for run in runs.get(model, []):
+            pre = [r["seconds"] for p in parts for r in runs.get(p, []) if r["seed"] == run["seed"]]
+            run["seconds_with_pretraining"] = round(run["seconds"] + sum(pre), 1)
+    return runs
+
+
+def recbole_rows(peers: Path) -> dict[str, dict[str, Any]]:
+    """RecBole's runs in the peers file's table: name -> metrics, epochs, stop."""
+    rows = {}
+    for line in peers.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[0].endswith("_RO_full"):
+            continue
+        full_ranking = cells[1].split(";")[0]  # before any "uni100:" part
+        figures = {k: float(v) for k, v in re.findall(r"([a-z]+@10) ([0-9.]+)", full_ranking)}
+        rows[cells[0]] = {"metrics": figures, "epochs": cells[2], "stop": cells[3]}
+    return rows
+
+
+def _pm(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+
+def _span(values: list[float], fmt: str = "{:.0f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def table(runs: dict[str, list[dict[str, Any]]], recbole: dict[str, dict[str, Any]]) -> str:
+    """Markdown: ours (mean ± std over seeds) with RecBole's single run below it."""
+    lines = ["| model | " + " | ".join(METRICS) + " | seeds | epochs (stop) | "
+             "train + validation s per run |", "| --- " * (len(METRICS) + 4) + "|"]
+    for name, (label, theirs) in MODELS.items():
+        rs = runs.get(name)
+        if not rs:
+            continue
+        stops = "/".join(sorted({r["stopped"] for r in rs}))
+        seconds = [r.get("seconds_with_pretraining", r["seconds"]) for r in rs]
+        extra = " (+ GMF, MLP)" if name in PRETRAINED_BY else ""
+        lines.append(f"| **ours, {label}** | " + " | ".join(
+            _pm([r["metrics"][m] for r in rs]) for m in METRICS)
+            + f" | {len(rs)} | {_span([r['epochs'] for r in rs])}{extra} ({stops}) | "
+            f"{_span(seconds)} |")
+        if theirs and theirs in recbole:
+            row = recbole[theirs]
+            lines.append(f"| RecBole {theirs} | " + " | ".join(
+                f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in METRICS)
+                + f" | 1 | {row['epochs']} ({row['stop']}) | - |")
+    return "\n".join(lines)
+
+
+def main(folder: Path,
+         json_out: Annotated[Path | None, typer.Option("--json")] = None,
+         recbole: Annotated[Path | None, typer.Option(
+             help="RecBole peers file (its table rows)")] = None) -> None:
+    """Print the table; write every run's figures to --json."""
+    runs = load_runs(folder)
+    if not runs:
+        raise typer.BadParameter(f"no */seed*/evaluate-ro-full.json under {folder}")
+    typer.echo(table(runs, recbole_rows(recbole) if recbole else {}))
+    if json_out:
+        report = {"dataset": "ml-100k", "protocol": "ro-full (recbole variant)", "threads": 1,
+                  "note": "per-seed test metrics @10 of docs/models/run.sh's runs "
+                          "(python -m models.zoo_results)", "runs": runs}
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)
