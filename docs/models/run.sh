@@ -17,7 +17,7 @@ PY=${PY:-.venv/bin/python}
 settings() {  # $1 model, $2 seed
   local common="--max-seconds 600 --seed $2 --threads 1"
   case "$1" in
-    multvae) echo "$common --set batch_size=100 --set total_anneal_steps=2000" ;;
+    multvae) echo "$common --lr 0.0005 --patience 20 --set batch_size=100 --set total_anneal_steps=2000 --set latent=128" ;;
     multdae) echo "$common --set batch_size=100" ;;
     cdae) echo "$common --patience 30 --epochs 1000" ;;
     ncf-gmf|ncf-mlp) echo "$common --lr 0.005 --set batch_size=1024" ;;
