@@ -23,7 +23,7 @@ settings() {  # $1 model, $2 seed
     ncf-gmf|ncf-mlp) echo "$common --lr 0.005 --set batch_size=1024" ;;
     neumf) echo "$common --set batch_size=1024 --set finetune_lr=0.005 \
       --set gmf_checkpoint=$(checkpoint ncf-gmf "$2") --set mlp_checkpoint=$(checkpoint ncf-mlp "$2")" ;;
-    ngcf) echo "$common --lr 0.001 --epochs 1000 --set batch_size=2048 --set node_dropout=0.0" ;;
+    ngcf) echo "$common --lr 0.001 --epochs 1000 --set batch_size=2048 --set node_dropout=0.0 --set message_dropout=0.0" ;;
     lightgcn) echo "$common --lr 0.005 --epochs 1000" ;;
     autorec) echo "$common --patience 20 --epochs 1000 --set reg=100" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;

@@ -33,7 +33,8 @@ def main(name: str, base: dict, variants: list[dict]) -> None:
     for variant in variants:
         opts = {**base, **variant}
         model_opts = {k: v for k, v in opts.items() if k not in TRAINER_KEYS}
-        trainer = {"max_seconds": 600, "progress": False, **{k: v for k, v in opts.items() if k in TRAINER_KEYS}}
+        trainer = {"max_seconds": 600, "progress": False,
+                   **{k: v for k, v in opts.items() if k in TRAINER_KEYS}}
         values = []
         for seed in SEEDS:
             t0 = time.perf_counter()
