@@ -70,6 +70,35 @@ def recbole_rows(peers: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+SEQ_METRICS = ("hit@10", "ndcg@10", "mrr@10")
+SEQ_COLUMNS = (("loo-full", "recbole"), ("loo-uni100", "recbole"), ("loo-full", "paper"),
+               ("loo-uni100", "paper"))
+
+
+def sasrec_table(folder: Path) -> str:
+    """SASRec's table: per loss, HR/NDCG/MRR@10 under both leave-one-out protocols and
+    both variants (mean ± std over the seeds of ``<folder>/sasrec-<loss>/seed*``)."""
+    lines = ["| run | " + " | ".join(f"{p}, {v} variant" for p, v in SEQ_COLUMNS)
+             + " | seeds | epochs (stop) | train s/epoch |", "| --- " * 8 + "|"]
+    for run in sorted(Path(folder).glob("sasrec-*")):
+        seeds = sorted(run.glob("seed*/train.json"))
+        if not seeds:
+            continue
+        trains = [json.loads(p.read_text())["train"] for p in seeds]
+        cells = []
+        for protocol, variant in SEQ_COLUMNS:
+            evs = [json.loads((p.parent / f"evaluate-{protocol}.json").read_text())
+                   for p in seeds]
+            cells.append(", ".join(_pm([e["variants"][variant]["metrics"][m] for e in evs])
+                                   for m in SEQ_METRICS))
+        stops = "/".join(sorted({t["stopped"] for t in trains}))
+        lines.append(f"| **ours, {run.name.removeprefix('sasrec-').upper()}** | "
+                     + " | ".join(cells) + f" | {len(seeds)} | "
+                     f"{_span([t['epochs'] for t in trains])} ({stops}) | "
+                     f"{_pm([t['seconds_per_epoch'] for t in trains])} |")
+    return "\n".join(lines)
+
+
 def _pm(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
@@ -106,8 +135,13 @@ def table(runs: dict[str, list[dict[str, Any]]], recbole: dict[str, dict[str, An
 def main(folder: Path,
          json_out: Annotated[Path | None, typer.Option("--json")] = None,
          recbole: Annotated[Path | None, typer.Option(
-             help="RecBole peers file (its table rows)")] = None) -> None:
+             help="RecBole peers file (its table rows)")] = None,
+         sasrec: Annotated[bool, typer.Option(
+             help="FOLDER holds SASRec runs (docs/models/run_sasrec.sh)")] = False) -> None:
     """Print the table; write every run's figures to --json."""
+    if sasrec:
+        typer.echo(sasrec_table(folder))
+        return
     runs = load_runs(folder)
     if not runs:
         raise typer.BadParameter(f"no */seed*/evaluate-ro-full.json under {folder}")

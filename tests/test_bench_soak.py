@@ -22,4 +22,6 @@ def test_quick_soak_answers_every_request_and_counts_only_injected_dead_letters(
     for kind in ("scoring", "clustering"):
         assert 10 < f[f"{kind} RSS at the end"] < 8192  # MiB: a real process was sampled
     assert math.isfinite(f["request p99, first minute"])
+    for kind in ("scoring", "clustering"):  # CPU of the worker processes was sampled
+        assert 0 < f[f"{kind} CPU, first minute / last minute"] < 16
     assert (opts.out_dir / "soak.png").stat().st_size > 10_000

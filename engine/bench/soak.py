@@ -18,6 +18,8 @@ letters of the injected bad clicks; no request lost.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import uuid
@@ -39,6 +41,8 @@ from engine.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metr
 from engine.scrape import scrape, total
 from engine.topics import Topics, create_topics
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SoakSize:
@@ -49,6 +53,7 @@ class SoakSize:
     first_s: float  # "the first minute": the baseline window of RSS and latency
     bad_every_s: float = 30.0
     bad_per_injection: int = 3
+    trial_s: float = 45.0  # each steady trial of `_sustained`
 
 
 #: the load generators batch their sends (latency counts from before the send, so it
@@ -59,7 +64,7 @@ class SoakSize:
 PUMP_LINGER_MS = 20
 
 FULL = SoakSize(600, 500, 10, 30_000, 60)
-QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8)
+QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8, trial_s=4)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Window:
     answered: int
     lag: float
     clicks_sent: int
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used in the window
 
 
 @dataclass
@@ -91,6 +97,20 @@ class Pumps:
     bad_sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     drain_until: float = float("inf")  # after stop: how long answers are still awaited
+
+    def start(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=f, daemon=True, name=f"soak-{f.__name__}")
+                   for f in (self.run_clicks, self.run_requests, self.run_answers)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def finish(self, threads: list[threading.Thread], drain_s: float) -> None:
+        """Stop sending; answers are still awaited for ``drain_s``."""
+        self.drain_until = time.monotonic() + drain_s
+        self.stop.set()
+        for t in threads:
+            t.join(60)
 
     def run_clicks(self) -> None:
         names = Topics(self.s.kafka.topic_prefix)
@@ -187,6 +207,15 @@ def rss_bytes(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from ``/proc/<pid>/stat`` (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def _counters(workers: list[WorkerProcess]) -> dict[str, float]:
     out = {"dead_letters": 0.0, "errors": 0.0, "lag": 0.0}
     for w in workers:
@@ -216,9 +245,13 @@ def run(opts: BenchOptions) -> BenchReport:
         create_topics(s.kafka)
         workers = [spawn_worker(kind, s, ckpt, run_dir, 0) for kind in ("clustering", "scoring")]
         wait_ready(workers)
-        ingest = _calibrate(s, ds, workers, size.calibration_clicks, size.request_rate)
+        burst = _calibrate(s, ds, workers, size.calibration_clicks, size.request_rate)
+        ingest = _sustained(s, ds, workers, size, burst)
         before = _counters(workers)
-        windows, pumps = _soak(s, ds, workers, size, 0.8 * ingest)
+        watched = {w.kind: w.proc.pid for w in workers}
+        if broker is not None and broker.proc is not None:
+            watched["broker"] = broker.proc.pid  # its CPU shows a broker that falls behind
+        windows, pumps = _soak(s, ds, workers, size, 0.8 * ingest, watched)
         _settle(workers, timeout_s=60)  # the last injected bad clicks reach the workers
         after = _counters(workers)
     finally:
@@ -226,7 +259,7 @@ def run(opts: BenchOptions) -> BenchReport:
             w.stop()
         if broker is not None:
             broker.stop()
-    report = _report(size, ingest, windows, pumps, before, after)
+    report = _report(size, burst, ingest, windows, pumps, before, after)
     plot(windows, opts.out_dir / "soak.png")
     return report
 
@@ -252,10 +285,7 @@ def _calibrate(s: Settings, ds: Dataset, workers: list[WorkerProcess], n: int,
     of it the second soak fell behind in its first two minutes: ranking a full
     table costs each request ~4x more."""
     requests = Pumps(s, [], [], np.unique(ds.users.ids[ds.user]), 0.0, request_rate)
-    threads = [threading.Thread(target=f, daemon=True) for f in
-               (requests.run_requests, requests.run_answers)]
-    for t in threads:
-        t.start()
+    threads = requests.start()  # no clicks: its click rate is 0
     try:
         warm = replay(ds, s.kafka, limit=n, progress=False)
         _clicks_drained(workers, warm.events, timeout_s=600)
@@ -264,11 +294,45 @@ def _calibrate(s: Settings, ds: Dataset, workers: list[WorkerProcess], n: int,
         _clicks_drained(workers, warm.events + rep.events, timeout_s=600)
         done = _requests_drained(workers, timeout_s=600)
     finally:
-        requests.drain_until = time.monotonic() + 5
-        requests.stop.set()
-        for t in threads:
-            t.join(30)
+        requests.finish(threads, drain_s=5)
     return rep.events / (done - t0)
+
+
+def _sustained(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize,
+               rate: float, tries: int = 3) -> float:
+    """The click rate both workers keep up with under the soak's own steady load.
+
+    Why: a burst is produced by one fast replay and then leaves the machine to the
+    workers, but the soak's load generators keep producing clicks and requests on
+    the same cores as the workers and the broker. At 80% of the burst rate (3.5k
+    clicks/s) the fifth soak's click lag grew from its first two minutes, with the
+    scoring worker at 0.9 cores. So: steady trials of ``size.trial_s`` s with the
+    soak's own pumps, starting at ``rate``; a trial the scoring worker did not keep up
+    with (clicks consumed below 95% of those offered) sets the next trial's rate to
+    what it consumed; the workers drain between trials."""
+    values, keys = click_pool(ds, 20_000 if size.seconds < 60 else 200_000, seed=1)
+    users = np.unique(ds.users.ids[ds.user])
+    for _ in range(tries):
+        pumps = Pumps(s, values, keys, users, rate, size.request_rate)
+        before = _clicks_consumed(workers)
+        threads = pumps.start()
+        time.sleep(size.trial_s)
+        consumed, sent = _clicks_consumed(workers) - before, pumps.clicks_sent
+        pumps.finish(threads, drain_s=5)
+        _settle(workers, timeout_s=600)
+        log.info("soak calibration: %.0f clicks/s offered, %.0f/s consumed",
+                 sent / size.trial_s, consumed / size.trial_s)
+        if consumed >= 0.95 * sent:
+            return rate
+        rate = consumed / size.trial_s
+    return rate
+
+
+def _clicks_consumed(workers: list[WorkerProcess]) -> float:
+    """Clicks read by the scoring worker (the pipeline's bottleneck: seed events travel
+    many per record, and the clustering worker reads them at a fraction of a core)."""
+    return sum(worker_metric(w, "lookalike_events_consumed_total", topic="clicks")
+               for w in workers if w.kind == "scoring")
 
 
 def _lag(workers: list[WorkerProcess], topics: tuple[str, ...]) -> float:
@@ -303,15 +367,13 @@ def _requests_drained(workers: list[WorkerProcess], timeout_s: float) -> float:
 
 
 def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize,
-          click_rate: float) -> tuple[list[Window], Pumps]:
+          click_rate: float, watched: dict[str, int]) -> tuple[list[Window], Pumps]:
     values, keys = click_pool(ds, 20_000 if size.seconds < 60 else 200_000)
     pumps = Pumps(s, values, keys, np.unique(ds.users.ids[ds.user]), click_rate,
                   size.request_rate)
-    threads = [threading.Thread(target=f, daemon=True, name=f"soak-{f.__name__}")
-               for f in (pumps.run_clicks, pumps.run_requests, pumps.run_answers)]
-    for t in threads:
-        t.start()
+    threads = pumps.start()
     t0, windows, seen = time.monotonic(), [], 0
+    cpu_was, t_was = {k: cpu_seconds(pid) for k, pid in watched.items()}, t0
     next_bad = t0 + size.bad_every_s
     try:
         while (now := time.monotonic()) - t0 < size.seconds:
@@ -322,28 +384,31 @@ def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize
             lat = np.array([x for _, x in pumps.latencies[seen:]]) * 1e3
             seen = len(pumps.latencies)
             c = _counters(workers)
+            cpu_now, t_now = {k: cpu_seconds(pid) for k, pid in watched.items()}, time.monotonic()
+            cpu = {k: (cpu_now[k] - cpu_was[k]) / (t_now - t_was) for k in watched}
+            cpu_was, t_was = cpu_now, t_now
             windows.append(Window(
                 time.monotonic() - t0, {w.kind: rss_bytes(w.proc.pid) for w in workers},
                 float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                 float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                len(lat), c["lag"], pumps.clicks_sent))
+                len(lat), c["lag"], pumps.clicks_sent, cpu))
     finally:
-        pumps.drain_until = time.monotonic() + 30
-        pumps.stop.set()
-        for t in threads:
-            t.join(60)
+        pumps.finish(threads, drain_s=30)
     return windows, pumps
 
 
-def _report(size: SoakSize, ingest: float, windows: list[Window], pumps: Pumps,
+def _report(size: SoakSize, burst: float, ingest: float, windows: list[Window], pumps: Pumps,
             before: dict[str, float], after: dict[str, float]) -> BenchReport:
     report = BenchReport("soak", settings={**size.__dict__, "click_rate": pumps.click_rate})
     first = [w for w in windows if w.t <= size.first_s + 1e-9] or windows[:1]
     last = [w for w in windows if w.t >= windows[-1].t - size.first_s]
     lat_first = _p99([w for w in first])
     lat_last = _p99(last)
-    report.add("calibrated ingest rate", ingest, "clicks/s", note="burst of real clicks "
+    report.add("burst ingest rate", burst, "clicks/s", note="burst of real clicks "
                "through both workers until every one is a seed in a window")
+    report.add("calibrated ingest rate", ingest, "clicks/s", note="what both workers kept "
+               "up with under the soak's own steady load (trials of "
+               f"{size.trial_s:.0f} s)")
     report.add("click rate offered (80% of calibrated)", pumps.click_rate, "clicks/s")
     report.add("clicks sent", pumps.clicks_sent, "clicks")
     report.add("requests sent", pumps.requests_sent, "requests",
@@ -359,6 +424,10 @@ def _report(size: SoakSize, ingest: float, windows: list[Window], pumps: Pumps,
     report.add("request p99, first minute", lat_first, "ms")
     report.add("request p99, last minute", lat_last, "ms")
     report.add("p99 last minute / first minute", lat_last / lat_first, "x", "<= 1.2")
+    for proc in windows[0].cpu:
+        report.add(f"{proc} CPU, first minute / last minute",
+                   float(np.mean([w.cpu[proc] for w in first])), "cores",
+                   note=f"last minute {np.mean([w.cpu[proc] for w in last]):.2f}")
     report.add("consumer lag at the end", windows[-1].lag, "messages")
     report.add("bad clicks injected", pumps.bad_sent, "records")
     dead = after["dead_letters"] - before["dead_letters"]
@@ -377,14 +446,14 @@ def _p99(windows: list[Window]) -> float:
 
 
 def plot(windows: list[Window], path: Path) -> Path:
-    """RSS of each worker, request latency and the workers' lag over the soak."""
+    """RSS of each worker, request latency, the workers' lag and each process's CPU."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = [w.t for w in windows]
-    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    fig, (a, b, c, d) = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
     for kind in windows[0].rss:
         a.plot(t, [w.rss[kind] / 2**20 for w in windows], label=f"{kind} worker")
     a.set_ylabel("RSS (MiB)")
@@ -397,8 +466,14 @@ def plot(windows: list[Window], path: Path) -> Path:
     b.set_ylim(bottom=0)
     c.plot(t, [w.lag for w in windows])
     c.set_ylabel("consumer lag (messages)")
-    c.set_xlabel("seconds into the soak")
     c.set_ylim(bottom=0)
+    for proc in windows[0].cpu:
+        d.plot(t, [w.cpu[proc] for w in windows], label=proc)
+    d.set_ylabel("CPU (cores)")
+    d.set_xlabel("seconds into the soak")
+    d.set_ylim(bottom=0)
+    if windows[0].cpu:
+        d.legend()
     fig.suptitle("lookalike bench soak")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
