@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from engine.data import Dataset, Items, Users, build_dataset
+from models.evaluator import Protocol, evaluate
 from models.recommender import NotFittedError, Recommender, get_model, model_names
 from models.splits import Split, leave_one_out, random_split
 from models.trainer import TrainResult
+from models.youtube_dnn import PopularityScores
 
 N_USERS, N_ITEMS = 60, 30
 
@@ -225,3 +227,12 @@ def test_splits_the_suite_relies_on():
         assert len(rnd.test.history[row]) == len(seqs[u]) - len(rnd.test.targets[row])
     again = random_split(ds, seed=1)
     np.testing.assert_array_equal(again.train.values, rnd.train.values)
+
+
+def test_beats_popularity_on_the_held_out_test_users(fitted):
+    model, _, split = fitted
+    protocol = Protocol(None, mask_history=True)  # full ranking, seen items left out
+    popularity = PopularityScores(split.train, len(split.item_ids))
+    ours = evaluate(model, split.test, protocol).mean()["ndcg@10"]
+    floor = evaluate(popularity, split.test, protocol).mean()["ndcg@10"]
+    assert ours > floor + 0.1, (ours, floor)
