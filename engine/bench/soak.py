@@ -344,11 +344,8 @@ def _clicks_drained(workers: list[WorkerProcess], n: int, timeout_s: float) -> f
     """When the scoring worker has consumed ``n`` clicks and neither worker lags on
     clicks or seed-events (requests keep flowing, so their lag is not waited for)."""
     deadline = time.monotonic() + timeout_s
-    scoring = [w for w in workers if w.kind == "scoring"]
     while time.monotonic() < deadline:
-        consumed = sum(worker_metric(w, "lookalike_events_consumed_total", topic="clicks")
-                       for w in scoring)
-        if consumed >= n and _lag(workers, ("clicks", "seed-events")) == 0:
+        if _clicks_consumed(workers) >= n and _lag(workers, ("clicks", "seed-events")) == 0:
             return time.monotonic()
         time.sleep(0.25)
     raise TimeoutError("the clicks were not all ingested in time")
