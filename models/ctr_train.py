@@ -23,7 +23,6 @@ the weights and the training report.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from models.checkpoint import FORMAT, load_checkpoint, make_version, save_checkp
 from models.ctr_baselines import FactorizationMachine, FMConfig, LogisticRegression, LRConfig
 from models.ctr_data import DENSE_FIELDS, CTRData, CTRFrame
 from models.dlrm import DLRM, DLRMConfig
+from models.evaluator import mean_std
 from models.trainer import BestEpoch, EpochRecord, TrainResult, make_optimiser
 
 USER_COUNT = DENSE_FIELDS.index("user_count")
@@ -214,27 +214,23 @@ def summarise(folder: Path) -> str:
     lines = ["| protocol | hash buckets | model | seeds | test AUC | test log-loss | "
              "valid AUC | epochs (best) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def pm(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
     for (protocol, hashed, model), rs in sorted(groups.items()):
         seeds = ",".join(str(r["data"]["seed"]) for r in rs)
         best = ",".join(str(r["train"].get("best_epoch", "-")) for r in rs)
         lines.append(f"| {protocol} | {hashed} | {model} | {seeds} | "
-                     f"{pm([r['test']['auc'] for r in rs])} | "
-                     f"{pm([r['test']['logloss'] for r in rs])} | "
-                     f"{pm([r['valid']['auc'] for r in rs])} | {best} |")
+                     f"{mean_std([r['test']['auc'] for r in rs])} | "
+                     f"{mean_std([r['test']['logloss'] for r in rs])} | "
+                     f"{mean_std([r['valid']['auc'] for r in rs])} | {best} |")
         for base in ("popularity", "item-mean"):
             if model == "lr" and base in rs[0].get("baselines", {}):
                 lines.append(f"| {protocol} | {hashed} | {base} (not learned) | {seeds} | "
-                             f"{pm([r['baselines'][base]['auc'] for r in rs])} | - | - | - |")
+                             f"{mean_std([r['baselines'][base]['auc'] for r in rs])} | - | - | - |")
     by_user = [(k, rs) for k, rs in sorted(groups.items()) if "test_by_user" in rs[0]]
     if by_user:
         lines += ["", "| protocol | model | known users: AUC | item-mean | new users: AUC | "
                   "item-mean |", "| --- | --- | --- | --- | --- | --- |"]
         for (protocol, _, model), rs in by_user:
-            cells = [pm([r["test_by_user"][part][m] for r in rs])
+            cells = [mean_std([r["test_by_user"][part][m] for r in rs])
                      for part in ("known", "new") for m in ("auc", "item-mean auc")]
             lines.append(f"| {protocol} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
@@ -230,6 +231,12 @@ def metrics_from_hits(hits: np.ndarray, n_targets: np.ndarray,
 
 def _names(ks: Sequence[int]) -> list[str]:
     return [f"{m}@{k}" for k in ks for m in METRICS]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """"mean ± std" over seeds (sample std; 0 for one value): every results table's cell."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def confidence_interval(values: np.ndarray, method: str = "normal", level: float = 0.95,

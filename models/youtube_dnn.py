@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +70,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
+from models.evaluator import mean_std
 from models.recommender import Recommender, register
 from models.splits import EvalSet, Ragged
 
@@ -746,12 +746,6 @@ def run_ranking(dataset: Dataset, seed: int, out: Path, weighted: bool,
     return report
 
 
-def pm(values: Sequence[float]) -> str:
-    """mean ± std (sample std; 0 for one value)."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
-
 def _load(folder: Path, pattern: str) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted(folder.glob(pattern))]
 
@@ -764,7 +758,7 @@ def _candidate_rows(folder: Path) -> list[str]:
     for inputs in ("clicks", "profiles"):
         runs = _load(folder, f"candidates-{inputs}-seed*.json")
         for variant in ("recbole", "paper") if runs else ():
-            cells = [pm([r["test"][variant][m] for r in runs]) for m in (
+            cells = [mean_std([r["test"][variant][m] for r in runs]) for m in (
                 "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10")]
             epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})" for r in runs)
             secs = ",".join(f"{r['train']['seconds']:.0f}" for r in runs)
@@ -790,7 +784,7 @@ def _zoo_rows(folder: Path) -> list[str]:
         runs = [json.loads(p.read_text()) for p in paths]
         seeds = ",".join(p.parent.name.rsplit("-seed", 1)[1] for p in paths)
         for variant in ("recbole", "paper"):
-            cells = [pm([r["variants"][variant]["metrics"][m] for r in runs]) for m in (
+            cells = [mean_std([r["variants"][variant]["metrics"][m] for r in runs]) for m in (
                 "recall@50", "recall@100", "ndcg@50", "ndcg@100", "recall@10", "ndcg@10")]
             epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})"
                               for r in runs)
@@ -808,7 +802,7 @@ def _ann_rows(folder: Path) -> list[str]:
         runs = _load(folder, f"candidates-{inputs}-seed*.json")
         for kind in ("exact", "hnsw", "ivf") if runs else ():
             rows = [r["ann"]["kinds"][kind] for r in runs]
-            cells = [pm([x[m] for x in rows]) if m in rows[0] else "-" for m in (
+            cells = [mean_std([x[m] for x in rows]) if m in rows[0] else "-" for m in (
                 "recall@50", "recall@100", "kept@50", "kept@100", "overlap@100",
                 "ms_per_query")]
             lines.append(f"| {inputs} | {kind} | {','.join(str(r['seed']) for r in runs)} | "
@@ -832,7 +826,7 @@ def _scale_rows(folder: Path) -> list[str]:
                  and json.dumps(r["ann"]["options"], sort_keys=True) == key]
         for kind in ("exact", "hnsw", "ivf"):
             rows = [r["ann"]["kinds"][kind] for r in group]
-            cells = [pm([x[m] for x in rows]) if m in rows[0] else "-" for m in (
+            cells = [mean_std([x[m] for x in rows]) if m in rows[0] else "-" for m in (
                 "recall@50", "recall@100", "kept@50", "kept@100", "overlap@100",
                 "ms_per_query", "build_seconds")]
             lines.append(f"| {size:,} | {settings(group[0], kind)} | "
@@ -850,9 +844,9 @@ def _ranking_rows(folder: Path) -> list[str]:
             epochs = ",".join(f"{r['train']['epochs']}({r['train']['best_epoch']})" for r in runs)
             label = kind.replace("-stats", " + history stats")
             lines.append(f"| MLP, {label} logistic | {','.join(str(r['seed']) for r in runs)} | "
-                         f"{pm([r['test']['auc'] for r in runs])} | "
-                         f"{pm([r['test']['logloss'] for r in runs])} | "
-                         f"{pm([r['valid']['auc'] for r in runs])} | {epochs} | "
+                         f"{mean_std([r['test']['auc'] for r in runs])} | "
+                         f"{mean_std([r['test']['logloss'] for r in runs])} | "
+                         f"{mean_std([r['valid']['auc'] for r in runs])} | {epochs} | "
                          + ",".join(f"{r['train']['seconds']:.0f}" for r in runs) + " |")
     return lines
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from models.evaluator import mean_std
 
 METRICS = ("recall@10", "ndcg@10", "hit@10", "precision@10", "mrr@10")
 # Table order, label, RecBole's run of the same model (None: RecBole has no such run).
@@ -89,19 +90,14 @@ def sasrec_table(folder: Path) -> str:
         for protocol, variant in SEQ_COLUMNS:
             evs = [json.loads((p.parent / f"evaluate-{protocol}.json").read_text())
                    for p in seeds]
-            cells.append(", ".join(_pm([e["variants"][variant]["metrics"][m] for e in evs])
+            cells.append(", ".join(mean_std([e["variants"][variant]["metrics"][m] for e in evs])
                                    for m in SEQ_METRICS))
         stops = "/".join(sorted({t["stopped"] for t in trains}))
         lines.append(f"| **ours, {run.name.removeprefix('sasrec-').upper()}** | "
                      + " | ".join(cells) + f" | {len(seeds)} | "
                      f"{_span([t['epochs'] for t in trains])} ({stops}) | "
-                     f"{_pm([t['seconds_per_epoch'] for t in trains])} |")
+                     f"{mean_std([t['seconds_per_epoch'] for t in trains])} |")
     return "\n".join(lines)
-
-
-def _pm(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def _span(values: list[float], fmt: str = "{:.0f}") -> str:
@@ -121,7 +117,7 @@ def table(runs: dict[str, list[dict[str, Any]]], recbole: dict[str, dict[str, An
         seconds = [r.get("seconds_with_pretraining", r["seconds"]) for r in rs]
         extra = " (+ GMF, MLP)" if name in PRETRAINED_BY else ""
         lines.append(f"| **ours, {label}** | " + " | ".join(
-            _pm([r["metrics"][m] for r in rs]) for m in METRICS)
+            mean_std([r["metrics"][m] for r in rs]) for m in METRICS)
             + f" | {len(rs)} | {_span([r['epochs'] for r in rs])}{extra} ({stops}) | "
             f"{_span(seconds)} |")
         if theirs and theirs in recbole:
