@@ -400,9 +400,8 @@ class ItemClusters:
         if buf.size < np.prod(shape):
             buf = np.empty(int(np.prod(shape)), np.float32)
         x = buf[:np.prod(shape)].reshape(shape)
-        for b, s in enumerate(states):
-            x[b, :lengths[b]] = s.window.stored()
-            x[b, lengths[b]:] = 0.0  # weight 0, but 0 x NaN garbage would still be NaN
+        for b, s in enumerate(states):  # the rest of a row is padding, whatever it holds:
+            x[b, :lengths[b]] = s.window.stored()  # lloyd_batched never reads it into a mean
         table.set(rows, *kmeans.lloyd_batched(
             x, lengths, table.centroids[rows], table.counts[rows], iters))
         return buf

@@ -81,3 +81,36 @@ def test_partial_fit_many_equals_the_per_item_loop():
             ref_c, ref_n = kmeans.partial_fit(cent[i], counts[i], x[owner == i], cap)
             np.testing.assert_allclose(got_c[i], ref_c, rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(got_n[i], ref_n)
+
+
+def test_lloyd_batched_is_sklearns_partial_fit_from_the_current_centroids():
+    """Padded windows of different lengths, one batched step: per item, what a fresh
+    MiniBatchKMeans(init=current).partial_fit(window) gives (the refresh's reference)."""
+    import warnings
+
+    rng = np.random.default_rng(7)
+    b, s, k, d = 5, 40, 4, 6
+    lengths = np.array([40, 7, 23, 40, 12])
+    x = rng.normal(size=(b, s, d)).astype(np.float32)
+    for i, n in enumerate(lengths):
+        x[i, n:] = np.nan  # padding must not leak into any centroid or count
+    cent = rng.normal(size=(b, k, d)).astype(np.float32)
+    got_c, got_n = kmeans.lloyd_batched(x, lengths, cent, np.ones((b, k), np.float32))
+    for i, n in enumerate(lengths):
+        ref = MiniBatchKMeans(n_clusters=k, init=cent[i], n_init=1, batch_size=int(n),
+                              reassignment_ratio=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref.partial_fit(x[i, :n])
+        np.testing.assert_allclose(got_c[i], ref.cluster_centers_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got_n[i], ref._counts)
+        assert got_n[i].sum() == n
+
+
+def test_lloyd_batched_never_assigns_to_an_empty_slot():
+    x = np.array([[[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]]], np.float32)
+    cent = np.array([[[0.0, 0.0], [5.0, 5.0], [5.0, 5.1]]], np.float32)
+    counts = np.array([[1.0, 0.0, 1.0]], np.float32)  # slot 1 is empty, though nearest to (5, 5)
+    c, n = kmeans.lloyd_batched(x, np.array([3]), cent, counts)
+    assert n.tolist() == [[2.0, 0.0, 1.0]]
+    np.testing.assert_allclose(c[0], [[0.05, 0.0], [5.0, 5.0], [5.0, 5.0]])
