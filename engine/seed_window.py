@@ -42,7 +42,7 @@ def bytes_bound(size: int, dim: int, dtype: str = "float32") -> int:
 class SeedWindow:
     """Most recent ``size`` distinct users of one item, oldest first."""
 
-    __slots__ = ("size", "dtype", "_rows", "_ts", "_vecs")
+    __slots__ = ("size", "dtype", "_rows", "_ts", "_vecs", "_newest")
 
     def __init__(self, size: int, dtype: str = "float32"):
         if size < 1:
@@ -52,6 +52,7 @@ class SeedWindow:
         self._rows: OrderedDict[int, int] = OrderedDict()  # user -> row, oldest first
         self._ts: list[float] = []  # by row (a list: compared per seed, faster than numpy)
         self._vecs: np.ndarray | None = None  # [cap, d] by row
+        self._newest = float("-inf")  # the last seed's time (the window's newest)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -82,7 +83,7 @@ class SeedWindow:
         return self._ts[next(iter(self._rows.values()))] if self._rows else float("-inf")
 
     def newest_ts(self) -> float:
-        return self._ts[next(reversed(self._rows.values()))] if self._rows else float("-inf")
+        return self._newest if self._rows else float("-inf")
 
     def admit(self, user: int, ts: float, dim: int) -> int:
         """Bookkeeping of one seed; the row its vector goes to, or -1 if nothing changes.
@@ -109,11 +110,20 @@ class SeedWindow:
                 self._grow(dim)
             rows[user] = row
             self._ts.append(ts)
-            self._back_in_time(ts)
+            self._place(ts)
             return row
         self._ts[row] = ts
-        self._back_in_time(ts)
+        self._place(ts)
         return row
+
+    def _place(self, ts: float) -> None:
+        """Keep click-time order after the seed just put last. Seeds mostly arrive in
+        time order: then it is newest already and nothing moves (no scan: the scan per
+        seed was 15% of the clustering state path's time)."""
+        if ts >= self._newest:
+            self._newest = ts
+        else:
+            self._back_in_time(ts)
 
     def _back_in_time(self, ts: float) -> None:
         """The seed just put last is older than the ones before it: move those after it,
@@ -156,6 +166,7 @@ class SeedWindow:
         if len(self._rows) != n:
             raise ValueError("a window's users must be distinct")
         self._ts = [float(t) for t in ts]
+        self._newest = max(self._ts, default=float("-inf"))
         cap = min(self.size, max(4, 1 << max(n - 1, 0).bit_length()))
         self._vecs = np.empty((cap, vectors.shape[1]), self.dtype)
         self._vecs[:n] = vectors

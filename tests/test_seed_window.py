@@ -85,5 +85,6 @@ def test_any_arrival_order_gives_the_same_window(events, size, rnd):
             w.add(u, float(ts), v(u))
         assert w.users() == expect
         assert [w._ts[w._rows[u]] for u in expect] == [float(newest[u]) for u in expect]
+        assert w.newest_ts() == (float(newest[expect[-1]]) if expect else float("-inf"))
         windows.append(w)
     np.testing.assert_array_equal(windows[0].vectors(), windows[1].vectors())
