@@ -581,6 +581,8 @@ def _add_ctr_commands(name: str) -> None:
             help="stop after this many epochs without validation AUC gain")] = None,
         lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
         weight_decay: Annotated[float | None, typer.Option(help="Adam weight decay")] = None,
+        lr_decay: Annotated[float | None, typer.Option(
+            help="learning rate x this after every epoch (1: constant)")] = None,
         batch_size: Annotated[int | None, typer.Option()] = None,
         user_dropout: Annotated[float | None, typer.Option(
             help="share of training rows seen as a new user (id and count unknown)")] = None,
@@ -598,7 +600,7 @@ def _add_ctr_commands(name: str) -> None:
 
         s = _settings(config, cache_dir=cache_dir)
         options = {"epochs": epochs, "patience": patience, "lr": lr, "batch_size": batch_size,
-                   "weight_decay": weight_decay, "user_dropout": user_dropout,
+                   "weight_decay": weight_decay, "user_dropout": user_dropout, "lr_decay": lr_decay,
                    "max_seconds": max_seconds}
         trainer = {"threads": threads, **{k: v for k, v in options.items() if v is not None}}
         try:

@@ -176,6 +176,22 @@ def test_same_seed_same_fit_and_checkpoint_round_trip(ctx_data, tmp_path) -> Non
     assert evaluate_ctr(loaded, ctx_data.valid) == evaluate_ctr(runs[0][1], ctx_data.valid)
 
 
+def test_lr_decay_scales_the_rate_after_every_epoch(ctx_data) -> None:
+    """With the rate multiplied by ~0 after epoch 1, epochs 2 and 3 cannot move the model:
+    the same validation AUC three times; at a constant rate it moves."""
+    small = replace(ctx_data, train=ctx_data.train.take(np.arange(10_000)),
+                    valid=ctx_data.valid.take(np.arange(3_000)))
+    aucs = {}
+    for decay in (1e-9, 1.0):
+        model = build_model("lr", small, seed=0)
+        result = fit(model, small, seed=0, epochs=3, lr=1e-2, lr_decay=decay, patience=3,
+                     progress=False)
+        aucs[decay] = [r.valid["auc"] for r in result.history]
+    frozen, moving = aucs[1e-9], aucs[1.0]
+    assert len(frozen) == 3 and max(frozen) - min(frozen) < 1e-6, frozen
+    assert frozen[0] == pytest.approx(moving[0]) and abs(moving[2] - moving[0]) > 1e-4, moving
+
+
 def test_first_order_dlrm_trains_and_round_trips_hashed(ml100k: Dataset, tmp_path) -> None:
     data = build_ctr_data(ml100k, "ctx", seed=0, hash_buckets=64)
     small = replace(data, train=data.train.take(np.arange(20_000)),

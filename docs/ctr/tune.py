@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--weight-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-decay", type=float, default=1.0)
+    p.add_argument("--optimiser", choices=("adam", "sgd"), default="adam")
     p.add_argument("--user-dropout", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--patience", type=int, default=5)
@@ -38,7 +40,8 @@ def main() -> None:
     args = p.parse_args()
 
     settings = dict(s.split("=", 1) for s in args.settings)
-    trainer = {"lr": args.lr, "weight_decay": args.weight_decay,
+    trainer = {"lr": args.lr, "weight_decay": args.weight_decay, "lr_decay": args.lr_decay,
+               "optimiser": args.optimiser,
                "user_dropout": args.user_dropout, "batch_size": args.batch_size,
                "patience": args.patience, "threads": 1, "progress": False}
     data = build_ctr_data(load_dataset("ml-100k", default_cache_dir() / "data"),
