@@ -93,6 +93,7 @@ class ClusteringStage(Stage):
             assert self.loop is not None
             self.loop.dead_letter(events[i].topic, events[i].record, err)
         for cols, idx in runs:
+            self.metrics.seed_events.labels(self.name).inc(len(cols.users))
             produced = _produced(cols, [events[i] for i in idx])
             now = time.time()
             for item in self.state.apply_columns(cols):

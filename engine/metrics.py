@@ -84,6 +84,11 @@ class WorkerMetrics:
             "lookalike_kmeans_refresh_seconds", "Centroid update time per batch of items", s,
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.seed_events = Counter(
+            "lookalike_seed_events_total", "Seed events offered to the windows, a replayed one "
+            "too (a seed-events record packs many: lookalike_events_consumed_total counts "
+            "records)", s, registry=r,
+        )
         self.centroids_published = Counter(
             "lookalike_centroids_published_total", "Item centroid tables published", s, registry=r
         )

@@ -113,6 +113,13 @@ def test_packed_seed_events_land_in_their_items_windows(settings):
         assert {i: c.n_seeds for i, c in latest.items()} == {i: len(u) for i, u in want.items()}
         dlq = read_all(settings, "seed-events.dlq", expect=1)
         assert [dict(r.headers)["reason"] for r in dlq] == [b"bad_binary"]
+        # seed events are counted as they come, not as the windows hold them: a replayed
+        # pack changes no window but its six events count (the corrupt one does not)
+        assert total(scrape(worker.metrics_url), "lookalike_seed_events_total") == 7
+        produce(settings, "seed-events", [(None, raw)])
+        wait_until(lambda: total(scrape(worker.metrics_url), "lookalike_seed_events_total")
+                   == 13, what="the replayed pack counted")
+        assert stage.state.seeds_held() == 7
     finally:
         worker.stop()
 
