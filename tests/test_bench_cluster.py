@@ -13,6 +13,7 @@ FIGURES = {
     "state path seed events/s", "state path / 100k target", "state path / per-record path",
     "worker loop seed events/s", "worker loop / 100k target", "refresh items/s (ours)",
     "refresh items/s (sklearn per item)", "refresh speed-up vs sklearn",
+    "refresh speed-up vs sklearn, ours on 2 threads",
     "refresh inertia / sklearn", "window bytes per item (bound)",
     "window bytes per item (measured)", "window bytes per item (float16 bound)",
     "centroid records published during the run",

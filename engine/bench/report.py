@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,3 +114,21 @@ def machine_info() -> dict:
     return {"cores": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
             "python": platform.python_version(), "numpy": numpy.__version__,
             "torch": torch.__version__}
+
+
+@contextmanager
+def compute_threads(n: int) -> Iterator[None]:
+    """torch, Faiss and BLAS on ``n`` threads inside the block (the caller's after)."""
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+        faiss.omp_set_num_threads(before)

@@ -20,15 +20,11 @@ spread; counts are random, a few slots empty.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 from kafka.admin import KafkaAdminClient, NewTopic
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
@@ -45,7 +41,7 @@ from engine.bench.ingest import (
     bench_settings,
     warm_clicks,
 )
-from engine.bench.report import BenchOptions, BenchReport
+from engine.bench.report import BenchOptions, BenchReport, compute_threads
 from engine.codec import ItemCentroids, encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset
@@ -303,20 +299,6 @@ def run(opts: BenchOptions) -> BenchReport:
     report.add(f"batched time per user, {other} threads / {t}",
                float(many_alt.mean() / many.mean()), "x")
     return report
-
-
-@contextmanager
-def compute_threads(n: int) -> Iterator[None]:
-    """torch, Faiss and BLAS on ``n`` threads inside the block (the stage's own after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        torch.set_num_threads(before)
-        faiss.omp_set_num_threads(before)
 
 
 def ann_recall(stage: ScoringStage, users: list[int], n: int) -> float:
