@@ -669,6 +669,7 @@ def bench(
 ) -> None:
     """Measure a stage against a baseline run beside it; write <name>.json and <name>.md."""
     from engine.bench import NAMES, BenchOptions, runner
+    from engine.bench.report import summary
 
     _logging()
     s = _settings(config, cache_dir=cache_dir)
@@ -679,14 +680,19 @@ def bench(
         raise typer.BadParameter(str(e)) from e
     opts = BenchOptions(settings=s, out_dir=out or s.cache_dir / "reports" / "bench",
                         quick=quick, bootstrap_servers=bootstrap_servers)
-    failed = []
+    failed, reports = [], []
     for n, run_bench in runs:
         report = run_bench(opts)
         js, _ = report.write(opts.out_dir)
         typer.echo(report.markdown())
         typer.echo(f"wrote {js} and {js.with_suffix('.md')}")
+        reports.append(report)
         if not report.ok:
             failed.append(n)
+    if len(reports) > 1:
+        verdicts = summary(reports)
+        (opts.out_dir / "summary.md").write_text(verdicts)
+        typer.echo(verdicts)
     if failed:
         typer.echo(f"targets missed: {', '.join(failed)}", err=True)
         raise typer.Exit(2)

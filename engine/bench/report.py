@@ -92,6 +92,20 @@ class BenchReport:
         return js, md
 
 
+def summary(reports: list[BenchReport]) -> str:
+    """Every target of every report, one line each, PASS or FAIL first: what ``bench all``
+    ends with, so a reader sees the verdicts without reading six tables."""
+    lines = ["| bench | target | measured | verdict |", "| --- | --- | --- | --- |"]
+    for r in reports:
+        for f in r.figures:
+            if f.ok is not None:
+                lines.append(f"| {r.name} | {f.name} {f.target} | {_fmt(f.value)} {f.unit} | "
+                             f"{'PASS' if f.ok else '**FAIL**'} |")
+    n = sum(1 for r in reports for f in r.figures if f.ok is not None)
+    passed = sum(1 for r in reports for f in r.figures if f.ok)
+    return "\n".join([f"## targets: {passed} of {n} met", "", *lines]) + "\n"
+
+
 def _fmt(v: float) -> str:
     if v == 0 or 0.01 <= abs(v) < 1e6:
         return f"{v:,.3f}".rstrip("0").rstrip(".")
