@@ -67,8 +67,8 @@ class CTRTrainerConfig(BaseModel):
         "adam", description="sgd: plain SGD, as the DLRM reference code trains")
     lr_decay: float = Field(
         1.0, gt=0, le=1, description="the learning rate is multiplied by this after every "
-        "epoch (1: constant). Why: DLRM's validation AUC peaks within 2-4 epochs at the "
-        "rates that reach it fastest; a decaying rate lets it settle instead of overfitting")
+        "epoch (1: constant). Tried because DLRM's validation AUC peaks within 2-4 epochs; "
+        "on ml-100k it did not help (docs/ctr.md, fourth round)")
     max_seconds: float | None = Field(None, gt=0)
     seed: int = 0
     threads: int | None = Field(1, ge=1)

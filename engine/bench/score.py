@@ -296,33 +296,34 @@ def run(opts: BenchOptions) -> BenchReport:
                / float(np.median(one)) / 1e3, "x",
                note="below 1: the rest is the handle loop and waiting for the GIL (the "
                "producer's IO thread)")
-    for name, ratio in ratios.items():
-        busy = name.endswith("busy")
-        report.add(name, ratio, "x", note=(
-            "one core kept busy by a spinning process, as a deployment's broker and other "
-            "stage keep it: scoring.threads is chosen by these rows" if busy else
-            "the machine otherwise idle"))
+    for name, ratio, note in ratios:
+        report.add(name, ratio, "x", note=note)
     return report
 
 
 def thread_ratios(stage: ScoringStage, one_users: list[int], many_users: list[int],
-                  batch: int, other: int) -> dict[str, float]:
-    """Time on ``other`` threads / on the stage's own, at batch 1 (p50) and batched (mean),
-    each pair measured back to back: with the machine otherwise idle, and with one core
-    kept busy (a worker shares its cores with the broker and the other stage)."""
+                  batch: int, other: int) -> list[tuple[str, float, str]]:
+    """(figure, ratio, note): time on ``other`` threads / on the stage's own, at batch 1
+    (p50) and batched (mean), each pair measured back to back: with the machine otherwise
+    idle, and with one core kept busy (a worker shares its cores with the broker and the
+    other stage)."""
     own = stage.settings.scoring.threads
-    out: dict[str, float] = {}
-    for suffix, load in (("", nullcontext), (", one core busy", busy_core)):
+    conditions = (
+        ("", nullcontext, "the machine otherwise idle"),
+        (", one core busy", busy_core, "one core kept busy by a spinning process, as a "
+         "deployment's broker and other stage keep it: scoring.threads is chosen by these rows"))
+    out = []
+    for suffix, load, note in conditions:
         with load():
             one = worker_side(stage, one_users, 1, False, "threads")
             many = worker_side(stage, many_users, batch, False, "threads")
             with compute_threads(other):
                 one_alt = worker_side(stage, one_users, 1, False, "threads")
                 many_alt = worker_side(stage, many_users, batch, False, "threads")
-        out[f"batch-1 p50, {other} threads / {own}{suffix}"] = float(
-            np.median(one_alt) / np.median(one))
-        out[f"batched time per user, {other} threads / {own}{suffix}"] = float(
-            many_alt.mean() / many.mean())
+        out += [(f"batch-1 p50, {other} threads / {own}{suffix}",
+                 float(np.median(one_alt) / np.median(one)), note),
+                (f"batched time per user, {other} threads / {own}{suffix}",
+                 float(many_alt.mean() / many.mean()), note)]
     return out
 
 
