@@ -74,6 +74,8 @@ class ClusteringStage(Stage):
         self._next_bytes = 0.0  # when the window-bytes gauge is due again (a scan of all items)
         self._tokens = 0.0  # records the budget allows now (a token bucket, 1 s deep)
         self._tokens_at = time.monotonic()
+        self._refresh_at = time.monotonic()  # when the refresh budget was last topped up
+        self._refreshes_reported = 0
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
         """The key only (None for an ``S2`` pack, which names its items inside): values
@@ -84,6 +86,7 @@ class ClusteringStage(Stage):
 
     def handle(self, events: list[Event]) -> None:
         t0 = time.perf_counter()
+        self._top_up_refresh()
         runs, bad = decode_records([ev.value[0] for ev in events],
                                    [ev.value[1] for ev in events])
         horizon = time.time() + FUTURE_SLACK_S
@@ -95,22 +98,41 @@ class ClusteringStage(Stage):
         for cols, idx in runs:
             self.metrics.seed_events.labels(self.name).inc(len(cols.users))
             produced = _produced(cols, [events[i] for i in idx])
-            now = time.time()
-            for item in self.state.apply_columns(cols):
-                self._dirty[item] = max(self._dirty.get(item, 0), produced[item][0])
-                self._dirty_since.setdefault(item, now)
+            self._changed(self.state.apply_columns(cols),
+                          {i: ms for i, (ms, _) in produced.items()})
             for item, (_, partition) in produced.items():
                 self._partition_of[item] = partition
+        self._evict()
+        self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
+        self._report_state()
+
+    def _evict(self) -> None:
         for item in self.state.evict_over(self.settings.window.max_items):
             # out of serving too; a later seed starts the item afresh
             self.send(T.SEED_CENTROIDS, key_of(item), None)
             self._dirty.pop(item, None)
             self._dirty_since.pop(item, None)
             self._partition_of.pop(item, None)
-        self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
-        self._report_state()
+
+    def _changed(self, items: list[int], produced_ms: dict[int, int]) -> None:
+        """Items whose centroids changed wait for the next publish."""
+        now = time.time()
+        for item in items:
+            self._dirty[item] = max(self._dirty.get(item, 0), produced_ms.get(item, 0))
+            self._dirty_since.setdefault(item, now)
+
+    def _top_up_refresh(self) -> None:
+        """The refresh budget as a token bucket, 1 s deep (``window.refresh_items_per_s``)."""
+        rate = self.settings.window.refresh_items_per_s
+        t = time.monotonic()
+        st = self.state
+        st.refresh_tokens = min(rate, max(st.refresh_tokens, 0.0) + rate * (t - self._refresh_at))
+        self._refresh_at = t
 
     def tick(self, now: float) -> None:
+        if self.state.due:  # refreshes the budget held back, while the stream is quiet
+            self._top_up_refresh()
+            self._changed(self.state.refresh_due(), {})
         if now >= self._next_bytes:  # every few seconds: it walks every window
             self.metrics.window_bytes.labels(self.name).set(self.state.window_bytes())
             self._next_bytes = now + WINDOW_BYTES_EVERY_S
@@ -148,6 +170,11 @@ class ClusteringStage(Stage):
         return self._tokens
 
     def _report_state(self) -> None:
+        done = self.state.refreshes - self._refreshes_reported
+        if done:
+            self.metrics.refreshes.labels(self.name).inc(done)
+            self._refreshes_reported = self.state.refreshes
+        self.metrics.refresh_backlog.labels(self.name).set(len(self.state.due))
         self.metrics.window_items.labels(self.name).set(len(self.state))
         self.metrics.window_seeds.labels(self.name).set(self.state.seeds_held())
 

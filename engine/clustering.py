@@ -15,6 +15,7 @@ biggest part of the state: their dtype is ``WindowConfig.vector_dtype``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,12 +38,20 @@ from engine.seed_window import SeedWindow
 _HEAD = SEED_HEAD_WITH_VERSION
 
 class _Table:
-    """Centroids and counts of many items, one row each; grows by doubling."""
+    """Centroids, counts and seed labels of many items, one row each; grows by doubling.
 
-    def __init__(self, k: int, dim: int, capacity: int = 64):
+    ``labels[row, r]`` is the slot of the seed in window row ``r`` of the item
+    that owns ``row`` (-1: no seed there); ``since[row]`` counts the seeds the
+    item accepted since its last refresh.
+    """
+
+    def __init__(self, k: int, dim: int, size: int, capacity: int = 64):
         self.centroids = np.zeros((capacity, k, dim), np.float32)
         self.counts = np.zeros((capacity, k), np.float32)
         self.sqnorms = np.zeros((capacity, k), np.float32)  # |centroid|², kept current
+        self.labels = np.full((capacity, size), -1, np.int16)
+        self.since = np.zeros(capacity, np.int64)
+        self.owner: dict[int, ItemState] = {}  # row -> the item state holding it
         self._free: list[int] = []
         self._next = 0
 
@@ -53,6 +62,8 @@ class _Table:
             self.centroids = np.concatenate([self.centroids, np.zeros_like(self.centroids)])
             self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
             self.sqnorms = np.concatenate([self.sqnorms, np.zeros_like(self.sqnorms)])
+            self.labels = np.concatenate([self.labels, np.full_like(self.labels, -1)])
+            self.since = np.concatenate([self.since, np.zeros_like(self.since)])
         self._next += 1
         return self._next - 1
 
@@ -60,6 +71,9 @@ class _Table:
         self.centroids[row] = 0.0
         self.counts[row] = 0.0
         self.sqnorms[row] = 0.0
+        self.labels[row] = -1
+        self.since[row] = 0
+        self.owner.pop(row, None)
         self._free.append(row)
 
     @property
@@ -68,37 +82,36 @@ class _Table:
 
     def set(self, rows: np.ndarray | int, centroids: np.ndarray, counts: np.ndarray) -> None:
         self.centroids[rows], self.counts[rows] = centroids, counts
-        self.sqnorms[rows] = (self.centroids[rows] ** 2).sum(-1)
+        self.sqnorms[rows] = (self.centroids[rows].astype(np.float64) ** 2).sum(-1)
 
 
 class ItemState:
     """One item: its window and a row of its table (``centroids``/``counts`` are views)."""
 
-    __slots__ = ("window", "last_seed_ts", "model_version", "row", "dim", "_table")
+    __slots__ = ("window", "last_seed_ts", "model_version", "row", "dim", "item", "_table")
 
-    def __init__(self, window: SeedWindow, table: _Table, row: int, model_version: str = ""):
+    def __init__(self, window: SeedWindow, table: _Table, row: int, model_version: str = "",
+                 item: int = -1):
         self.window = window
+        self.item = item
         self.last_seed_ts = 0.0
         self.model_version = model_version
         self.row = row
         self.dim = table.centroids.shape[2]
         self._table = table
+        table.owner[row] = self
 
     @property
     def centroids(self) -> np.ndarray:  # [k, d]
         return self._table.centroids[self.row]
 
-    @centroids.setter
-    def centroids(self, value: np.ndarray) -> None:
-        self._table.set(self.row, value, self.counts)
-
     @property
     def counts(self) -> np.ndarray:  # [k]
         return self._table.counts[self.row]
 
-    @counts.setter
-    def counts(self, value: np.ndarray) -> None:
-        self._table.counts[self.row] = value
+    def labels(self) -> np.ndarray:
+        """[n] the slot of each seed, in window order (``window.users()``)."""
+        return self._table.labels[self.row][list(self.window._rows.values())].astype(np.int64)
 
 
 @dataclass
@@ -250,14 +263,54 @@ def _decode_run(
     return cols, [(heads[g][0], err) for g in np.flatnonzero(~rec_ok)]
 
 
+class _Segment:
+    """Seeds accepted into windows but not yet stepped into the centroids."""
+
+    def __init__(self, n: int, dim: int):
+        self.old = np.empty((n, dim), np.float32)  # the vector each seed's window row held
+        self.total = 0  # accepted in the whole poll
+        self.clear()
+
+    def clear(self) -> None:
+        self.acc: list[int] = []  # seed index in the poll, in arrival order
+        self.owner: list[int] = []  # its item's table row
+        self.wrows: list[int] = []  # the window row it went to
+        self.left: list[bool] = []  # True: that row held a seed, which leaves
+
+    def add(self, j: int, trow: int, wrow: int, held: np.ndarray | None) -> None:
+        """``held``: the window's vectors when row ``wrow`` held a seed (it leaves)."""
+        if held is not None:
+            self.old[len(self.acc)] = held[wrow]
+        self.left.append(held is not None)
+        self.acc.append(j)
+        self.owner.append(trow)
+        self.wrows.append(wrow)
+        self.total += 1
+
+
 class ItemClusters:
-    """Seed windows and centroids of many items."""
+    """Seed windows and centroids of many items: the windowed k-means of ``engine.kmeans``.
+
+    The one implementation of the clustering: the clustering worker feeds it
+    polls, training and the offline evaluations feed it a click log in time
+    order (``cluster_clicks``); the same seeds in the same order give the same
+    centroids whichever way they were batched.
+
+    Refreshes: an item is due after ``cfg.refresh_every`` accepted seeds. It
+    is refreshed before its next seed (so the result is the same as seed by
+    seed), while ``refresh_tokens`` lasts; the worker sets the tokens from its
+    budget (``refresh_items_per_s``), offline they are unlimited. Due items
+    beyond the budget wait in ``due``, oldest first (``refresh_due``).
+    """
 
     def __init__(self, cfg: WindowConfig):
         self.cfg = cfg
         self.items: dict[int, ItemState] = {}
         self._tables: dict[int, _Table] = {}  # by embedding size
         self._held = 0  # seeds in all windows, kept current (read on every batch)
+        self.due: dict[ItemState, None] = {}  # refresh due, not yet run (budget), oldest first
+        self.refresh_tokens = float("inf")
+        self.refreshes = 0  # refreshes run, for the metric
 
     def __len__(self) -> int:
         return len(self.items)
@@ -265,7 +318,7 @@ class ItemClusters:
     def _table(self, dim: int) -> _Table:
         t = self._tables.get(dim)
         if t is None:
-            t = self._tables[dim] = _Table(self.cfg.k, dim)
+            t = self._tables[dim] = _Table(self.cfg.k, dim, self.cfg.size)
         return t
 
     def _state(self, item: int, dim: int, version: str) -> ItemState:
@@ -276,12 +329,13 @@ class ItemClusters:
                 self._forget(st)
             table = self._table(dim)
             st = ItemState(SeedWindow(self.cfg.size, self.cfg.vector_dtype), table, table.take(),
-                           model_version=version)
+                           model_version=version, item=item)
             self.items[item] = st
         return st
 
     def _forget(self, st: ItemState) -> None:
         self._held -= len(st.window)
+        self.due.pop(st, None)
         st._table.release(st.row)
         if not st._table.used and self._tables.get(st.dim) is st._table:
             # the last item of this embedding size: its table goes too (a stream of
@@ -290,14 +344,10 @@ class ItemClusters:
 
     def apply(self, item: int, batch: SeedBatch) -> bool:
         """Add one item's new seeds; True if its window (and centroids) changed."""
-        return bool(self.apply_many({item: [batch]}))
+        return item in self.apply_many({item: [batch]})
 
     def apply_many(self, batches: dict[int, list[SeedBatch]]) -> list[int]:
-        """``apply`` for a whole poll batch: one vectorised k-means step for all items.
-
-        Returns the items whose windows changed. Same result as ``apply`` item
-        by item (windows identical, centroids equal up to float rounding).
-        """
+        """``apply`` for a whole poll batch; the items whose windows or centroids changed."""
         changed: dict[int, None] = {}
         for cols in SeedColumns.from_batches(batches):
             changed.update(dict.fromkeys(self.apply_columns(cols)))
@@ -306,13 +356,19 @@ class ItemClusters:
     def apply_columns(self, cols: SeedColumns) -> list[int]:
         """The worker's path: a poll's decoded records of one dim and model version.
 
-        Per seed only the window's bookkeeping and a vector copy run in
-        Python; the k-means step is one call for the whole poll.
+        Per seed, only the window's bookkeeping and a vector copy run in
+        Python; the k-means steps run vectorised over the poll's items, one
+        round per seed rank (``_rounds``). An item due for a refresh gets it
+        before its next seed: the seeds before are stepped first (a segment).
+        Returns the items whose windows or centroids changed (refreshes of
+        earlier due items included).
         """
         dim, ver, vectors = cols.vectors.shape[1], cols.model_version, cols.vectors
         users, ts, starts = cols.users.tolist(), cols.ts.tolist(), cols.starts
-        accepted: list[int] = []  # seed index of every accepted seed, in arrival order
-        owner: list[int] = []  # its item's table row
+        table = self._table(dim)
+        every = self.cfg.refresh_every
+        seg = _Segment(len(users), dim)
+        room: dict[int, int] = {}  # table row -> seeds it may take before its refresh
         changed: dict[int, None] = {}
         held = 0
         items = self.items
@@ -320,90 +376,115 @@ class ItemClusters:
             st = items.get(item)
             if st is None or st.model_version != ver or st.dim != dim:
                 st = self._state(item, dim, ver)
-            win = st.window
-            lo, hi = starts[r], starts[r + 1]
-            before, newest = len(win._rows), st.last_seed_ts
-            if hi - lo == 1:  # most records of a Zipf stream: one seed
-                row = win.admit(users[lo], ts[lo], dim)
+            win, trow = st.window, st.row
+            rows = win._rows
+            before, newest, first = len(rows), st.last_seed_ts, seg.total
+            for j in range(starts[r], starts[r + 1]):
+                left = room.get(trow)
+                if left is None:
+                    left = room[trow] = every - int(table.since[trow])
+                if left <= 0 and self.refresh_tokens >= 1:  # due: refreshed before this seed
+                    self._flush(table, seg, vectors)  # (other due items wait for the poll's end)
+                    self.due.pop(st, None)
+                    self._refresh([st])
+                    self.refresh_tokens -= 1
+                    left = room[trow] = every
+                n = len(rows)
+                row = win.admit(users[j], ts[j], dim)
                 if row < 0:
                     continue
-                win._vecs[row] = vectors[lo]
-                accepted.append(lo)
-                owner.append(st.row)
-                if ts[lo] > newest:
-                    newest = ts[lo]
-            else:
-                rows, js = [], []
-                for j in range(lo, hi):
-                    row = win.admit(users[j], ts[j], dim)
-                    if row >= 0:
-                        rows.append(row)
-                        js.append(j)
-                        if ts[j] > newest:
-                            newest = ts[j]
-                if not js:
-                    continue
-                win.write(rows, vectors[js])  # repeated rows: the last one wins
-                accepted.extend(js)
-                owner.extend([st.row] * len(js))
-            held += len(win._rows) - before
-            st.last_seed_ts = newest
-            changed[item] = None
+                seg.add(j, trow, row, win._vecs if len(rows) == n else None)
+                win._vecs[row] = vectors[j]
+                room[trow] = left - 1
+                if ts[j] > newest:
+                    newest = ts[j]
+            if seg.total > first:
+                held += len(rows) - before
+                st.last_seed_ts = newest
+                changed[item] = None
         self._held += held
-        if accepted:
-            table = self._table(dim)
-            kmeans.partial_fit_rows(table.centroids, table.counts, vectors[accepted],
-                                    np.asarray(owner), self.cfg.count_cap, table.sqnorms)
+        self._flush(table, seg, vectors)
+        changed.update(dict.fromkeys(self.refresh_due()))
         return list(changed)
 
-    def refresh(self, item: int, seed: int = 0) -> None:
-        """Full k-means of the item's current window (drops forgotten seeds' pull)."""
-        st = self.items[item]
-        if len(st.window):
-            st.centroids, st.counts = kmeans.fit(st.window.vectors(), self.cfg.k, seed=seed)
+    def _flush(self, table: _Table, seg: _Segment, vectors: np.ndarray) -> None:
+        """Step the segment's seeds into the centroids; items now due join ``due``."""
+        if not seg.acc:
+            return
+        x = vectors[seg.acc]
+        if self.cfg.vector_dtype != "float32":  # the centroids average what the window holds
+            x = x.astype(self.cfg.vector_dtype).astype(np.float32)
+        owner = np.asarray(seg.owner, np.int64)
+        kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner,
+                    np.asarray(seg.wrows, np.int64), np.asarray(seg.left, np.bool_),
+                    np.ascontiguousarray(x, np.float32), seg.old[:len(seg.acc)])
+        np.add.at(table.since, owner, 1)
+        touched = np.unique(owner)
+        for row in touched[table.since[touched] >= self.cfg.refresh_every].tolist():
+            self.due[table.owner[row]] = None
+        seg.clear()
 
-    def refresh_all(self, iters: int = 1, chunk: int = 32) -> int:
-        """Warm Lloyd steps of every item's centroids on its current window, batched.
+    def refresh_due(self, limit: float | None = None) -> list[int]:
+        """Refresh due items, oldest first, as far as the tokens (and ``limit``) go; the items."""
+        budget = self.refresh_tokens if limit is None else min(limit, self.refresh_tokens)
+        n = int(min(len(self.due), max(budget, 0)))
+        if not n:
+            return []
+        states = list(itertools.islice(self.due, n))
+        for st in states:
+            del self.due[st]
+        self._refresh(states)
+        self.refresh_tokens -= n
+        return [st.item for st in states]
 
-        Drops forgotten seeds' pull like ``refresh``, but starts from the
-        current centroids (no re-seeding), so it is cheap enough to run over
-        all items: ``chunk`` items per batched step. Returns the items refreshed.
+    def refresh_all(self, iters: int | None = None) -> int:
+        """Refresh every item with seeds now, whatever is due (the bench; tests); the count."""
+        states = [st for st in self.items.values() if len(st.window)]
+        for st in states:
+            self.due.pop(st, None)
+        self._refresh(states, iters)
+        return len(states)
+
+    def _refresh(self, states: list[ItemState], iters: int | None = None,
+                 chunk: int = 32) -> None:
+        """Lloyd steps (``kmeans.lloyd``) of ``states`` on their windows, ``chunk`` at a time.
+
         Why 32: the padded windows of a chunk (4 MB at 256 x 128) then stay in
         cache between the assignment and the update matmuls; 1,024 items (134
         MB) ran at half the speed, 16-64 within 10% of each other (bench cluster).
         """
-        done = 0
-        for table_items in self._by_table().values():
+        iters = self.cfg.refresh_iters if iters is None else iters
+        by_table: dict[int, list[ItemState]] = {}
+        for st in states:
+            by_table.setdefault(st.dim, []).append(st)
+        for group in by_table.values():
             # similar window lengths per chunk: padding to the longest costs compute
-            table_items.sort(key=lambda st: len(st.window))
+            group.sort(key=lambda st: len(st.window))
             buf = np.empty((0,), np.float32)
-            for lo in range(0, len(table_items), chunk):
-                buf = self._refresh_chunk(table_items[lo:lo + chunk], iters, buf)
-                done += len(table_items[lo:lo + chunk])
-        return done
-
-    def _by_table(self) -> dict[int, list[ItemState]]:
-        out: dict[int, list[ItemState]] = {}
-        for st in self.items.values():
-            if len(st.window):
-                out.setdefault(st.dim, []).append(st)
-        return out
+            for lo in range(0, len(group), chunk):
+                buf = self._refresh_chunk(group[lo:lo + chunk], iters, buf)
+        self.refreshes += len(states)
 
     def _refresh_chunk(self, states: list[ItemState], iters: int,
                        buf: np.ndarray) -> np.ndarray:
-        """One batched step; ``buf`` is reused across chunks (returned, grown if needed):
+        """One batched refresh; ``buf`` is reused across chunks (returned, grown if needed):
         a fresh padded array per chunk was ~130 MB of page faults each time."""
         table = states[0]._table
         rows = np.array([s.row for s in states])
         lengths = np.array([len(s.window) for s in states])
-        shape = (len(states), int(lengths.max()), states[0].dim)
+        width = int(lengths.max())
+        shape = (len(states), width, states[0].dim)
         if buf.size < np.prod(shape):
             buf = np.empty(int(np.prod(shape)), np.float32)
         x = buf[:np.prod(shape)].reshape(shape)
         for b, s in enumerate(states):  # the rest of a row is padding, whatever it holds:
-            x[b, :lengths[b]] = s.window.stored()  # lloyd_batched never reads it into a mean
-        table.set(rows, *kmeans.lloyd_batched(
-            x, lengths, table.centroids[rows], table.counts[rows], iters))
+            x[b, :lengths[b]] = s.window.stored()  # lloyd never reads it into a mean
+        cent, counts, labels, _ = kmeans.lloyd(
+            x, lengths, table.centroids[rows], table.counts[rows],
+            table.labels[rows, :width], iters)
+        table.set(rows, cent, counts)
+        table.labels[rows, :width] = labels
+        table.since[rows] = 0
         return buf
 
     def record(self, item: int, now: float) -> ItemCentroids:
@@ -446,11 +527,19 @@ class ItemClusters:
         states = [self.items[i] for i in kept]
         users: list[int] = []
         ts: list[float] = []
+        labels: list[np.ndarray] = [np.zeros(0, np.int16)]
+        wrows: list[int] = []
         for st in states:
             rows = st.window._rows
             users += rows.keys()
             ts += map(st.window._ts.__getitem__, rows.values())
+            labels.append(st._table.labels[st.row][list(rows.values())])
+            wrows += rows.values()
         out: dict[str, np.ndarray] = {
+            "rows": np.array(wrows, np.int64),  # each seed's storage row: sums come out the same
+            "labels": np.concatenate(labels),  # each seed's slot, in window order
+            "since": np.array([st._table.since[st.row] for st in states], np.int64),
+            "due": np.array([st in self.due for st in states], bool),
             "item": np.array(kept, np.int64),
             "dim": np.array([st.dim for st in states], np.int64),
             "version": np.array([st.model_version for st in states], dtype=np.str_),
@@ -469,8 +558,12 @@ class ItemClusters:
         return out
 
     def restore(self, arrays: dict[str, np.ndarray]) -> list[int]:
-        """Put ``export``'s items back (replacing any held state of them); the items."""
+        """Put ``export``'s items back (replacing any held state of them); the items.
+
+        A snapshot without seed labels (written before the windowed k-means) gets
+        them by assignment, and its centroids become their means."""
         items = arrays["item"].tolist()
+        labels = arrays.get("labels")
         lengths, dims = arrays["length"].tolist(), arrays["dim"].tolist()
         users, ts = arrays["users"].tolist(), arrays["ts"].tolist()
         at = dict.fromkeys(dims, 0)
@@ -483,12 +576,25 @@ class ItemClusters:
                 self._forget(old)
             st = self._state(item, dim, str(arrays["version"][j]))
             st.window.load(users[lo:lo + n], ts[lo:lo + n],
-                           arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n])
+                           arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n],
+                           None if labels is None else arrays["rows"][lo:lo + n].tolist())
             lo += n
             vec_at[dim] += n
             self._held += len(st.window)
-            st._table.set(st.row, arrays[f"centroids_{dim}"][at[dim]],
-                          arrays[f"counts_{dim}"][at[dim]])
+            cent, counts = arrays[f"centroids_{dim}"][at[dim]], arrays[f"counts_{dim}"][at[dim]]
+            if labels is not None and n == len(st.window):
+                lab = labels[lo - n:lo]
+                st._table.since[st.row] = int(arrays["since"][j])
+                if arrays["due"][j]:
+                    self.due[st] = None
+            elif len(st.window):
+                n = len(st.window)
+                lab = kmeans.assign(st.window.stored(), cent, counts)
+                cent, counts = kmeans.means(st.window.stored(), lab, self.cfg.k)
+            else:
+                lab = np.zeros(0, np.int64)
+            st._table.set(st.row, cent, counts)
+            st._table.labels[st.row, list(st.window._rows.values())] = lab
             at[dim] += 1
             st.last_seed_ts = float(arrays["last_seed_ts"][j])
         return items
@@ -499,3 +605,29 @@ class ItemClusters:
             st = self.items.pop(i, None)
             if st is not None:
                 self._forget(st)
+
+    def stack(self, items: list[int] | np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Centroids [len(items), k, dim] and counts [len(items), k] of ``items`` (an item
+        without seeds here: k empty slots), for offline scoring."""
+        cent = np.zeros((len(items), self.cfg.k, dim), np.float32)
+        counts = np.zeros((len(items), self.cfg.k), np.float32)
+        for j, item in enumerate(np.asarray(items).tolist()):
+            st = self.items.get(item)
+            if st is not None:
+                cent[j], counts[j] = st.centroids, st.counts
+        return cent, counts
+
+
+def cluster_clicks(cfg: WindowConfig, items: np.ndarray, users: np.ndarray, ts: np.ndarray,
+                   vectors: np.ndarray, version: str = "") -> ItemClusters:
+    """The clustering worker's state after a click log, offline: every click is a seed of
+    its item (``vectors`` [n, d], the clicker's embedding), applied in time order (ties
+    in log order) through ``ItemClusters``, as the worker would receive them."""
+    order = np.argsort(np.asarray(ts, np.float64), kind="stable")
+    state = ItemClusters(cfg)
+    if len(order):
+        state.apply_columns(SeedColumns(
+            np.asarray(items, np.int64)[order].tolist(), list(range(len(order) + 1)),
+            np.asarray(users, np.int64)[order], np.asarray(ts, np.float64)[order],
+            np.ascontiguousarray(np.asarray(vectors, np.float32)[order]), version))
+    return state

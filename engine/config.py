@@ -75,12 +75,17 @@ class WindowConfig(BaseModel):
     """Per-item seed window and its centroids."""
 
     size: int = Field(256, ge=1, description="most recent distinct seed users kept per item")
-    k: int = Field(20, ge=1, description="centroids per item")
-    count_cap: float | None = Field(
-        256.0,
-        description="cap on a centroid's count so it keeps tracking the window "
-        "(None: plain mini-batch k-means, whose steps shrink forever)",
-    )
+    k: int = Field(20, ge=1, le=1024, description="centroids per item")
+    refresh_every: int = Field(
+        64, ge=1, description="an item's centroids get a Lloyd refresh (its seeds relabelled "
+        "to their nearest centroid) after this many accepted seeds (engine/kmeans.py)")
+    refresh_iters: int = Field(
+        2, ge=1, description="Lloyd steps per refresh at most (fewer when no label changes)")
+    refresh_items_per_s: float = Field(
+        2_000, gt=0, description="most item refreshes a clustering worker runs per second "
+        "(~9k full windows/s fit in one core). Beyond it, due items wait, oldest first, and "
+        "lookalike_refresh_backlog_items shows them; an item refreshed late gets centroids "
+        "that differ from the offline path's for the same seeds")
     vector_dtype: Literal["float32", "float16"] = Field(
         "float32",
         description="how window vectors are stored; float16 halves the biggest part of a "

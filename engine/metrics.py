@@ -89,6 +89,14 @@ class WorkerMetrics:
             "too (a seed-events record packs many: lookalike_events_consumed_total counts "
             "records)", s, registry=r,
         )
+        self.refreshes = Counter(
+            "lookalike_kmeans_refreshes_total", "Item centroid refreshes (Lloyd steps on the "
+            "window) run by the clustering worker", s, registry=r,
+        )
+        self.refresh_backlog = Gauge(
+            "lookalike_refresh_backlog_items",
+            "Items due for a centroid refresh that wait for the refresh budget", s, registry=r,
+        )
         self.centroids_published = Counter(
             "lookalike_centroids_published_total", "Item centroid tables published", s, registry=r
         )

@@ -156,20 +156,28 @@ class SeedWindow:
         self.write(row, vector)
         return True
 
-    def load(self, users: list[int], ts: list[float], vectors: np.ndarray) -> None:
+    def load(self, users: list[int], ts: list[float], vectors: np.ndarray,
+             rows: list[int] | None = None) -> None:
         """Become the window of distinct ``users`` (oldest first) at once, as a snapshot
         holds it: what ``add`` one seed at a time would build, without the per-seed work
-        (the last ``size`` when there are more)."""
+        (the last ``size`` when there are more). ``rows``: the storage row of each seed
+        (a permutation of 0..n-1; default in window order), so a restored window stores
+        its vectors where the original did and sums over them come out the same."""
         users, ts, vectors = users[-self.size:], ts[-self.size:], vectors[-self.size:]
         n = len(users)
-        self._rows = OrderedDict(zip(users, range(n)))
+        rows = list(range(n)) if rows is None else [int(r) for r in rows][-n:]
+        if sorted(rows) != list(range(n)):
+            raise ValueError("a window's rows must be 0..n-1, each once")
+        self._rows = OrderedDict(zip(users, rows))
         if len(self._rows) != n:
             raise ValueError("a window's users must be distinct")
-        self._ts = [float(t) for t in ts]
+        self._ts = [0.0] * n
+        for r, t in zip(rows, ts):
+            self._ts[r] = float(t)
         self._newest = max(self._ts, default=float("-inf"))
         cap = min(self.size, max(4, 1 << max(n - 1, 0).bit_length()))
         self._vecs = np.empty((cap, vectors.shape[1]), self.dtype)
-        self._vecs[:n] = vectors
+        self._vecs[rows] = vectors
 
     def _grow(self, dim: int) -> None:
         """Room for one more row: doubling, capped at ``size``."""

@@ -261,9 +261,10 @@ def ralm_parts(
 def ralm_clusters(
     model: RalmModel, emb: np.ndarray, proto: Protocol, k: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k-means of every candidate's seeds (k default: the model's) -> centroids, counts."""
-    cfg = model.config
-    return cluster_seeds(emb, proto.candidate_seeds(), k or cfg.k, cfg.kmeans_iters, cfg.seed)
+    """Every candidate's seeds clustered as the worker does (k default: the model's)
+    -> centroids, counts."""
+    t = proto.train
+    return cluster_seeds(model.config, t.user, t.item, t.ts, emb, proto.candidates, k)
 
 
 def ralm_embeddings(model: RalmModel, proto: Protocol) -> np.ndarray:

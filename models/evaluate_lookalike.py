@@ -3,7 +3,8 @@
 Time split: an item's seeds are the users who clicked it in ``train`` (the
 most recent ``max_seeds``, as the online window keeps them); every user is
 embedded from their training history and profile, each item is represented
-by the k-means centroids of its seeds' embeddings. For each user who appears
+by the centroids of its seeds' embeddings, clustered by the clustering
+worker's own code on the training clicks in time order. For each user who appears
 in ``test``, all items with seeds are ranked by ``RalmModel.score``.
 
 Choices (the paper leaves them open):
@@ -155,7 +156,7 @@ def score_matrix(model: RalmModel, train: Dataset, users: np.ndarray) -> dict[st
     emb = embed_everyone(model, train)
     seeds = item_seeds(train.user, train.item, train.ts, len(train.items.ids), cfg.max_seeds)
     cands = np.flatnonzero([len(s) > 0 for s in seeds])
-    cent, counts = cluster_seeds(emb, [seeds[i] for i in cands], cfg.k, cfg.kmeans_iters, cfg.seed)
+    cent, counts = cluster_seeds(cfg, train.user, train.item, train.ts, emb, cands)
     glob = model.item_global(cent, counts)
     scores = np.stack([model.score_user(emb[u], cent, counts, glob) for u in users])
     return {"scores": scores, "candidates": cands,

@@ -80,7 +80,6 @@ class RalmConfig(BaseModel):
     # look-alike tower
     dim: int = Field(128, ge=1, description="h: look-alike (transformed) embedding size")
     k: int = Field(20, ge=1, description="seed centroids per item")
-    kmeans_iters: int = Field(10, ge=1)
     max_seeds: int = Field(256, ge=1, description="most recent seeds per item (the window size)")
     lookalike_examples: Literal["inner_cut", "leave_out"] = Field(
         "inner_cut", description="stage-2 examples: seeds before an inner time cut and "
@@ -106,7 +105,7 @@ class RalmConfig(BaseModel):
     def tiny(cls, **overrides: object) -> RalmConfig:
         """Small settings that train in a few seconds (tests)."""
         base: dict[str, object] = dict(
-            embed_dim=16, attention_dim=8, dim=16, k=4, kmeans_iters=3, history_len=10,
+            embed_dim=16, attention_dim=8, dim=16, k=4, history_len=10,
             user_epochs=3, lookalike_epochs=3, batch_size=64, max_seeds=32,
         )
         return cls(**(base | overrides))

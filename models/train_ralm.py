@@ -17,6 +17,7 @@ uniform was best, since it is what teaches the tower that rarely seeded
 items are rarely clicked). Each
 epoch first re-clusters every item's seeds with the current transforming
 layer (the paper's iterative training: k-means inside the training loop),
+by the clustering worker's own windowed k-means on the seeds in time order,
 then fits the towers' attention and the pCTR logit with binary cross-entropy.
 
 Determinism: ``torch.manual_seed(cfg.seed)`` for the weights and one numpy
@@ -38,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from engine import kmeans
+from engine.clustering import cluster_clicks
+from engine.config import WindowConfig
 from models.checkpoint import make_version
 from models.features import ClickLog, FeatureSpace
 from models.ralm import KIND, LookalikeTower, RalmConfig, RalmModel, UserTower
@@ -169,20 +171,21 @@ def item_seeds(
     return seeds
 
 
-def cluster_seeds(
-    embeddings: np.ndarray, seeds: list[np.ndarray], k: int, n_iter: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """k-means of each item's seed embeddings -> centroids [N, k, h], counts [N, k].
+def window_config(cfg: RalmConfig, k: int | None = None) -> WindowConfig:
+    """The clustering worker's window for this model's seeds: ``max_seeds`` and ``k``."""
+    return WindowConfig(size=cfg.max_seeds, k=k or cfg.k)
 
-    Items without seeds keep k empty slots (count 0).
-    """
-    n, h = len(seeds), embeddings.shape[1]
-    centroids = np.zeros((n, k, h), np.float32)
-    counts = np.zeros((n, k), np.float32)
-    for i, s in enumerate(seeds):
-        if len(s):
-            centroids[i], counts[i] = kmeans.fit(embeddings[s], k, n_iter=n_iter, seed=seed)
-    return centroids, counts
+
+def cluster_seeds(
+    cfg: RalmConfig, user: np.ndarray, item: np.ndarray, ts: np.ndarray,
+    embeddings: np.ndarray, items: np.ndarray, k: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids [len(items), k, h] and counts [len(items), k] of ``items`` after the click
+    log (user, item, ts), every click a seed embedded as ``embeddings[user]``: the
+    clustering worker's own code (``engine.clustering.cluster_clicks``) on the same seeds
+    in time order. Items without seeds keep k empty slots (count 0)."""
+    state = cluster_clicks(window_config(cfg, k), item, user, ts, embeddings[user])
+    return state.stack(items, embeddings.shape[1])
 
 
 # ---------------------------------------------------------------- stage 1
@@ -241,21 +244,30 @@ class SeedClusters:
     Seeds are stored CSR: ``indptr`` [N+1] into ``users`` and ``slots``.
     """
 
-    def __init__(self, seeds: list[np.ndarray], n_users: int, k: int):
-        self.k, self.n_users = k, n_users
-        self.indptr = np.zeros(len(seeds) + 1, np.int64)
-        np.cumsum([len(s) for s in seeds], out=self.indptr[1:])
-        self.users = np.concatenate(seeds).astype(np.int64) if seeds else np.zeros(0, np.int64)
-        self.slots = np.zeros(len(self.users), np.int64)
+    def __init__(self, user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int,
+                 n_users: int, window: WindowConfig):
+        self.k, self.n_users, self.n_items, self.window = window.k, n_users, n_items, window
+        self._log = (np.asarray(user, np.int64), np.asarray(item, np.int64), np.asarray(ts))
+        self.indptr = np.zeros(n_items + 1, np.int64)
+        self.users = np.zeros(0, np.int64)
+        self.slots = np.zeros(0, np.int64)
 
-    def recluster(self, z: np.ndarray, n_iter: int, seed: int) -> None:
-        """k-means of each item's seed embeddings z[seeds] [n, h]; keeps the slot of each seed."""
-        for i in range(len(self.indptr) - 1):
-            lo, hi = self.indptr[i], self.indptr[i + 1]
-            if hi > lo:
-                x = z[self.users[lo:hi]]
-                cent, counts = kmeans.fit(x, self.k, n_iter=n_iter, seed=seed)
-                self.slots[lo:hi] = kmeans.assign(x, cent, counts)
+    def recluster(self, z: np.ndarray) -> None:
+        """Each item's seeds and their slots after the clicks, embedded as z [n_users, h]:
+        the clustering worker's windowed k-means (``engine.clustering``) on the log."""
+        user, item, ts = self._log
+        state = cluster_clicks(self.window, item, user, ts, z[user])
+        users, slots = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        lengths = np.zeros(self.n_items, np.int64)
+        for i, st in state.items.items():
+            users.append(np.array(st.window.users(), np.int64))
+            slots.append(st.labels())
+            lengths[i] = len(st.window)
+        order = np.argsort(list(state.items), kind="stable")  # CSR by item
+        users = [users[0]] + [users[1 + j] for j in order]
+        slots = [slots[0]] + [slots[1 + j] for j in order]
+        np.cumsum(lengths, out=self.indptr[1:])
+        self.users, self.slots = np.concatenate(users), np.concatenate(slots)
 
     def centroids(
         self, z: torch.Tensor, items: np.ndarray, exclude: np.ndarray | None = None
@@ -329,7 +341,9 @@ class LookalikeData:
             has_seeds = np.array([len(s) > 0 for s in seeds])
             future = ~past & has_seeds[dataset.item]
             self.pos_query, self.pos_item = dataset.user[future], dataset.item[future]
-        self.clusters = SeedClusters(seeds, n_users, cfg.k)
+        used = np.ones(len(dataset.user), bool) if self.leave_out else past
+        self.clusters = SeedClusters(dataset.user[used], dataset.item[used], dataset.ts[used],
+                                     n_items, n_users, window_config(cfg))
         self.seeded = np.flatnonzero([len(s) > 0 for s in seeds])
         self.clicked = np.unique(dataset.user.astype(np.int64) * n_items + dataset.item)
         n_seeds = np.array([len(seeds[i]) for i in self.seeded], np.float64)
@@ -431,8 +445,7 @@ def train_lookalike_tower(
     losses: list[float] = []
     for epoch in range(cfg.lookalike_epochs):
         with torch.no_grad():
-            data.clusters.recluster(tower.transform(data.universal).numpy(),
-                                    cfg.kmeans_iters, cfg.seed)
+            data.clusters.recluster(tower.transform(data.universal).numpy())
         users, items, labels = data.examples(cfg.lookalike_negatives, rng)
         if epoch == 0:
             _calibrate_bias(tower, data, users, items, labels)

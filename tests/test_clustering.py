@@ -26,37 +26,87 @@ def _polls(n_polls=6, per_poll=40, items=7, users=30, dim=8, seed=0):
     return out
 
 
-@pytest.mark.parametrize("cap", [None, 4.0])
-def test_apply_columns_equals_per_item_windows_and_partial_fit(cap):
-    cfg = WindowConfig(size=5, k=3, count_cap=cap)
+def _group(poll):
+    out: dict[int, list[SeedBatch]] = {}
+    for item, b in poll:
+        out.setdefault(item, []).append(b)
+    return out
+
+
+def _assert_invariant(state: ItemClusters) -> None:
+    """Every item's centroids are the means of its window's seeds by label."""
+    for st in state.items.values():
+        c, n = kmeans.means(st.window.vectors(), st.labels(), state.cfg.k)
+        np.testing.assert_allclose(st.centroids, c, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(st.counts, n)
+
+
+@pytest.mark.parametrize("every", [3, 1000])
+def test_centroids_depend_on_each_items_seed_order_not_on_the_polls(every):
+    """The same seeds polled whole, poll by poll, or one at a time: the same windows and
+    bit-identical centroids (refreshes included: they run before an item's next seed)."""
+    cfg = WindowConfig(size=5, k=3, refresh_every=every)
+    polls = _polls()
+    whole, by_poll, one = ItemClusters(cfg), ItemClusters(cfg), ItemClusters(cfg)
+    whole.apply_many(_group([ib for p in polls for ib in p]))
+    for poll in polls:
+        by_poll.apply_many(_group(poll))
+        for item, b in poll:
+            for j in range(len(b.users)):
+                one.apply(item, SeedBatch(b.users[j:j + 1], b.ts[j:j + 1], b.vectors[j:j + 1],
+                                          "v1"))
+    assert whole.refreshes == by_poll.refreshes == one.refreshes
+    assert (whole.refreshes > 0) == (every == 3)
+    for state in (by_poll, one):
+        for item, st in whole.items.items():
+            other = state.items[item]
+            assert st.window.users() == other.window.users()
+            np.testing.assert_array_equal(st.centroids, other.centroids)
+            np.testing.assert_array_equal(st.counts, other.counts)
+            assert st.labels().tolist() == other.labels().tolist()
+    _assert_invariant(whole)
+
+
+def test_windows_hold_what_per_item_windows_hold():
+    cfg = WindowConfig(size=5, k=3)
     state = ItemClusters(cfg)
     windows: dict[int, SeedWindow] = {}
-    cents: dict[int, tuple] = {}
     for poll in _polls():
-        raws = [encode_seeds(b) for _, b in poll]
-        runs, bad = decode_poll([i for i, _ in poll], raws)
-        assert not bad
-        for cols in runs:
-            state.apply_columns(cols)
-        # the reference: window adds per seed, one partial_fit per item and poll
-        accepted: dict[int, list] = {}
+        state.apply_many(_group(poll))
         for item, b in poll:
             w = windows.setdefault(item, SeedWindow(cfg.size))
-            accepted.setdefault(item, []).extend(
-                b.vectors[j] for j in range(len(b.users))
-                if w.add(int(b.users[j]), float(b.ts[j]), b.vectors[j]))
-        for item, xs in accepted.items():
-            if xs:
-                c, n = cents.get(item) or kmeans.empty(cfg.k, 8)
-                cents[item] = kmeans.partial_fit(c, n, np.stack(xs), cap)
-    assert set(state.items) == set(windows)
-    for item, w in windows.items():
-        st = state.items[item]
-        assert st.window.users() == w.users()
-        np.testing.assert_array_equal(st.window.vectors(), w.vectors())
-        np.testing.assert_allclose(st.centroids, cents[item][0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(st.counts, cents[item][1])
-    assert state.seeds_held() == sum(len(w) for w in windows.values())
+            for j in range(len(b.users)):
+                w.add(int(b.users[j]), float(b.ts[j]), b.vectors[j])
+    assert {i: st.window.users() for i, st in state.items.items()} == {
+        i: w.users() for i, w in windows.items()}
+    np.testing.assert_array_equal(state.items[0].window.vectors(), windows[0].vectors())
+
+
+def test_a_users_newer_click_moves_their_seed_out_of_its_old_slot():
+    """Re-seeding a user replaces their vector: the old one pulls nothing any more."""
+    state = ItemClusters(WindowConfig(size=10, k=1))
+    state.apply(1, SeedBatch(np.array([7, 8]), np.array([1.0, 2.0]),
+                             np.array([[100.0, 0.0], [0.0, 0.0]], np.float32)))
+    state.apply(1, SeedBatch(np.array([7]), np.array([3.0]), np.array([[2.0, 0.0]], np.float32)))
+    np.testing.assert_allclose(state.items[1].centroids[0], [1.0, 0.0])
+    assert state.items[1].counts[0] == 2
+
+
+def test_refresh_waits_for_the_budget_oldest_first():
+    """With no tokens due items wait in ``due``; tokens refresh them oldest first."""
+    cfg = WindowConfig(size=8, k=2, refresh_every=2)
+    state = ItemClusters(cfg)
+    state.refresh_tokens = 0
+    rng = np.random.default_rng(4)
+    for item in (5, 3, 9):
+        state.apply(item, SeedBatch(np.arange(2), np.arange(2.0),
+                                    rng.normal(size=(2, 4)).astype(np.float32)))
+    assert [st.item for st in state.due] == [5, 3, 9] and state.refreshes == 0
+    state.refresh_tokens = 2
+    assert state.refresh_due() == [5, 3]
+    assert [st.item for st in state.due] == [9] and state.refresh_tokens == 0
+    state.refresh_tokens = float("inf")
+    assert state.refresh_due() == [9] and not state.due
 
 
 def test_decode_poll_rejects_what_decode_seeds_rejects_with_its_reason():
@@ -78,20 +128,6 @@ def test_decode_poll_rejects_what_decode_seeds_rejects_with_its_reason():
     np.testing.assert_array_equal(runs[0].users, [1, 2])
 
 
-def test_partial_fit_rows_in_place_keeps_squared_norms():
-    rng = np.random.default_rng(2)
-    cent = rng.normal(size=(10, 3, 4)).astype(np.float32)
-    counts = np.full((10, 3), 2.0, np.float32)
-    counts[4, 1:] = 0
-    sq = (cent ** 2).sum(2)
-    x, owner = rng.normal(size=(25, 4)).astype(np.float32), rng.integers(0, 10, 25)
-    want_c, want_n = kmeans.partial_fit_many(cent, counts, x, owner, 5.0)
-    kmeans.partial_fit_rows(cent, counts, x, owner, 5.0, sq)
-    np.testing.assert_allclose(cent, want_c, rtol=1e-6)
-    np.testing.assert_array_equal(counts, want_n)
-    np.testing.assert_allclose(sq, (cent ** 2).sum(2), rtol=1e-5)
-
-
 def test_float16_windows_halve_vector_bytes():
     cfg = WindowConfig(size=8, k=2, vector_dtype="float16")
     state = ItemClusters(cfg)
@@ -102,21 +138,46 @@ def test_float16_windows_halve_vector_bytes():
     assert len(state) == 0 and state.seeds_held() == 0
 
 
-def test_refresh_all_is_one_lloyd_step_per_item_whatever_the_chunking():
-    """Windows of very different lengths: chunked and sorted, each item gets its own step."""
+def test_float16_windows_average_what_they_hold():
+    cfg = WindowConfig(size=4, k=1, vector_dtype="float16")
+    state = ItemClusters(cfg)
+    x = np.random.default_rng(5).normal(size=(9, 16)).astype(np.float32)
+    state.apply(1, SeedBatch(np.arange(9), np.arange(9.0), x))
+    _assert_invariant(state)  # the held vectors are float16-rounded: so are the means
+
+
+def test_refresh_all_is_lloyd_per_item_whatever_the_chunking():
+    """Windows of very different lengths: chunked and sorted, each item gets its own steps."""
     rng = np.random.default_rng(3)
-    state = ItemClusters(WindowConfig(size=64, k=3, count_cap=None))
-    for item, n in enumerate([1, 5, 64, 2, 30, 64, 9]):
+    state = ItemClusters(WindowConfig(size=64, k=3, refresh_every=1000))
+    for item, n in enumerate([1, 5, 64, 2, 30, 64, 9, 40]):
         state.apply(item, SeedBatch(np.arange(n), np.arange(n, dtype=np.float64),
                                     rng.normal(size=(n, 4)).astype(np.float32), "v"))
-    before = {i: (st.centroids.copy(), st.counts.copy(), st.window.stored().copy())
-              for i, st in state.items.items()}
-    assert state.refresh_all(chunk=2) == 7
+    before = {i: (st.centroids.copy(), st.counts.copy(), st.window.stored().copy(),
+                  st.labels()) for i, st in state.items.items()}
+    state._refresh(list(state.items.values()), iters=3, chunk=3)
     for i, st in state.items.items():
-        c, n, x = before[i]
-        want_c, want_n = kmeans.lloyd_batched(x[None], np.array([len(x)]), c[None], n[None])
-        np.testing.assert_allclose(st.centroids, want_c[0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(st.counts, want_n[0])
+        c, n, x, lab = before[i]
+        want = kmeans.lloyd(x[None], np.array([len(x)]), c[None], n[None], lab[None], 3)
+        np.testing.assert_allclose(st.centroids, want[0][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(st.counts, want[1][0])
+        assert st.labels().tolist() == want[2][0].tolist()
+    _assert_invariant(state)
+
+
+def test_export_and_restore_keep_labels_and_the_refresh_schedule():
+    cfg = WindowConfig(size=6, k=2, refresh_every=4)
+    a, b = ItemClusters(cfg), ItemClusters(cfg)
+    polls = _polls(per_poll=20)
+    for poll in polls[:3]:
+        a.apply_many(_group(poll))
+    b.restore(a.export(list(a.items)))
+    for poll in polls[3:]:
+        a.apply_many(_group(poll))
+        b.apply_many(_group(poll))
+    for item, st in a.items.items():
+        np.testing.assert_array_equal(st.centroids, b.items[item].centroids)
+        assert st.labels().tolist() == b.items[item].labels().tolist()
 
 
 def test_items_beyond_max_items_go_least_recently_seeded_first():

@@ -606,17 +606,13 @@ def _touches(key: bytes | None, value: bytes | None, items: set[int]) -> bool:
 
 
 def _item_state(h: Harness, items: set[int]) -> dict[int, tuple]:
-    """Window, newest seed time and the window's full k-means of each held item.
-
-    Why not the mini-batch centroids: they depend on how a poll's records fall into
-    k-means steps (a record between two S1 runs, an S2 pack, valid or not, splits the
-    step), as they depend on the broker's poll boundaries; the windows do not.
-    """
+    """Window, newest seed time, centroids and counts of each held item, as they are:
+    the windowed k-means depends on each item's seed order, not on how records fell
+    into polls or k-means steps (a record between two S1 runs, an S2 pack, valid or not)."""
     s: ClusteringStage = h.stage  # type: ignore[assignment]
     out = {}
     for i in items & s.state.items.keys():
         st_ = s.state.items[i]
-        s.state.refresh(i, seed=0)
         out[i] = (st_.window.users(), st_.window.vectors().copy(), st_.last_seed_ts,
                   st_.centroids.copy(), st_.counts.copy())
     return out

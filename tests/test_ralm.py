@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.config import WindowConfig
 from engine.data import Dataset
 from engine.synthetic import SyntheticSpec, generate
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -211,9 +212,12 @@ def test_user_side_negatives_keep_the_item_and_change_the_user(
 
 def test_seed_centroids_leave_the_scored_user_out() -> None:
     """With ``exclude``, a row's centroids are the means of its item's other seeds."""
-    clusters = SeedClusters([np.array([0, 1, 2, 3]), np.array([1, 4])], n_users=5, k=2)
-    clusters.slots[:] = [0, 0, 1, 1, 0, 1]  # item 0: {0,1} {2,3}; item 1: {1} {4}
+    clusters = SeedClusters(np.array([0, 1, 2, 3, 1, 4]), np.array([0, 0, 0, 0, 1, 1]),
+                            np.arange(6.0), n_items=2, n_users=5, window=WindowConfig(k=2))
     z = torch.arange(10, dtype=torch.float32).view(5, 2)
+    clusters.recluster(z.numpy())
+    assert clusters.users.tolist() == [0, 1, 2, 3, 1, 4]  # each item's window, oldest first
+    clusters.slots[:] = [0, 0, 1, 1, 0, 1]  # item 0: {0,1} {2,3}; item 1: {1} {4}
     cent, mask = clusters.centroids(z, np.array([0, 0, 1]), exclude=np.array([1, 4, 1]))
     np.testing.assert_allclose(cent[0].numpy(), [z[0].numpy(), (z[2] + z[3]).numpy() / 2])
     np.testing.assert_allclose(cent[1].numpy(), [(z[0] + z[1]).numpy() / 2,
