@@ -49,7 +49,9 @@ class _Table:
         self.centroids = np.zeros((capacity, k, dim), np.float32)
         self.counts = np.zeros((capacity, k), np.float32)
         self.sqnorms = np.zeros((capacity, k), np.float32)  # |centroid|², kept current
-        self.labels = np.full((capacity, size), -1, np.int16)
+        # as wide as the longest window so far (<= size): a huge window setting costs
+        # memory only once some item's window grows that long
+        self.labels = np.full((capacity, min(size, 64)), -1, np.int16)
         self.since = np.zeros(capacity, np.int64)
         self.owner: dict[int, ItemState] = {}  # row -> the item state holding it
         self._free: list[int] = []
@@ -66,6 +68,14 @@ class _Table:
             self.since = np.concatenate([self.since, np.zeros_like(self.since)])
         self._next += 1
         return self._next - 1
+
+    def widen(self, width: int) -> None:
+        """Room for window rows 0..width-1 in ``labels``."""
+        if width > self.labels.shape[1]:
+            wider = np.full((len(self.labels), max(width, 2 * self.labels.shape[1])), -1,
+                            np.int16)
+            wider[:, :self.labels.shape[1]] = self.labels
+            self.labels = wider
 
     def release(self, row: int) -> None:
         self.centroids[row] = 0.0
@@ -415,6 +425,7 @@ class ItemClusters:
         if self.cfg.vector_dtype != "float32":  # the centroids average what the window holds
             x = x.astype(self.cfg.vector_dtype).astype(np.float32)
         owner = np.asarray(seg.owner, np.int64)
+        table.widen(max(seg.wrows) + 1)
         kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner,
                     np.asarray(seg.wrows, np.int64), np.asarray(seg.left, np.bool_),
                     np.ascontiguousarray(x, np.float32), seg.old[:len(seg.acc)])
@@ -473,6 +484,7 @@ class ItemClusters:
         rows = np.array([s.row for s in states])
         lengths = np.array([len(s.window) for s in states])
         width = int(lengths.max())
+        table.widen(width)
         shape = (len(states), width, states[0].dim)
         if buf.size < np.prod(shape):
             buf = np.empty(int(np.prod(shape)), np.float32)
@@ -594,6 +606,7 @@ class ItemClusters:
             else:
                 lab = np.zeros(0, np.int64)
             st._table.set(st.row, cent, counts)
+            st._table.widen(len(st.window))
             st._table.labels[st.row, list(st.window._rows.values())] = lab
             at[dim] += 1
             st.last_seed_ts = float(arrays["last_seed_ts"][j])

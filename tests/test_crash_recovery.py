@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from consumers.replay import replay
-from engine.codec import decode_centroids
+from engine.clustering import ItemClusters, decode_records
+from engine.codec import PACK_MAGIC, decode_centroids, decode_key
 from engine.pipeline import WorkerProcess, spawn_worker, wait_ready
 from models.ralm import RalmConfig
 from models.train_ralm import train_ralm
@@ -87,6 +88,35 @@ def test_workers_killed_mid_stream_lose_and_double_count_nothing(settings, ml100
     for kind, text in logs.items():  # restarts started from snapshots, not from the log
         assert "from a snapshot at offset" in text, kind
     _final_state_is_the_click_logs(settings, ml100k)
+    _final_centroids_are_the_seed_logs(settings)
+
+
+def _final_centroids_are_the_seed_logs(settings) -> None:
+    """The centroids the killed and restarted clustering workers ended with are those of
+    one ItemClusters fed ``seed-events`` offline, each partition in offset order: a
+    restore from a snapshot and the replay after it change no centroid's value."""
+    window = settings.window.model_copy(update={"size": int(ENV["LOOKALIKE_WINDOW__SIZE"])})
+    ref = ItemClusters(window)
+    records = sorted(read_all(settings, "seed-events", timeout_s=10),
+                     key=lambda r: (r.partition, r.offset))
+    for r in records:
+        item = None if r.value[:2] == PACK_MAGIC else decode_key(r.key)
+        for cols, _ in decode_records([item], [r.value])[0]:
+            ref.apply_columns(cols)
+    assert ref.refreshes > 0
+    folder = settings.cache_dir / "snapshots"
+    checked = 0
+    for a in (dict(np.load(p, allow_pickle=False)) for p in folder.rglob("*.npz")):
+        if "length" not in a:
+            continue
+        for dim in {int(d) for d in a["dim"]}:
+            mine = [i for i, d in zip(a["item"].tolist(), a["dim"].tolist()) if d == dim]
+            for j, item in enumerate(mine):
+                np.testing.assert_allclose(a[f"centroids_{dim}"][j], ref.items[item].centroids,
+                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(a[f"counts_{dim}"][j], ref.items[item].counts)
+                checked += 1
+    assert checked == len(ref.items)
 
 
 def _final_state_is_the_click_logs(settings, ml100k) -> None:

@@ -30,8 +30,8 @@ def _phase(seed: int, n: int, t0: float) -> list[tuple[bytes, bytes, int, int, n
 
 @pytest.mark.slow
 def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
-    s = settings.model_copy(update={"window": settings.window.model_copy(
-        update={"size": 24, "k": 4})})  # windows fill: eviction order matters too
+    s = settings.model_copy(update={"window": settings.window.model_copy(  # windows fill:
+        update={"size": 24, "k": 4, "refresh_every": 8})})  # evictions and refreshes happen
     phases = [_phase(i, 400, 1_000.0 * (i + 1)) for i in range(3)]
     first = ClusteringStage(s)
     w1 = start_worker(first)
@@ -66,10 +66,19 @@ def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
         assert all(sorted(got[i]) == sorted(want[i]) for i in want)  # windows: exactly
 
         # the table: the latest centroids of every item count its window's seeds
-        wait_until(lambda: second._dirty == {}, timeout_s=30, what="changes published")
+        wait_until(lambda: second._dirty == {} and not second.state.due, timeout_s=30,
+                   what="changes published")
         latest = {int(r.key): decode_centroids(r.value) for r in read_all(s, "seed-centroids")}
         assert {i: c.n_seeds for i, c in latest.items() if i in want} == {
             i: len(u) for i, u in want.items()}
+        # and their values: the moved state carried each seed's slot, so the survivor's
+        # centroids are those of one worker that saw every seed (refreshes included)
+        assert ref.refreshes > 0
+        for i, st in ref.items.items():
+            np.testing.assert_allclose(second.state.items[i].centroids, st.centroids,
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(second.state.items[i].counts, st.counts)
+            np.testing.assert_allclose(latest[i].centroids, st.centroids, atol=2e-3)  # float16
         m = scrape(w2.metrics_url)
         assert total(m, "lookalike_errors_total", kind="CommitFailedError") == 0
         assert w2.thread.is_alive() and w2.loop.failure is None
