@@ -32,6 +32,7 @@ import itertools
 import time
 
 import numpy as np
+import torch
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -65,6 +66,9 @@ class ClusteringStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        # the refresh's torch ops on one thread: a one-item refresh took 0.6-1.0 ms so
+        # and 2-9 ms on two threads, with the other core busy (bench cluster)
+        torch.set_num_threads(1)
         self.state = ItemClusters(settings.window)
         self._partition_of: dict[int, int] = {}
         # changed, unpublished item -> newest click time (ms); insertion order = first change
