@@ -334,6 +334,48 @@ def evaluate_lookalike_task_cmd(
                "audience-by-seeds.png")
 
 
+@evaluate_app.command("audience")
+def evaluate_audience_cmd(
+    models: Annotated[str, typer.Option(
+        help="comma-separated: random, activity, seed_mean, item_knn, item_lr, ralm, "
+        "ralm_average, tower_seed_mean")] = "random,activity,seed_mean,item_knn,item_lr,"
+    "ralm,ralm_average,tower_seed_mean",
+    folds: Annotated[int, typer.Option(help="item folds")] = 5,
+    fold_seed: Annotated[int, typer.Option(help="seed of the items' split into folds")] = 0,
+    train_seeds: Annotated[int, typer.Option(help="RALM trainings per fold (seeds 0..N-1)")] = 1,
+    quick: Annotated[bool, typer.Option(help="small RALM epochs and sizes (minutes)")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder (default <cache_dir>/reports/audience)")] = None,
+    dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Cold-item audience expansion: N seeds of a held-out item -> rank every other user."""
+    from engine.data import DataError, load_dataset
+    from models.audience_expansion import MODELS, run
+    from models.lookalike_task import quick_config
+    from models.ralm import RalmConfig
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+    if folds < 2 or train_seeds < 1:
+        raise typer.BadParameter("--folds must be at least 2 and --train-seeds at least 1")
+    s = _settings(config, cache_dir=cache_dir)
+    out_dir = out or s.cache_dir / "reports" / "audience"
+    try:
+        ds = load_dataset(dataset, s.data_dir)
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    cfg = quick_config() if quick else RalmConfig()
+    run(ds, names, cfg, out_dir, n_folds=folds, fold_seed=fold_seed,
+        train_seeds=tuple(range(train_seeds)))
+    typer.echo((out_dir / "audience.md").read_text())
+    typer.echo(f"wrote {out_dir}/audience.json, audience.md, audience-prec10.png")
+
+
 @evaluate_app.command("cold-start")
 def evaluate_cold_start_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help="RALM checkpoint (default: latest)")] = (
