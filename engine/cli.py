@@ -8,11 +8,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from engine.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from engine.data import Dataset
 
 app = typer.Typer(
     help="Streaming real-time look-alike recommendations on Kafka.",
@@ -44,6 +47,17 @@ def _settings(config: Path | None = None, **overrides: object) -> Settings:
         return load_settings(config, **overrides)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from e
+
+
+def _dataset(name: str, s: Settings) -> Dataset:
+    """The named dataset, or exit 1 with the loader's reason."""
+    from engine.data import DataError, load_dataset
+
+    try:
+        return load_dataset(name, s.data_dir)
+    except DataError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 def _logging(verbose: bool = False) -> None:
@@ -316,18 +330,13 @@ def evaluate_lookalike_task_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """RALM vs its baselines and ablations on the look-alike task: table, JSON, plots."""
-    from engine.data import DataError, load_dataset
     from models.lookalike_task import run_lookalike_task
 
     if seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
     s = _settings(config, cache_dir=cache_dir)
     out_dir = out or s.cache_dir / "reports" / "lookalike-task"
-    try:
-        ds = load_dataset(dataset, s.data_dir)
-    except DataError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    ds = _dataset(dataset, s)
     run_lookalike_task(ds, seeds=tuple(range(seeds)), quick=quick, out_dir=out_dir, jobs=jobs)
     typer.echo((out_dir / "lookalike-task.md").read_text())
     typer.echo(f"wrote {out_dir}/lookalike-task.json, lookalike-task.md, prec-vs-k.png, "
@@ -351,7 +360,6 @@ def evaluate_audience_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Cold-item audience expansion: N seeds of a held-out item -> rank every other user."""
-    from engine.data import DataError, load_dataset
     from models.audience_expansion import MODELS, run
     from models.lookalike_task import quick_config
     from models.ralm import RalmConfig
@@ -364,11 +372,7 @@ def evaluate_audience_cmd(
         raise typer.BadParameter("--folds must be at least 2 and --train-seeds at least 1")
     s = _settings(config, cache_dir=cache_dir)
     out_dir = out or s.cache_dir / "reports" / "audience"
-    try:
-        ds = load_dataset(dataset, s.data_dir)
-    except DataError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
+    ds = _dataset(dataset, s)
     cfg = quick_config() if quick else RalmConfig()
     run(ds, names, cfg, out_dir, n_folds=folds, fold_seed=fold_seed,
         train_seeds=tuple(range(train_seeds)))
