@@ -343,7 +343,7 @@ def plot(results: Results, path: Path, metric: str = "prec@10") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for model, by_n in results.per_fold.items():
         ns = [n for n in results.n_values if n in by_n]
         ms = np.array([results.mean_std(model, n, metric) for n in ns])
@@ -354,7 +354,7 @@ def plot(results: Results, path: Path, metric: str = "prec@10") -> None:
     ax.set_ylabel(f"audience {metric}")
     ax.set_title("Cold-item audience expansion, ml-100k (mean ± std over folds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -483,7 +483,8 @@ def run(ds: Dataset, names: Sequence[str], cfg: RalmConfig, out_dir: Path, *,
         n_folds: int = 5, fold_seed: int = 0, train_seeds: Sequence[int] = (0,),
         n_values: Sequence[int] = N_VALUES, progress: bool = True,
         log: Callable[[str], object] = print) -> Results:
-    """Every model on every fold (× training seed for the trained ones): JSON, Markdown, PNG."""
+    """Every model on every fold (× training seed for the trained ones): ``audience.json``
+    (per fold), ``audience-items.json`` (per item), ``audience.md``, ``audience-prec10.png``."""
     import json
 
     from tqdm.auto import tqdm
@@ -503,8 +504,9 @@ def run(ds: Dataset, names: Sequence[str], cfg: RalmConfig, out_dir: Path, *,
                      "items_per_fold": [len(f.items) for f in folds]},
         "config": cfg.model_dump(), "seconds": results.seconds,
         "per_fold": {m: {str(n): v for n, v in by.items()} for m, by in results.per_fold.items()},
-        "per_item": {m: {str(n): v for n, v in by.items()} for m, by in results.per_item.items()},
     }, indent=1))
+    (out_dir / "audience-items.json").write_text(json.dumps(  # per item, for paired analyses
+        {m: {str(n): v for n, v in by.items()} for m, by in results.per_item.items()}))
     (out_dir / "audience.md").write_text(report(results))
     plot(results, out_dir / "audience-prec10.png")
     return results
