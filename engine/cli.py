@@ -353,6 +353,11 @@ def evaluate_audience_cmd(
     fold_seed: Annotated[int, typer.Option(help="seed of the items' split into folds")] = 0,
     train_seeds: Annotated[int, typer.Option(help="RALM trainings per fold (seeds 0..N-1)")] = 1,
     quick: Annotated[bool, typer.Option(help="small RALM epochs and sizes (minutes)")] = False,
+    inner: Annotated[bool, typer.Option(
+        help="tuning: score an inner fold of each fold's training items, never its test "
+        "items")] = False,
+    ralm: Annotated[list[str] | None, typer.Option(
+        "--set", help="RalmConfig field=value for the trained models (repeatable)")] = None,
     out: Annotated[Path | None, typer.Option(
         help="output folder (default <cache_dir>/reports/audience)")] = None,
     dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
@@ -374,8 +379,12 @@ def evaluate_audience_cmd(
     out_dir = out or s.cache_dir / "reports" / "audience"
     ds = _dataset(dataset, s)
     cfg = quick_config() if quick else RalmConfig()
+    try:
+        cfg = RalmConfig.model_validate(cfg.model_dump() | _key_values(ralm))
+    except ValueError as e:
+        raise typer.BadParameter(f"--set: {e}") from e
     run(ds, names, cfg, out_dir, n_folds=folds, fold_seed=fold_seed,
-        train_seeds=tuple(range(train_seeds)))
+        train_seeds=tuple(range(train_seeds)), inner=inner)
     typer.echo((out_dir / "audience.md").read_text())
     typer.echo(f"wrote {out_dir}/audience.json, audience.md, audience-prec10.png")
 

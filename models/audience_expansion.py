@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +93,15 @@ def raters_in_order(ds: Dataset, item: int) -> tuple[np.ndarray, np.ndarray]:
     _, first = np.unique(ds.user[rows], return_index=True)
     first = np.sort(first)
     return ds.user[rows][first].astype(np.int64), ds.ts[rows][first].astype(np.float64)
+
+
+def inner_folds(folds: list[Fold], seed: int = 0) -> list[Fold]:
+    """For tuning: per fold, the first of ``len(folds)`` folds of its own training items
+    (carrying the outer fold's index). A choice made on these never saw the fold's test
+    items; it may have seen other folds' test items, so a choice is kept only where it
+    holds on every fold's inner figure."""
+    return [replace(make_folds(f.train, len(folds), seed + 1 + f.index)[0], index=f.index)
+            for f in folds]
 
 
 def make_folds(ds: Dataset, n_folds: int = 5, seed: int = 0,
@@ -481,7 +490,7 @@ def report(results: Results) -> str:
 
 def run(ds: Dataset, names: Sequence[str], cfg: RalmConfig, out_dir: Path, *,
         n_folds: int = 5, fold_seed: int = 0, train_seeds: Sequence[int] = (0,),
-        n_values: Sequence[int] = N_VALUES, progress: bool = True,
+        n_values: Sequence[int] = N_VALUES, inner: bool = False, progress: bool = True,
         log: Callable[[str], object] = print) -> Results:
     """Every model on every fold (× training seed for the trained ones): ``audience.json``
     (per fold), ``audience-items.json`` (per item), ``audience.md``, ``audience-prec10.png``."""
@@ -491,6 +500,8 @@ def run(ds: Dataset, names: Sequence[str], cfg: RalmConfig, out_dir: Path, *,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = make_folds(ds, n_folds, fold_seed)
+    if inner:
+        folds = inner_folds(folds, fold_seed)
     results = Results(tuple(n_values))
     trained = {"ralm", "ralm_average", "tower_seed_mean"}
     for ts in train_seeds:
@@ -500,6 +511,7 @@ def run(ds: Dataset, names: Sequence[str], cfg: RalmConfig, out_dir: Path, *,
             evaluate_fold(fold, models, results, n_values, log)
     (out_dir / "audience.json").write_text(json.dumps({
         "protocol": {"n_folds": n_folds, "fold_seed": fold_seed, "min_raters": MIN_RATERS,
+                     "inner": inner,
                      "n_values": list(n_values), "train_seeds": list(train_seeds),
                      "items_per_fold": [len(f.items) for f in folds]},
         "config": cfg.model_dump(), "seconds": results.seconds,

@@ -117,3 +117,14 @@ def test_ralm_scores_are_the_served_score_on_worker_centroids(folds):
     for u in (0, 17, 400):
         want = model.score_user(emb[u], st.centroids[None], st.counts[None], glob)[0]
         assert got["ralm"][0, u] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_inner_folds_never_hold_a_folds_test_items(folds):
+    """Tuning folds come from each fold's training items: its test items are in none of
+    them, and they too are new to the models trained on them."""
+    from models.audience_expansion import inner_folds
+
+    for outer, inner in zip(folds, inner_folds(folds), strict=True):
+        assert inner.index == outer.index
+        assert not np.isin(inner.items, outer.items).any() and len(inner.items) > 50
+        assert not np.isin(inner.train.item, np.r_[inner.items, outer.items]).any()
