@@ -51,6 +51,7 @@ from engine.codec import (
     key_of,
 )
 from engine.config import Settings
+from engine.token_bucket import TokenBucket
 
 #: largest |component| a seed vector may have. Why: k-means squares them (float32
 #: overflows to inf), and one inf or huge centroid poisons its item's centroids for good
@@ -66,8 +67,8 @@ class ClusteringStage(Stage):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        # the refresh's torch ops on one thread: a one-item refresh took 0.6-1.0 ms so
-        # and 2-9 ms on two threads, with the other core busy (bench cluster)
+        # the refresh's torch ops on one thread: a one-item refresh took 0.6-1.0 ms
+        # there and 2-9 ms on two threads, with the other core busy (bench cluster)
         torch.set_num_threads(1)
         self.state = ItemClusters(settings.window)
         self._partition_of: dict[int, int] = {}
@@ -76,9 +77,9 @@ class ClusteringStage(Stage):
         self._dirty_since: dict[int, float] = {}  # item -> when it first changed unpublished
         self._next_publish = 0.0
         self._next_bytes = 0.0  # when the window-bytes gauge is due again (a scan of all items)
-        self._tokens = 0.0  # records the budget allows now (a token bucket, 1 s deep)
-        self._tokens_at = time.monotonic()
-        self._refresh_at = time.monotonic()  # when the refresh budget was last topped up
+        self._tokens = 0.0  # centroid records the publish budget allows now
+        self._publish_budget = TokenBucket(settings.window.publish_items_per_s)
+        self._refresh_budget = TokenBucket(settings.window.refresh_items_per_s)
         self._refreshes_reported = 0
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
@@ -126,17 +127,14 @@ class ClusteringStage(Stage):
             self._dirty_since.setdefault(item, now)
 
     def _top_up_refresh(self) -> None:
-        """The refresh budget as a token bucket, 1 s deep (``window.refresh_items_per_s``)."""
-        rate = self.settings.window.refresh_items_per_s
-        t = time.monotonic()
-        st = self.state
-        st.refresh_tokens = min(rate, max(st.refresh_tokens, 0.0) + rate * (t - self._refresh_at))
-        self._refresh_at = t
+        """Refreshes the budget allows now (``window.refresh_items_per_s``)."""
+        self.state.refresh_tokens = self._refresh_budget.fill(self.state.refresh_tokens)
 
     def tick(self, now: float) -> None:
         if self.state.due:  # refreshes the budget held back, while the stream is quiet
             self._top_up_refresh()
             self._changed(self.state.refresh_due(), {})
+            self._report_state()
         if now >= self._next_bytes:  # every few seconds: it walks every window
             self.metrics.window_bytes.labels(self.name).set(self.state.window_bytes())
             self._next_bytes = now + WINDOW_BYTES_EVERY_S
@@ -152,7 +150,9 @@ class ClusteringStage(Stage):
         """The latest centroids of the items changed since they were last published,
         first-changed first, as many as the budget allows (all: ``budget=False``)."""
         wire = self.settings.window.centroid_wire_dtype
-        n = len(self._dirty) if not budget else min(len(self._dirty), int(self._take_tokens()))
+        if budget:
+            self._tokens = self._publish_budget.fill(self._tokens)
+        n = len(self._dirty) if not budget else min(len(self._dirty), int(self._tokens))
         done = list(itertools.islice(self._dirty.items(), n))
         for item, produced_ms in done:
             if item in self.state.items:  # not dropped by a rebalance meanwhile
@@ -165,13 +165,6 @@ class ClusteringStage(Stage):
         self.metrics.centroid_backlog.labels(self.name).set(len(self._dirty))
         oldest = next(iter(self._dirty_since.values()), now)
         self.metrics.centroid_backlog_age.labels(self.name).set(max(0.0, now - oldest))
-
-    def _take_tokens(self) -> float:
-        rate = self.settings.window.publish_items_per_s
-        t = time.monotonic()
-        self._tokens = min(rate, self._tokens + rate * (t - self._tokens_at))
-        self._tokens_at = t
-        return self._tokens
 
     def _report_state(self) -> None:
         done = self.state.refreshes - self._refreshes_reported

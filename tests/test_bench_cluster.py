@@ -2,16 +2,12 @@
 the refresh it times against scikit-learn's, and the worker's refresh budget it runs at."""
 
 import math
-import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from consumers.clustering import ClusteringStage
 from engine.bench import runner
 from engine.bench.cluster import (
-    RefreshBudget,
     full_windows,
     our_inertia,
     seed_stream,
@@ -22,7 +18,8 @@ from engine.bench.cluster import (
 )
 from engine.bench.report import BenchOptions
 from engine.clustering import ItemClusters, SeedColumns
-from engine.config import WindowConfig, load_settings
+from engine.config import WindowConfig
+from engine.token_bucket import TokenBucket
 
 FIGURES = {
     "state path seed events/s", "state path / 100k target",
@@ -110,34 +107,18 @@ def test_refresh_empties_a_slot_that_sklearn_keeps():
     assert (state.items[7].counts == 0).any()  # the case this test is for
 
 
-def test_refresh_budget_is_the_workers_token_bucket(tmp_path, monkeypatch):
-    """Same clock readings, same tokens as ClusteringStage._top_up_refresh."""
-    import consumers.clustering
-
-    settings = load_settings(None, cache_dir=tmp_path)
-    clock = iter([100.0, 100.0, 100.2, 100.3, 103.0])  # the budget's start, then per top-up
+def test_token_bucket_fills_at_its_rate_one_second_deep():
+    """The budget of the worker's publishing and refreshes, and of the bench's state path."""
     now = [100.0]
-
-    def tick() -> float:
-        now[0] = next(clock)
-        return now[0]
-
-    monkeypatch.setattr(consumers.clustering, "time", SimpleNamespace(
-        monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time))
-    stage = ClusteringStage(settings)  # its bucket starts at 100.0
-    budget = RefreshBudget(settings.window.refresh_items_per_s, clock=tick)  # and this one
-    ours = ItemClusters(settings.window)
-    seen = []
-    for spend in (0, 500, 5_000, 0):
-        budget.top_up(ours)  # the clock moves on; the stage reads the same time
-        stage._top_up_refresh()
-        assert ours.refresh_tokens == stage.state.refresh_tokens
-        seen.append(ours.refresh_tokens)
-        ours.refresh_tokens -= spend
-        stage.state.refresh_tokens -= spend
-    rate = settings.window.refresh_items_per_s
-    # full at first (a state starts unlimited), 1 s deep, filled by the time between
-    assert seen == [rate, rate, pytest.approx(rate - 500 + 0.1 * rate), rate]
+    bucket = TokenBucket(2_000.0, clock=lambda: now[0])
+    assert bucket.fill(float("inf")) == 2_000.0  # an unlimited balance: the bucket, full
+    assert bucket.fill(1_500.0) == 1_500.0  # no time passed: nothing earned
+    now[0] += 0.1
+    assert bucket.fill(1_500.0) == pytest.approx(1_700.0)
+    now[0] += 0.2
+    assert bucket.fill(-3.0) == pytest.approx(400.0)  # an overdraft counts as none
+    now[0] += 5.0
+    assert bucket.fill(0.0) == 2_000.0  # never more than one second's worth
 
 
 def test_state_path_refreshes_within_the_budget():
@@ -150,7 +131,7 @@ def test_state_path_refreshes_within_the_budget():
     assert n // 32 < free.refreshes <= n // 16 and not free.due
 
     frozen = ItemClusters(cfg)  # a clock that stands still: the first poll's full bucket only
-    state_path(frozen, polls, "budget", RefreshBudget(3.0, clock=lambda: 0.0))
+    state_path(frozen, polls, "budget", TokenBucket(3.0, clock=lambda: 0.0))
     assert frozen.refreshes == 3 and len(frozen.due) == len(frozen) == 50  # the rest wait
 
     off = ItemClusters(without_refresh(cfg, n))

@@ -44,7 +44,6 @@ import time
 import tracemalloc
 import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +57,7 @@ from engine.codec import SeedPack, encode_seed_pack, key_of
 from engine.config import Settings, WindowConfig
 from engine.seed_window import SeedWindow, bytes_bound
 from engine.synthetic import SyntheticSpec, iter_chunks, planted_clusters
+from engine.token_bucket import TokenBucket
 
 PAPER_ITEMS = 43_500
 TARGET_RATE = 100_000.0
@@ -121,24 +121,8 @@ def seeds_in(polls: list[list[Record]]) -> int:
 # ---------------------------------------------------------------- state path
 
 
-class RefreshBudget:
-    """The clustering worker's refresh budget (``ClusteringStage._top_up_refresh``): a
-    token bucket at ``rate`` item refreshes/s, 1 s deep, filled by wall time; the first
-    top-up fills it (a state starts with unlimited tokens)."""
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.clock = rate, clock
-        self.at = clock()
-
-    def top_up(self, state: ItemClusters) -> None:
-        t = self.clock()
-        state.refresh_tokens = min(self.rate, max(state.refresh_tokens, 0.0)
-                                   + self.rate * (t - self.at))
-        self.at = t
-
-
 def state_path(state: ItemClusters, polls: list[list[Record]], desc: str,
-               budget: RefreshBudget | None = None) -> float:
+               budget: TokenBucket | None = None) -> float:
     """Seconds to take ``polls`` through decode_records + apply_columns (the worker's path);
     ``budget``: topped up before each poll, as the worker does (None: ``state``'s tokens
     as they are, unlimited unless set)."""
@@ -146,7 +130,7 @@ def state_path(state: ItemClusters, polls: list[list[Record]], desc: str,
     for p in tqdm(polls, desc=desc, unit="poll", leave=False, mininterval=0.5):
         t0 = time.perf_counter()
         if budget is not None:
-            budget.top_up(state)
+            state.refresh_tokens = budget.fill(state.refresh_tokens)
         runs, _ = decode_records([i for i, _ in p], [raw for _, raw in p])
         for cols, _idx in runs:
             state.apply_columns(cols)
@@ -200,7 +184,7 @@ def worker_loop(opts: BenchOptions, polls: list[list[Record]],
         stage = ClusteringStage(s)
         if warm:
             state_path(stage.state, list(warm), "warm worker state",
-                       RefreshBudget(s.window.refresh_items_per_s))
+                       TokenBucket(s.window.refresh_items_per_s))
         refreshes0, due0 = stage.state.refreshes, len(stage.state.due)
         loop = ConsumerLoop(stage)
         loop.open()
@@ -382,7 +366,7 @@ def _state_figures(report: BenchReport, cfg: WindowConfig, size: ClusterSize,
     del base
 
     state = ItemClusters(cfg)
-    budget = RefreshBudget(cfg.refresh_items_per_s)
+    budget = TokenBucket(cfg.refresh_items_per_s)  # as ClusteringStage spends it
     state_path(state, warm, "warm-up", budget)
     before = state.refreshes
     seconds = state_path(state, measured, "state path", budget)
