@@ -1,16 +1,20 @@
 """Item-side state: each item's seed window and its k centroids.
 
-This is the state a clustering worker owns for the items of its partitions.
-New seeds go into the window (idempotently) and, when accepted, into the
-item's centroids by one mini-batch k-means step (``engine.kmeans``).
+This is the state a clustering worker owns for the items of its partitions,
+and the one implementation of the clustering: training and the offline
+evaluations run it too (``cluster_clicks``). New seeds go into the window
+(idempotently) and, when accepted, into the item's centroids by the windowed
+k-means of ``engine.kmeans`` (leave, join, and a Lloyd refresh every
+``WindowConfig.refresh_every`` seeds).
 
-Layout, for throughput. All items' centroids and counts sit in one
-preallocated table per embedding size ([capacity, k, d], [capacity, k]; an
-item owns a row), so a whole poll batch is one vectorised k-means step that
-updates the touched rows in place. A poll's seed records are decoded into
-columns at once (``SeedColumns``), and the per-seed work left in Python is
-the window's bookkeeping (one dict operation). Window vectors are the
-biggest part of the state: their dtype is ``WindowConfig.vector_dtype``.
+Layout, for throughput. All items' centroids, counts and seed labels sit in
+one preallocated table per embedding size ([capacity, k, d], [capacity, k],
+[capacity, longest window]; an item owns a row), so a whole poll's k-means
+steps are one compiled call that updates the touched rows in place. A poll's
+seed records are decoded into columns at once (``SeedColumns``), and the
+per-seed work left in Python is the window's bookkeeping (one dict
+operation) and a vector copy. Window vectors are the biggest part of the
+state: their dtype is ``WindowConfig.vector_dtype``.
 """
 
 from __future__ import annotations
@@ -367,9 +371,10 @@ class ItemClusters:
         """The worker's path: a poll's decoded records of one dim and model version.
 
         Per seed, only the window's bookkeeping and a vector copy run in
-        Python; the k-means steps run vectorised over the poll's items, one
-        round per seed rank (``_rounds``). An item due for a refresh gets it
-        before its next seed: the seeds before are stepped first (a segment).
+        Python; the k-means steps of the accepted seeds run in one compiled
+        call (``kmeans.step``), seed by seed in arrival order. An item due for
+        a refresh gets it before its next seed: the seeds before it are
+        stepped first (a segment ends there).
         Returns the items whose windows or centroids changed (refreshes of
         earlier due items included).
         """
