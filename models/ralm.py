@@ -92,6 +92,9 @@ class RalmConfig(BaseModel):
     lookalike_negative_side: Literal["item", "user"] = Field(
         "item", description="stage-2 negatives: the user with an unclicked item, or the item "
         "with a user who did not click it")
+    lookalike_user_sampling: Literal["uniform", "activity", "mixed"] = Field(
+        "uniform", description="user-side negatives: uniform over users, by their training "
+        "clicks (active users are most of an audience's positives), or half of each")
     lookalike_lr: float | None = Field(None, gt=0, description="stage-2 learning rate (None: lr)")
     lookalike_batch_size: int | None = Field(
         None, ge=1, description="stage-2 batch size (None: batch_size)")

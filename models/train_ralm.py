@@ -350,6 +350,9 @@ class LookalikeData:
         self.popularity = n_seeds / n_seeds.sum() if len(n_seeds) else n_seeds
         self.sampling = cfg.lookalike_sampling
         self.negative_side = cfg.lookalike_negative_side
+        self.user_sampling = cfg.lookalike_user_sampling
+        clicks_of = np.bincount(dataset.user, minlength=n_users)[self.query_user].astype(float)
+        self.query_weight = (clicks_of + 1.0) / (clicks_of + 1.0).sum()
 
     @property
     def n_positives(self) -> int:
@@ -364,6 +367,16 @@ class LookalikeData:
             return by_pop
         uniform = self.seeded[rng.integers(len(self.seeded), size=n)]
         return np.where(rng.random(n) < 0.5, uniform, by_pop)
+
+    def user_negatives(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` queries: uniform, by their user's training clicks (+1), or half and half."""
+        uniform = rng.integers(len(self.query_user), size=n)
+        if self.user_sampling == "uniform":
+            return uniform
+        by_activity = rng.choice(len(self.query_user), size=n, p=self.query_weight)
+        if self.user_sampling == "activity":
+            return by_activity
+        return np.where(rng.random(n) < 0.5, uniform, by_activity)
 
     def examples(
         self, n_neg: int, rng: np.random.Generator
@@ -380,7 +393,7 @@ class LookalikeData:
         if self.negative_side == "item":
             items = self.negatives(len(queries), rng)
         else:
-            queries = rng.integers(len(self.query_user), size=len(queries))
+            queries = self.user_negatives(len(queries), rng)
         for _ in range(10):  # resample the few negatives the user did click
             hit = np.isin(self.query_user[queries].astype(np.int64) * self.n_items + items,
                           self.clicked)
@@ -389,7 +402,7 @@ class LookalikeData:
             if self.negative_side == "item":
                 items[hit] = self.negatives(int(hit.sum()), rng)
             else:
-                queries[hit] = rng.integers(len(self.query_user), size=int(hit.sum()))
+                queries[hit] = self.user_negatives(int(hit.sum()), rng)
         labels = np.concatenate([np.ones(len(self.pos_query)), np.zeros(len(queries))])
         return (np.concatenate([self.pos_query, queries]), np.concatenate([self.pos_item, items]),
                 labels.astype(np.float32))

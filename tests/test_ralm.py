@@ -210,6 +210,31 @@ def test_user_side_negatives_keep_the_item_and_change_the_user(
     assert len(np.unique(queries[neg])) > len(np.unique(queries[pos])) // 2  # spread over users
 
 
+@pytest.mark.parametrize("sampling", ["activity", "mixed"])
+def test_user_negatives_by_activity_favour_active_users(
+        data: tuple[Dataset, Dataset], sampling: str) -> None:
+    """Activity-weighted user negatives come from busier users than uniform ones, and
+    never from the positive's clickers."""
+    train = data[0]
+    activity = np.bincount(train.user, minlength=len(train.users.ids)).astype(float)
+    drawn = {}
+    for s in ("uniform", sampling):
+        cfg = RalmConfig.tiny(lookalike_negative_side="user", lookalike_user_sampling=s)
+        features = FeatureSpace.build(train, cfg.history_len)
+        la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+        queries, items, labels = la.examples(3, np.random.default_rng(0))
+        neg = labels == 0
+        codes = la.query_user[queries[neg]].astype(np.int64) * la.n_items + items[neg]
+        assert not np.isin(codes, la.clicked).any()
+        drawn[s] = activity[la.query_user[queries[neg]]].mean()
+    a = activity[la.query_user]
+    weighted = (a * (a + 1)).sum() / (a + 1).sum()  # size-biased: clicks + 1
+    want = weighted if sampling == "activity" else (weighted + a.mean()) / 2
+    assert want > a.mean() + 0.3
+    assert drawn[sampling] == pytest.approx(want, rel=0.02)
+    assert drawn["uniform"] == pytest.approx(a.mean(), rel=0.02)
+
+
 def test_seed_centroids_leave_the_scored_user_out() -> None:
     """With ``exclude``, a row's centroids are the means of its item's other seeds."""
     clusters = SeedClusters(np.array([0, 1, 2, 3, 1, 4]), np.array([0, 0, 0, 0, 1, 1]),
