@@ -440,10 +440,9 @@ class ItemClusters:
             self.due[table.owner[row]] = None
         seg.clear()
 
-    def refresh_due(self, limit: float | None = None) -> list[int]:
-        """Refresh due items, oldest first, as far as the tokens (and ``limit``) go; the items."""
-        budget = self.refresh_tokens if limit is None else min(limit, self.refresh_tokens)
-        n = int(min(len(self.due), max(budget, 0)))
+    def refresh_due(self) -> list[int]:
+        """Refresh due items, oldest first, as far as the tokens go; the items."""
+        n = int(min(len(self.due), max(self.refresh_tokens, 0)))
         if not n:
             return []
         states = list(itertools.islice(self.due, n))
