@@ -89,9 +89,9 @@ class RalmConfig(BaseModel):
     lookalike_sampling: Literal["uniform", "popularity", "mixed"] = Field(
         "uniform", description="stage-2 negatives: uniform over seeded items, by seed count, "
         "or half of each")
-    lookalike_negative_side: Literal["item", "user"] = Field(
-        "item", description="stage-2 negatives: the user with an unclicked item, or the item "
-        "with a user who did not click it")
+    lookalike_negative_side: Literal["item", "user", "both"] = Field(
+        "item", description="stage-2 negatives: the user with an unclicked item, the item "
+        "with a user who did not click it, or half of each")
     lookalike_user_sampling: Literal["uniform", "activity", "mixed"] = Field(
         "uniform", description="user-side negatives: uniform over users, by their training "
         "clicks (active users are most of an audience's positives), or half of each")

@@ -378,6 +378,15 @@ class LookalikeData:
             return by_activity
         return np.where(rng.random(n) < 0.5, uniform, by_activity)
 
+    def _redraw(self, new_item: np.ndarray, new_user: np.ndarray, items: np.ndarray,
+                queries: np.ndarray, rng: np.random.Generator) -> None:
+        """New items where ``new_item``, new users where ``new_user`` (no draw for an
+        empty side: the random stream of a one-sided setting stays as it was)."""
+        if new_item.any():
+            items[new_item] = self.negatives(int(new_item.sum()), rng)
+        if new_user.any():
+            queries[new_user] = self.user_negatives(int(new_user.sum()), rng)
+
     def examples(
         self, n_neg: int, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -386,23 +395,22 @@ class LookalikeData:
         A negative keeps the positive's query and takes an unclicked seeded
         item (``negative_side="item"``), or keeps the item and takes another
         query whose user never clicked it (``"user"``: the paper's contrast,
-        an item's clickers against users who did not click it).
+        an item's clickers against users who did not click it); ``"both"``
+        draws each negative's side at random, half and half.
         """
         queries = np.repeat(self.pos_query, n_neg)
         items = np.repeat(self.pos_item, n_neg)
-        if self.negative_side == "item":
-            items = self.negatives(len(queries), rng)
-        else:
-            queries = self.user_negatives(len(queries), rng)
+        # which negatives change the item (the rest change the user)
+        item_side = np.full(len(queries), self.negative_side == "item")
+        if self.negative_side == "both":
+            item_side = rng.random(len(queries)) < 0.5
+        self._redraw(item_side, ~item_side, items, queries, rng)
         for _ in range(10):  # resample the few negatives the user did click
             hit = np.isin(self.query_user[queries].astype(np.int64) * self.n_items + items,
                           self.clicked)
             if not hit.any():
                 break
-            if self.negative_side == "item":
-                items[hit] = self.negatives(int(hit.sum()), rng)
-            else:
-                queries[hit] = self.user_negatives(int(hit.sum()), rng)
+            self._redraw(hit & item_side, hit & ~item_side, items, queries, rng)
         labels = np.concatenate([np.ones(len(self.pos_query)), np.zeros(len(queries))])
         return (np.concatenate([self.pos_query, queries]), np.concatenate([self.pos_item, items]),
                 labels.astype(np.float32))

@@ -502,3 +502,21 @@ def test_ml100k_full_training_beats_chance(ml100k: Dataset, tmp_path: Path) -> N
     path = train_ralm(train, RalmConfig(), tmp_path, progress=False, log=lambda _: None)
     report = evaluate_lookalike(RalmModel.load(path), train, test)
     assert report["user_auc"] > 0.7 and report["prec@10"] > 0.1, report
+
+
+def test_negatives_on_both_sides_change_either_the_item_or_the_user(
+        data: tuple[Dataset, Dataset]) -> None:
+    """``lookalike_negative_side="both"``: each negative keeps the query or the item of its
+    positive, about half each, and none is a click."""
+    train = data[0]
+    cfg = RalmConfig.tiny(lookalike_negative_side="both")
+    features = FeatureSpace.build(train, cfg.history_len)
+    la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+    queries, items, labels = la.examples(4, np.random.default_rng(0))
+    pos, neg = labels == 1, labels == 0
+    same_item = items[neg] == np.repeat(items[pos], 4)
+    same_query = queries[neg] == np.repeat(queries[pos], 4)
+    assert (same_item | same_query).all()
+    assert 0.4 < same_query[~same_item].size / neg.sum() < 0.6
+    codes = la.query_user[queries[neg]].astype(np.int64) * la.n_items + items[neg]
+    assert not np.isin(codes, la.clicked).any()
