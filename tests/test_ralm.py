@@ -178,8 +178,7 @@ def test_lookalike_negatives(data: tuple[Dataset, Dataset], sampling: str) -> No
     """Stage-2 negatives are seeded items, never clicked by their user, drawn as configured."""
     train = data[0]
     cfg = RalmConfig.tiny(lookalike_sampling=sampling)
-    features = FeatureSpace.build(train, cfg.history_len)
-    la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+    la = _lookalike_data(train, cfg)
     users, items, labels = la.examples(4, np.random.default_rng(0))
     neg = labels == 0
     assert neg.sum() == 4 * (labels == 1).sum()
@@ -195,13 +194,18 @@ def test_lookalike_negatives(data: tuple[Dataset, Dataset], sampling: str) -> No
     np.testing.assert_allclose(freq, want, atol=0.01)
 
 
+def _lookalike_data(train: Dataset, cfg: RalmConfig) -> LookalikeData:
+    """Stage-2 data over an untrained user tower: enough to check the examples."""
+    features = FeatureSpace.build(train, cfg.history_len)
+    return LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+
+
 def test_user_side_negatives_keep_the_item_and_change_the_user(
         data: tuple[Dataset, Dataset]) -> None:
     """The paper's contrast: an item's clickers against users who never clicked it."""
     train = data[0]
     cfg = RalmConfig.tiny(lookalike_negative_side="user")
-    features = FeatureSpace.build(train, cfg.history_len)
-    la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+    la = _lookalike_data(train, cfg)
     queries, items, labels = la.examples(3, np.random.default_rng(0))
     pos, neg = labels == 1, labels == 0
     np.testing.assert_array_equal(items[neg], np.repeat(items[pos], 3))
@@ -220,8 +224,7 @@ def test_user_negatives_by_activity_favour_active_users(
     drawn = {}
     for s in ("uniform", sampling):
         cfg = RalmConfig.tiny(lookalike_negative_side="user", lookalike_user_sampling=s)
-        features = FeatureSpace.build(train, cfg.history_len)
-        la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+        la = _lookalike_data(train, cfg)
         queries, items, labels = la.examples(3, np.random.default_rng(0))
         neg = labels == 0
         codes = la.query_user[queries[neg]].astype(np.int64) * la.n_items + items[neg]
@@ -510,8 +513,7 @@ def test_negatives_on_both_sides_change_either_the_item_or_the_user(
     positive, about half each, and none is a click."""
     train = data[0]
     cfg = RalmConfig.tiny(lookalike_negative_side="both")
-    features = FeatureSpace.build(train, cfg.history_len)
-    la = LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+    la = _lookalike_data(train, cfg)
     queries, items, labels = la.examples(4, np.random.default_rng(0))
     pos, neg = labels == 1, labels == 0
     same_item = items[neg] == np.repeat(items[pos], 4)
