@@ -51,6 +51,12 @@ def model(trained: Path) -> RalmModel:
     return RalmModel.load(trained)
 
 
+def _lookalike_data(train: Dataset, cfg: RalmConfig) -> LookalikeData:
+    """Stage-2 data over an untrained user tower: enough to check the examples."""
+    features = FeatureSpace.build(train, cfg.history_len)
+    return LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
+
+
 def _softmax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     e = np.where(mask, np.exp(x - x[mask].max()), 0.0)
     return e / e.sum()
@@ -192,12 +198,6 @@ def test_lookalike_negatives(data: tuple[Dataset, Dataset], sampling: str) -> No
     want = {"uniform": uniform, "popularity": la.popularity,
             "mixed": 0.5 * (uniform + la.popularity)}[sampling]
     np.testing.assert_allclose(freq, want, atol=0.01)
-
-
-def _lookalike_data(train: Dataset, cfg: RalmConfig) -> LookalikeData:
-    """Stage-2 data over an untrained user tower: enough to check the examples."""
-    features = FeatureSpace.build(train, cfg.history_len)
-    return LookalikeData(UserTower(features, cfg), ClickLog(train, features), train, cfg)
 
 
 def test_user_side_negatives_keep_the_item_and_change_the_user(
