@@ -390,6 +390,8 @@ class _FoldRalm:
                               log=lambda *_: None)
         self.emb = embed_everyone(self.model, fold.train)  # transformed: what seeds carry
         self.universal = universal_embeddings(self.model, fold.train)
+        clicks = np.bincount(fold.train.user, minlength=fold.n_users)
+        self.prior = self.model.audience_prior(clicks)  # zeros unless trained with one
         self.fold = fold.index
 
 
@@ -418,7 +420,8 @@ class RalmScorer(_RalmFamily):
         users, ts = np.concatenate(task.seeds), np.concatenate(task.seed_ts)
         state = cluster_clicks(window_config(m.config), items, users, ts, emb[users])
         cent, counts = state.stack(task.items, emb.shape[1])
-        return ralm_parts(m, emb, cent, counts).combine(m.config.alpha, m.config.beta).T
+        score = ralm_parts(m, emb, cent, counts).combine(m.config.alpha, m.config.beta).T
+        return score + self.shared.prior[None]
 
 
 class RalmAverageScorer(_RalmFamily):

@@ -81,9 +81,10 @@ class RalmConfig(BaseModel):
     dim: int = Field(128, ge=1, description="h: look-alike (transformed) embedding size")
     k: int = Field(20, ge=1, description="seed centroids per item")
     max_seeds: int = Field(256, ge=1, description="most recent seeds per item (the window size)")
-    lookalike_examples: Literal["inner_cut", "leave_out"] = Field(
+    lookalike_examples: Literal["inner_cut", "leave_out", "episodes"] = Field(
         "inner_cut", description="stage-2 examples: seeds before an inner time cut and "
-        "positives after it, or every click with the clicker left out of the item's seeds")
+        "positives after it, every click with the clicker left out of the item's seeds, or "
+        "episodes of the audience task (both towers trained; models/episodes.py)")
     inner_cut: float = Field(0.6, gt=0, lt=1, description="seed/positive time quantile")
     lookalike_negatives: int = Field(4, ge=1, description="random unclicked items per positive")
     lookalike_sampling: Literal["uniform", "popularity", "mixed"] = Field(
@@ -99,6 +100,18 @@ class RalmConfig(BaseModel):
     lookalike_batch_size: int | None = Field(
         None, ge=1, description="stage-2 batch size (None: batch_size)")
     lookalike_epochs: int = Field(6, ge=0)
+    episode_items: int = Field(32, ge=2, description="training items per episode")
+    episode_steps: int = Field(600, ge=0, description="episodes (optimiser steps) in stage 2")
+    episode_seeds: tuple[int, ...] = Field(
+        (1, 2, 5, 10, 20, 50), min_length=1, description="seed counts an episode draws from")
+    episode_item_weight: float = Field(
+        0.5, ge=0, description="weight of the item-side term (each positive user against the "
+        "episode's other items): keeps the user view")
+    transform: Literal["relu", "linear"] = Field(
+        "relu", description="look-alike transforming layer: Linear + ReLU (the paper) or Linear")
+    activity_prior: bool = Field(
+        False, description="audience scores add a learned γ·log(1 + user's clicks) to the "
+        "cosine score (a prior outside the cosine; rankings of items per user are unchanged)")
     global_dim: int = Field(32, ge=1, description="hidden size of the global attention")
     alpha: float = Field(0.3, description="weight of the global-attention cosine")
     beta: float = Field(0.7, description="weight of the local-attention cosine")
@@ -255,12 +268,17 @@ class LookalikeTower(nn.Module):
         super().__init__()
         m, h = cfg.embed_dim, cfg.dim
         self.alpha, self.beta = cfg.alpha, cfg.beta
-        self.transform = nn.Sequential(nn.Linear(m, h), nn.ReLU())
+        layers: list[nn.Module] = [nn.Linear(m, h)]
+        if cfg.transform == "relu":
+            layers.append(nn.ReLU())
+        self.transform = nn.Sequential(*layers)
         self.local_w = nn.Linear(h, h, bias=False)  # E_u W_l == local_w(E_u)
         self.global_proj = nn.Linear(h, cfg.global_dim, bias=False)  # W_g
         self.global_w = nn.Linear(cfg.global_dim, 1, bias=False)  # w_g
         self.tau = nn.Parameter(torch.tensor(float(cfg.tau_init)))
         self.bias = nn.Parameter(torch.zeros(()))
+        if cfg.activity_prior:  # only then in the state dict: older checkpoints still load
+            self.prior = nn.Parameter(torch.zeros(()))
 
     def global_attention(self, centroids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """centroids [..., k, h], mask [..., k] -> L2-normalised E_global [..., h]."""
@@ -294,9 +312,32 @@ class LookalikeTower(nn.Module):
         local = F.normalize(self.local_attention(users, centroids, mask), dim=-1)
         return self.alpha * (item_global @ u).squeeze(-1) + self.beta * (local @ u).squeeze(-1)
 
+    def score_all(self, users: torch.Tensor, centroids: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        """Every user against every item: users [U, h], centroids [C, k, h], mask [C, k]
+        -> [U, C], equal to :meth:`score` pair by pair (tested). As in
+        :meth:`RalmModel.score_gram`, E_local·u = w·(E u) and ||E_local||² = wᵀ(E Eᵀ)w, so
+        the [U, C, h] local embeddings are never formed (episodes score every user for
+        every item, forward and backward)."""
+        glob = self.global_attention(centroids, mask)  # [C, h]
+        u = F.normalize(users, dim=-1)
+        w = masked_softmax(torch.tanh(torch.einsum("ckh,uh->uck", centroids,
+                                                   self.local_w(users))), mask)
+        dots = torch.einsum("ckh,uh->uck", centroids, u)
+        gram = centroids @ centroids.transpose(1, 2)  # [C, k, k]
+        sq = torch.einsum("uck,ckl,ucl->uc", w, gram, w).clamp(min=1e-24)
+        local_cos = (w * dots).sum(-1) / sq.sqrt().clamp(min=1e-12)
+        return self.alpha * (u @ glob.T) + self.beta * local_cos
+
     def logit(self, score: torch.Tensor) -> torch.Tensor:
         """pCTR logit τ·score + b (the cosines live in [-1, 1]; τ scales them)."""
         return self.tau * score + self.bias
+
+    def prior_weight(self) -> float:
+        """γ/τ: the activity prior in score units (0 without one), so that ranking by
+        score + (γ/τ)·log(1 + clicks) is ranking by the trained logit."""
+        prior = getattr(self, "prior", None)
+        return 0.0 if prior is None else float(prior.detach()) / float(self.tau.detach())
 
 
 # ---------------------------------------------------------------- serving wrapper
@@ -348,6 +389,12 @@ class RalmModel:
     @property
     def k(self) -> int:
         return self.config.k
+
+    def audience_prior(self, clicks: np.ndarray) -> np.ndarray:
+        """[U] what an audience adds to each user's score for their click counts (zeros
+        unless trained with ``activity_prior``): one user's ranking of items is unchanged."""
+        w = self.lookalike.prior_weight()
+        return (w * np.log1p(np.maximum(np.asarray(clicks, np.float64), 0.0))).astype(np.float32)
 
     # ------------------------------------------------------------ embeddings
 

@@ -44,7 +44,8 @@ class NumpyTowers:
     merge_w1t: np.ndarray | None  # [m, a] attention merge (None: concatenation)
     merge_w2t: np.ndarray | None  # [a, 1]
     mlp: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]  # ([in, out], b)
-    transform: tuple[np.ndarray, np.ndarray]  # look-alike transforming layer (Linear + ReLU)
+    transform: tuple[np.ndarray, np.ndarray]  # look-alike transforming layer (Linear)
+    transform_relu: bool  # ... followed by a ReLU (RalmConfig.transform)
     local_wt: np.ndarray  # [h, h] W_lᵀ of the local attention: E_u W_l = u @ local_wt
 
     @classmethod
@@ -61,6 +62,7 @@ class NumpyTowers:
             merge_w2t=_t(merge.w2.weight) if attention else None,
             mlp=((_t(first.weight), _np(first.bias)), (_t(second.weight), _np(second.bias))),
             transform=(_t(lin.weight), _np(lin.bias)),
+            transform_relu=len(lookalike.transform) > 1,
             local_wt=np.ascontiguousarray(_np(lookalike.local_w.weight).T),
         )
 
@@ -85,7 +87,8 @@ class NumpyTowers:
         (w1, b1), (w2, b2) = self.mlp
         u = np.maximum(merged @ w1 + b1, 0.0) @ w2 + b2
         tw, tb = self.transform
-        return np.maximum(u @ tw + tb, 0.0).astype(np.float32, copy=False)
+        z = u @ tw + tb
+        return (np.maximum(z, 0.0) if self.transform_relu else z).astype(np.float32, copy=False)
 
     def _item_mean(self, items: np.ndarray) -> np.ndarray:
         """EmbeddingBag(mode="mean", padding_idx=0): mean over non-padding ids, 0 if none."""

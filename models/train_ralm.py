@@ -513,15 +513,23 @@ def fit_ralm(
     model = RalmModel.new(cfg, features)
     user_losses = train_user_tower(model.user_tower, clicks, cfg, rng, progress=progress, log=log)
     stage1 = time.perf_counter() - started
-    data = LookalikeData(model.user_tower, clicks, dataset, cfg)
-    la_losses = train_lookalike_tower(model.lookalike, data, cfg, rng, progress=progress, log=log)
+    if cfg.lookalike_examples == "episodes":
+        from models.episodes import train_episodes
+
+        la_losses = train_episodes(model, clicks, dataset, cfg, rng, progress=progress, log=log)
+        positives = 0
+    else:
+        data = LookalikeData(model.user_tower, clicks, dataset, cfg)
+        la_losses = train_lookalike_tower(model.lookalike, data, cfg, rng, progress=progress,
+                                          log=log)
+        positives = data.n_positives
     model.version = make_version(
         KIND, model.user_tower.state_dict(), model.lookalike.state_dict())
     model.metrics = {
         "user_tower_loss": user_losses,
         "lookalike_loss": la_losses,
         "train_clicks": int(len(dataset.user)),
-        "lookalike_positives": data.n_positives,
+        "lookalike_positives": positives,
         "user_tower_seconds": stage1,
         "train_seconds": time.perf_counter() - started,
     }

@@ -351,11 +351,13 @@ def test_embed_users_matches_training_encoding(model: RalmModel,
     np.testing.assert_allclose(batch[:1], one, atol=1e-6)
 
 
-@pytest.mark.parametrize("merge", ["attention", "concat"])
-def test_numpy_towers_equal_the_torch_towers(data: tuple[Dataset, Dataset], merge: str) -> None:
+@pytest.mark.parametrize(("merge", "transform"),
+                         [("attention", "relu"), ("concat", "relu"), ("attention", "linear")])
+def test_numpy_towers_equal_the_torch_towers(data: tuple[Dataset, Dataset], merge: str,
+                                             transform: str) -> None:
     """The serving copy (models/ralm_serving.py) against torch, and it follows weight updates."""
     train = data[0]
-    cfg = CFG.model_copy(update={"merge": merge})
+    cfg = CFG.model_copy(update={"merge": merge, "transform": transform})
     torch.manual_seed(0)
     model = RalmModel.new(cfg, FeatureSpace.build(train, cfg.history_len))
     with torch.no_grad():  # a padding row that is not zero must still count for nothing
