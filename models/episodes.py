@@ -121,9 +121,9 @@ def _masks(ep: Episode, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
 def episode_logits(model: RalmModel, data: EpisodeData, ep: Episode) -> torch.Tensor:
     """[B, U] audience logits τ·score (+ γ·log(1 + clicks)) of every user for the items."""
     z = model.lookalike.transform(model.user_tower(data.batch_without(ep.items)))
-    clusters = SeedClusters(np.concatenate(ep.seeds), np.repeat(ep.items, [len(s) for s in ep.seeds]),
-                            np.concatenate(ep.seed_ts), int(ep.items.max()) + 1, data.n_users,
-                            data.window)
+    items = np.repeat(ep.items, [len(s) for s in ep.seeds])
+    clusters = SeedClusters(np.concatenate(ep.seeds), items, np.concatenate(ep.seed_ts),
+                            int(ep.items.max()) + 1, data.n_users, data.window)
     clusters.recluster(z.detach().numpy())
     cent, mask = clusters.centroids(z, ep.items)
     tower = model.lookalike
