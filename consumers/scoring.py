@@ -135,6 +135,7 @@ class UserStore:
         self.user_of = np.full(cap, -1, np.int64)
         self.vecs = np.zeros((cap, 0), np.float32)  # [cap, h] once the first is stored
         self.fresh = np.zeros(cap, bool)  # vecs[slot] is the user's embedding now
+        self.n_clicks = np.zeros(cap, np.int64)  # the user's clicks (an audience prior)
         self._ids: list[np.ndarray] = []  # blocks of ID_BLOCK users' id rings
         self._free: list[int] = []
         self._next_slot = 0
@@ -165,6 +166,7 @@ class UserStore:
             self.rows, self.vecs = _grown(self.rows, cap), _grown(self.vecs, cap)
             self.user_of = np.r_[self.user_of, np.full(cap - len(self.user_of), -1, np.int64)]
             self.fresh = _grown(self.fresh, cap)
+            self.n_clicks = _grown(self.n_clicks, cap)
         if self._next_slot == ID_BLOCK * len(self._ids):
             self._ids.append(np.zeros((ID_BLOCK, self.id_len), np.int64))
         self._next_slot += 1
@@ -186,6 +188,7 @@ class UserStore:
         self.rows[st.slot, st.clicks % self.ring_len] = row
         self._ids[st.slot // ID_BLOCK][st.slot % ID_BLOCK, st.clicks % self.id_len] = c.item_id
         st.clicks += 1
+        self.n_clicks[st.slot] = st.clicks
         if c.ts > st.last_ts:
             st.last_ts = c.ts
         if c.profile is not None:
@@ -258,6 +261,7 @@ class UserStore:
                            float(arrays["last_ts"][j]))
             self.users[user] = st
             self.user_of[st.slot] = user
+            self.n_clicks[st.slot] = st.clicks
             self.id_ring(st.slot)[:] = arrays["ids"][j]
             self.rows[st.slot] = arrays["rows"][j]
             if vecs.shape[1] and vecs.shape[1] == self.vecs.shape[1]:
@@ -279,7 +283,7 @@ class UserStore:
     def nbytes(self) -> int:
         """Bytes of the store's arrays (the Python objects per user come on top)."""
         return (self.rows.nbytes + sum(b.nbytes for b in self._ids) + self.vecs.nbytes
-                + self.user_of.nbytes + self.fresh.nbytes)
+                + self.user_of.nbytes + self.fresh.nbytes + self.n_clicks.nbytes)
 
     def model_rows(self, states: list[UserState | None]) -> tuple[np.ndarray, np.ndarray]:
         """[B, ring_len] catalogue rows, oldest click first (as ``FeatureSpace.encode``

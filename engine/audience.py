@@ -9,12 +9,15 @@ each with the embedding of their latest click (``UserStore.vecs``).
 How one worker answers, for an item with centroids C [k, h] and counts:
 
 1. shortlist: the ``audience_candidates`` users nearest to the item's global
-   vector by cosine (one [users, h] product: ~10 ms at a million users);
+   vector by cosine (one [users, h] product: ~10 ms at a million users), plus
+   the model's activity prior (``RalmModel.audience_prior``: zero unless the
+   model was trained with ``activity_prior``);
 2. drop the item's seeds, i.e. the shortlisted users whose remembered clicks
    (the last ``scoring.max_seen``) include the item;
 3. re-rank with the full RALM score (global + local attention, the same
    ``RalmModel.score_projected`` recommendations use: the item's score for
-   that user), keep the top K.
+   that user) plus the same prior, keep the top K: the score
+   ``lookalike evaluate audience`` measures.
 
 Users are partitioned over scoring workers (by the clicks partition they
 click on), so every worker answers every request for the users it holds: one
@@ -79,14 +82,16 @@ def look_alike_users(model: RalmModel, table: CentroidTable, store: UserStore, i
     cent, counts = table.centroids[slot], table.counts[slot]
     g = model.item_global(cent[None], counts[None])[0]
     vecs = store.vecs[live]
-    cos = vecs @ g / np.maximum(np.linalg.norm(vecs, axis=1), 1e-12)
+    prior = model.audience_prior(store.n_clicks[live])  # zeros unless trained with one
+    cos = vecs @ g / np.maximum(np.linalg.norm(vecs, axis=1), 1e-12) + prior
     n = min(len(live), candidates + k)
     short = live[np.argpartition(-cos, n - 1)[:n]] if n < len(live) else live
     seeds = store.clicked(short, item)
     cand = short[~seeds]
     if not len(cand):
         return Audience([], None, len(short), int(seeds.sum()))
-    scores = _ralm_scores(model, store.vecs[cand], cent, counts, g)
+    scores = _ralm_scores(model, store.vecs[cand], cent, counts, g) + model.audience_prior(
+        store.n_clicks[cand])
     order = np.argsort(-scores, kind="stable")[:k]
     users = list(zip(store.user_of[cand[order]].tolist(), scores[order].tolist(), strict=True))
     return Audience(users, None, len(short), int(seeds.sum()))

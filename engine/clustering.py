@@ -433,7 +433,8 @@ class ItemClusters:
         table.widen(max(seg.wrows) + 1)
         kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner,
                     np.asarray(seg.wrows, np.int64), np.asarray(seg.left, np.bool_),
-                    np.ascontiguousarray(x, np.float32), seg.old[:len(seg.acc)])
+                    np.ascontiguousarray(x, np.float32), seg.old[:len(seg.acc)],
+                    self.cfg.seeds_per_centroid)
         np.add.at(table.since, owner, 1)
         touched = np.unique(owner)
         for row in touched[table.since[touched] >= self.cfg.refresh_every].tolist():

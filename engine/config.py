@@ -76,6 +76,10 @@ class WindowConfig(BaseModel):
 
     size: int = Field(256, ge=1, description="most recent distinct seed users kept per item")
     k: int = Field(20, ge=1, le=1024, description="centroids per item")
+    seeds_per_centroid: int = Field(
+        1, ge=1, description="a seed opens a new centroid only while the item has fewer "
+        "than ceil(seeds / this) of them (at most k): 1 opens one per seed until k; 5 keeps "
+        "an item with 5 seeds at one centroid, its seed mean")
     refresh_every: int = Field(
         64, ge=1, description="an item's centroids get a Lloyd refresh (its seeds relabelled "
         "to their nearest centroid) after this many accepted seeds (engine/kmeans.py)")

@@ -76,8 +76,12 @@ def inertia(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray | None = No
 @numba.njit(cache=True, nogil=True)
 def step(centroids: np.ndarray, counts: np.ndarray, sqnorms: np.ndarray, labels: np.ndarray,
          owner: np.ndarray, wrows: np.ndarray, left: np.ndarray, x: np.ndarray,
-         old: np.ndarray) -> None:  # pragma: no cover (compiled; tests run it)
+         old: np.ndarray, per_slot: int = 1) -> None:  # pragma: no cover (compiled)
     """The leave and join steps of seeds in arrival order, one after the other, in place.
+
+    A joining seed opens the first empty slot while the item has fewer live
+    slots than ceil(seeds / ``per_slot``) (1: every seed opens one until all
+    k are live), else joins the nearest live centroid.
 
     Seed p goes to window row ``wrows[p]`` of the item at table row ``owner[p]``;
     ``left[p]``: that row held a seed, ``old[p]``, which leaves first (its slot
@@ -101,14 +105,22 @@ def step(centroids: np.ndarray, counts: np.ndarray, sqnorms: np.ndarray, labels:
                 sq += np.float64(centroids[r, s, e]) ** 2
             counts[r, s] = max(rest, 0.0)
             sqnorms[r, s] = sq
+        live, total = 0, 1.0  # the joining seed counts
+        for j in range(k):
+            if counts[r, j] > 0:
+                live += 1
+                total += counts[r, j]
         slot = -1
-        for j in range(k):  # the first empty slot
-            if counts[r, j] <= 0:
-                slot = j
-                break
-        if slot < 0:  # else the nearest centroid: min |c|² - 2 x·c
+        if live < min(k, np.ceil(total / per_slot)):
+            for j in range(k):  # the first empty slot
+                if counts[r, j] <= 0:
+                    slot = j
+                    break
+        if slot < 0:  # else the nearest live centroid: min |c|² - 2 x·c
             best = np.inf
             for j in range(k):
+                if counts[r, j] <= 0:
+                    continue
                 dot = 0.0
                 for e in range(d):
                     dot += np.float64(x[p, e]) * centroids[r, j, e]

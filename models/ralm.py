@@ -80,6 +80,9 @@ class RalmConfig(BaseModel):
     # look-alike tower
     dim: int = Field(128, ge=1, description="h: look-alike (transformed) embedding size")
     k: int = Field(20, ge=1, description="seed centroids per item")
+    seeds_per_centroid: int = Field(
+        1, ge=1, description="k-means opens a centroid per this many seeds, at most k "
+        "(WindowConfig.seeds_per_centroid: the clustering worker's must agree)")
     max_seeds: int = Field(256, ge=1, description="most recent seeds per item (the window size)")
     lookalike_examples: Literal["inner_cut", "leave_out", "episodes"] = Field(
         "inner_cut", description="stage-2 examples: seeds before an inner time cut and "

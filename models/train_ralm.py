@@ -172,8 +172,10 @@ def item_seeds(
 
 
 def window_config(cfg: RalmConfig, k: int | None = None) -> WindowConfig:
-    """The clustering worker's window for this model's seeds: ``max_seeds`` and ``k``."""
-    return WindowConfig(size=cfg.max_seeds, k=k or cfg.k)
+    """The clustering worker's window for this model's seeds: ``max_seeds``, ``k`` and
+    ``seeds_per_centroid``."""
+    return WindowConfig(size=cfg.max_seeds, k=k or cfg.k,
+                        seeds_per_centroid=cfg.seeds_per_centroid)
 
 
 def cluster_seeds(

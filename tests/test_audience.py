@@ -54,6 +54,28 @@ def test_audience_excludes_seeds_and_ranks_by_the_ralm_score(stage, model):  # n
     assert set(ids) == {others[i] for i in best}
 
 
+def test_an_activity_prior_is_added_to_every_users_score(stage, model):  # noqa: F811
+    """A model trained with ``activity_prior`` ranks by score + (γ/τ)·log(1 + clicks), the
+    score ``lookalike evaluate audience`` measures: active users move up."""
+    import copy
+
+    import torch
+
+    with_prior = copy.deepcopy(model)
+    with_prior.lookalike.prior = torch.nn.Parameter(torch.tensor(3.0))
+    users = list(stage.users.users)
+    seeds = users[:3]
+    _seed_item(stage, seeds)
+    plain = look_alike_users(model, stage.table, stage.users, ITEM, 200, candidates=10_000)
+    got = look_alike_users(with_prior, stage.table, stage.users, ITEM, 20, candidates=10_000)
+    w = 3.0 / float(model.lookalike.tau)
+    clicks = {u: stage.users.get(u).clicks for u, _ in plain.users}
+    assert len(set(clicks.values())) > 1  # users differ in activity, so the prior matters
+    want = sorted(((s + w * np.log1p(clicks[u]), u) for u, s in plain.users), reverse=True)
+    assert [u for u, _ in got.users] == [u for _, u in want[:20]]
+    np.testing.assert_allclose([s for _, s in got.users], [s for s, _ in want[:20]], atol=1e-5)
+
+
 def test_a_narrow_shortlist_still_returns_the_best_it_saw(stage, model):  # noqa: F811
     users = list(stage.users.users)
     _seed_item(stage, users[:2])

@@ -153,3 +153,20 @@ def test_lloyd_reaches_its_fixed_point_and_stops_there():
     again = kmeans.lloyd(x[None], np.array([200]), c, n, labels, iters=5)
     assert again[3] == 0 and (again[2] == labels).all()
     assert kmeans.inertia(x, c[0], n[0]) < kmeans.inertia(x, init)
+
+
+def test_seeds_per_centroid_caps_the_open_slots():
+    """per_slot = 5: the first 5 seeds share one centroid (their mean), the 6th opens a
+    second slot, and a seed joins only live centroids, never an empty one."""
+    tables = _tables(1, 4, 2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 2)).astype(np.float32)
+    kmeans.step(*tables, np.zeros(5, np.int64), np.arange(5, dtype=np.int64),
+                np.zeros(5, bool), x[:5], np.zeros_like(x[:5]), 5)
+    cent, counts = tables[0][0], tables[1][0]
+    assert counts.tolist() == [5, 0, 0, 0]
+    np.testing.assert_allclose(cent[0], x[:5].mean(0), rtol=1e-5)
+    kmeans.step(*tables, np.zeros(2, np.int64), np.arange(5, 7, dtype=np.int64),
+                np.zeros(2, bool), x[5:], np.zeros_like(x[5:]), 5)
+    assert counts[2:].tolist() == [0, 0] and counts.sum() == 7
+    assert counts[1] >= 1  # the 6th seed opened slot 1 (ceil(6 / 5) = 2)
