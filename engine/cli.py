@@ -389,6 +389,31 @@ def evaluate_audience_cmd(
     typer.echo(f"wrote {out_dir}/audience.json, audience.md, audience-prec10.png")
 
 
+@evaluate_app.command("default-pipeline")
+def evaluate_default_pipeline_cmd(
+    ralm: Annotated[list[str] | None, typer.Option(
+        "--set", help="RalmConfig field=value (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="output folder (default <cache_dir>/reports/default-pipeline)")] = None,
+    dataset: Annotated[str, typer.Option(help="'ml-100k' or a MovieLens folder")] = "ml-100k",
+    cache_dir: CacheOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """RALM alone or blended with popularity: which serves requests naming no pipeline
+    (time-split user view; the weight chosen on a validation split)."""
+    from models.default_pipeline import choose
+    from models.ralm import RalmConfig
+
+    s = _settings(config, cache_dir=cache_dir)
+    try:
+        cfg = RalmConfig.model_validate(RalmConfig().model_dump() | _key_values(ralm))
+    except ValueError as e:
+        raise typer.BadParameter(f"--set: {e}") from e
+    out_dir = out or s.cache_dir / "reports" / "default-pipeline"
+    choose(_dataset(dataset, s), cfg, out_dir)
+    typer.echo(f"wrote {out_dir}/default-pipeline.json")
+
+
 @evaluate_app.command("cold-start")
 def evaluate_cold_start_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help="RALM checkpoint (default: latest)")] = (
