@@ -425,14 +425,15 @@ class RalmScorer(_RalmFamily):
 
 
 class RalmAverageScorer(_RalmFamily):
-    """RALM with average: cos(E_u, mean of the seeds' transformed embeddings)."""
+    """RALM with average: cos(E_u, mean of the seeds' transformed embeddings), plus the
+    model's activity prior where it has one: only the attention differs from RALM."""
 
     name = "ralm_average"
 
     def scores(self, task: Task) -> np.ndarray:
         emb = self.shared.emb
         means = _unit(np.stack([emb[s].mean(0) for s in task.seeds]))
-        return means @ _unit(emb).T
+        return means @ _unit(emb).T + self.shared.prior[None]
 
 
 class TowerSeedMeanScorer(_RalmFamily):

@@ -97,7 +97,7 @@ def ablation_rows(k_values: Sequence[int], cfg: RalmConfig) -> dict[str, str]:
 def quick_config(**overrides: object) -> RalmConfig:
     """Small epochs and sizes: the whole quick task runs in a couple of minutes on ml-100k."""
     base: dict[str, object] = dict(embed_dim=64, attention_dim=32, dim=64, user_epochs=2,
-                                   lookalike_epochs=1)
+                                   lookalike_epochs=1, episode_steps=150)
     return RalmConfig(**(base | overrides))
 
 
