@@ -82,7 +82,8 @@ def look_alike_users(model: RalmModel, table: CentroidTable, store: UserStore, i
     cent, counts = table.centroids[slot], table.counts[slot]
     g = model.item_global(cent[None], counts[None])[0]
     vecs = store.vecs[live]
-    prior = model.audience_prior(store.n_clicks[live])  # zeros unless trained with one
+    n_seeds = float(counts.sum())  # the window's seeds
+    prior = model.audience_prior(store.n_clicks[live], n_seeds)  # 0 unless trained with one
     cos = vecs @ g / np.maximum(np.linalg.norm(vecs, axis=1), 1e-12) + prior
     n = min(len(live), candidates + k)
     short = live[np.argpartition(-cos, n - 1)[:n]] if n < len(live) else live
@@ -91,7 +92,7 @@ def look_alike_users(model: RalmModel, table: CentroidTable, store: UserStore, i
     if not len(cand):
         return Audience([], None, len(short), int(seeds.sum()))
     scores = _ralm_scores(model, store.vecs[cand], cent, counts, g) + model.audience_prior(
-        store.n_clicks[cand])
+        store.n_clicks[cand], n_seeds)
     order = np.argsort(-scores, kind="stable")[:k]
     users = list(zip(store.user_of[cand[order]].tolist(), scores[order].tolist(), strict=True))
     return Audience(users, None, len(short), int(seeds.sum()))

@@ -390,9 +390,12 @@ class _FoldRalm:
                               log=lambda *_: None)
         self.emb = embed_everyone(self.model, fold.train)  # transformed: what seeds carry
         self.universal = universal_embeddings(self.model, fold.train)
-        clicks = np.bincount(fold.train.user, minlength=fold.n_users)
-        self.prior = self.model.audience_prior(clicks)  # zeros unless trained with one
+        self.clicks = np.bincount(fold.train.user, minlength=fold.n_users)
         self.fold = fold.index
+
+    def prior(self, n_seeds: int) -> np.ndarray:
+        """[n_users] the model's activity prior for an item with ``n_seeds`` seeds."""
+        return self.model.audience_prior(self.clicks, n_seeds)
 
 
 class _RalmFamily(Scorer):
@@ -421,7 +424,7 @@ class RalmScorer(_RalmFamily):
         state = cluster_clicks(window_config(m.config), items, users, ts, emb[users])
         cent, counts = state.stack(task.items, emb.shape[1])
         score = ralm_parts(m, emb, cent, counts).combine(m.config.alpha, m.config.beta).T
-        return score + self.shared.prior[None]
+        return score + self.shared.prior(task.n)[None]
 
 
 class RalmAverageScorer(_RalmFamily):
@@ -433,7 +436,7 @@ class RalmAverageScorer(_RalmFamily):
     def scores(self, task: Task) -> np.ndarray:
         emb = self.shared.emb
         means = _unit(np.stack([emb[s].mean(0) for s in task.seeds]))
-        return means @ _unit(emb).T + self.shared.prior[None]
+        return means @ _unit(emb).T + self.shared.prior(task.n)[None]
 
 
 class TowerSeedMeanScorer(_RalmFamily):

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from engine.data import Dataset
     from models.ralm import RalmModel
 
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # popularity's weight against RALM's 1
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # popularity's weight against RALM's 1
 PER_SOURCE = 200  # PipelineConfig.per_source
 
 

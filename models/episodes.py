@@ -127,7 +127,8 @@ def episode_logits(model: RalmModel, data: EpisodeData, ep: Episode) -> torch.Te
     clusters.recluster(z.detach().numpy())
     cent, mask = clusters.centroids(z, ep.items)
     tower = model.lookalike
-    logits = tower.tau * tower.score_all(z, cent, mask).T
+    n_seeds = torch.tensor([float(len(s)) for s in ep.seeds])[:, None]
+    logits = tower.scale(n_seeds) * tower.score_all(z, cent, mask).T
     prior = getattr(tower, "prior", None)
     return logits if prior is None else logits + prior * data.activity[None]
 

@@ -114,6 +114,9 @@ class RalmConfig(BaseModel):
     activity_prior: bool = Field(
         True, description="audience scores add a learned γ·log(1 + user's clicks) to the "
         "cosine score (a prior outside the cosine; rankings of items per user are unchanged)")
+    seed_count_scale: bool = Field(
+        False, description="with the activity prior: the score's scale grows as "
+        "(item's seeds)^s, s learned, so the prior can weigh more when an item has few seeds")
     global_dim: int = Field(32, ge=1, description="hidden size of the global attention")
     alpha: float = Field(0.3, description="weight of the global-attention cosine")
     beta: float = Field(0.7, description="weight of the local-attention cosine")
@@ -282,6 +285,8 @@ class LookalikeTower(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
         if cfg.activity_prior:  # only then in the state dict: older checkpoints still load
             self.prior = nn.Parameter(torch.zeros(()))
+        if cfg.seed_count_scale:
+            self.seed_scale = nn.Parameter(torch.zeros(()))
 
     def global_attention(self, centroids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """centroids [..., k, h], mask [..., k] -> L2-normalised E_global [..., h]."""
@@ -336,11 +341,19 @@ class LookalikeTower(nn.Module):
         """pCTR logit τ·score + b (the cosines live in [-1, 1]; τ scales them)."""
         return self.tau * score + self.bias
 
-    def prior_weight(self) -> float:
-        """γ/τ: the activity prior in score units (0 without one), so that ranking by
-        score + (γ/τ)·log(1 + clicks) is ranking by the trained logit."""
+    def scale(self, n_seeds: torch.Tensor) -> torch.Tensor:
+        """The score's scale in the audience logit: τ, or τ·n^s with ``seed_count_scale``."""
+        s = getattr(self, "seed_scale", None)
+        return self.tau if s is None else self.tau * n_seeds.clamp(min=1.0) ** s
+
+    def prior_weight(self, n_seeds: float = 1.0) -> float:
+        """γ / scale: the activity prior in score units (0 without one), so that ranking an
+        item's audience by score + weight·log(1 + clicks) is ranking by the trained logit."""
         prior = getattr(self, "prior", None)
-        return 0.0 if prior is None else float(prior.detach()) / float(self.tau.detach())
+        if prior is None:
+            return 0.0
+        with torch.no_grad():
+            return float(prior) / float(self.scale(torch.tensor(float(n_seeds))))
 
 
 # ---------------------------------------------------------------- serving wrapper
@@ -393,10 +406,10 @@ class RalmModel:
     def k(self) -> int:
         return self.config.k
 
-    def audience_prior(self, clicks: np.ndarray) -> np.ndarray:
-        """[U] what an audience adds to each user's score for their click counts (zeros
-        unless trained with ``activity_prior``): one user's ranking of items is unchanged."""
-        w = self.lookalike.prior_weight()
+    def audience_prior(self, clicks: np.ndarray, n_seeds: float = 1.0) -> np.ndarray:
+        """[U] what an audience of an item with ``n_seeds`` seeds adds to each user's score
+        for their click counts (zeros unless trained with ``activity_prior``)."""
+        w = self.lookalike.prior_weight(n_seeds)
         return (w * np.log1p(np.maximum(np.asarray(clicks, np.float64), 0.0))).astype(np.float32)
 
     # ------------------------------------------------------------ embeddings

@@ -61,12 +61,15 @@ def test_an_activity_prior_is_added_to_every_users_score(stage, model):  # noqa:
 
     import torch
 
-    with_prior = copy.deepcopy(model)
+    plain_model, with_prior = copy.deepcopy(model), copy.deepcopy(model)
+    if hasattr(plain_model.lookalike, "prior"):
+        del plain_model.lookalike.prior
     with_prior.lookalike.prior = torch.nn.Parameter(torch.tensor(3.0))
     users = list(stage.users.users)
     seeds = users[:3]
     _seed_item(stage, seeds)
-    plain = look_alike_users(model, stage.table, stage.users, ITEM, 200, candidates=10_000)
+    plain = look_alike_users(plain_model, stage.table, stage.users, ITEM, 200,
+                             candidates=10_000)
     got = look_alike_users(with_prior, stage.table, stage.users, ITEM, 20, candidates=10_000)
     w = 3.0 / float(model.lookalike.tau)
     clicks = {u: stage.users.get(u).clicks for u, _ in plain.users}

@@ -117,6 +117,25 @@ def test_the_activity_prior_is_learned_and_served(train: Dataset) -> None:
     assert w != 0.0
     np.testing.assert_allclose(m.audience_prior(np.array([0, 3])),
                                [0.0, w * np.log(4.0)], rtol=1e-6)
-    plain = fit_ralm(train, CFG.model_copy(update={"user_epochs": 1}), progress=False,
-                     log=lambda _: None)
+    plain = fit_ralm(train, CFG.model_copy(update={"user_epochs": 1, "activity_prior": False}),
+                     progress=False, log=lambda _: None)
     assert plain.audience_prior(np.array([7])).tolist() == [0.0]
+
+
+def test_the_prior_weight_shrinks_with_the_seed_count_when_the_scale_grows() -> None:
+    """``seed_count_scale``: logit = τ·n^s·score + γ·log(1 + clicks), so in score units an
+    item with n seeds adds γ / (τ·n^s) per log-click."""
+    from models.ralm import LookalikeTower
+
+    tower = LookalikeTower(RalmConfig.tiny(activity_prior=True, seed_count_scale=True))
+    with torch.no_grad():
+        tower.prior.fill_(2.0)
+        tower.seed_scale.fill_(0.5)
+        tower.tau.fill_(4.0)
+    assert tower.prior_weight(9.0) == pytest.approx(2.0 / (4.0 * 3.0))
+    assert tower.prior_weight(1.0) == pytest.approx(0.5)
+    plain = LookalikeTower(RalmConfig.tiny(activity_prior=True))
+    with torch.no_grad():
+        plain.prior.fill_(2.0)
+        plain.tau.fill_(4.0)
+    assert plain.prior_weight(9.0) == plain.prior_weight(1.0) == pytest.approx(0.5)
