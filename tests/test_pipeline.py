@@ -106,7 +106,7 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         user = int(ids[counts.argmax()])
         seen = {int(i) for i, u in zip(items, users) if u == user}
         produce(s, "score-requests", [(key_of(user), orjson.dumps(
-            {"user_id": user, "k": 7, "request_id": "r1"}))])
+            {"user_id": user, "k": 7, "request_id": "r1", "pipeline": "ralm"}))])
         recs = json_values(read_all(s, "recommendations", expect=1))
         assert len(recs) == 1
         rec = recs[0]
@@ -118,7 +118,7 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         scores = [it["score"] for it in rec["items"]]
         assert scores == sorted(scores, reverse=True)
 
-        # the ranking is the model's: the full RALM score over the Faiss shortlist
+        # pipeline "ralm" ranks by the model: the full RALM score over the Faiss shortlist
         st = scoring.users.get(user)
         vec = tiny_ralm.embed_users([st.profile], [list(st.history)], [st.clicks])
         shortlist = scoring.table.search(vec, s.scoring.candidates + len(st.seen))[0]
