@@ -64,13 +64,24 @@ class WorkerProcess:
 
 
 def ensure_checkpoint(s: Settings, train: Dataset, retrain: bool) -> Path:
-    from models.ralm import RalmConfig
+    """The latest RALM checkpoint if it was trained with today's default settings; else
+    a new one (an upgrade changes the defaults: the demo serves what was evaluated)."""
+    from models.checkpoint import CheckpointError
+    from models.ralm import RalmConfig, RalmModel
     from models.train_ralm import latest_checkpoint, train_ralm
 
     path = None if retrain else latest_checkpoint(s.checkpoint_dir)
     if path is not None:
-        print(f"using checkpoint {path.name}", flush=True)
-        return path
+        try:
+            old = RalmModel.load(path).config.model_dump()
+        except CheckpointError as e:
+            old = {"unreadable": str(e)}
+        changed = sorted(k for k, v in RalmConfig().model_dump().items() if old.get(k) != v)
+        if not changed:
+            print(f"using checkpoint {path.name}", flush=True)
+            return path
+        print(f"checkpoint {path.name} was trained with other settings ({', '.join(changed)})",
+              flush=True)
     print("training RALM on the time-split training part of ml-100k ...", flush=True)
     return train_ralm(train, RalmConfig(), s.checkpoint_dir)
 
