@@ -87,8 +87,9 @@ def test_baselines_rank_look_alikes_above_chance(folds):
 @pytest.mark.slow
 def test_ralm_scores_are_the_served_score_on_worker_centroids(folds):
     """RALM trained without the fold's items scores a fold item's pool with the serving
-    score (``RalmModel.score_user``) over centroids the worker's clustering makes of the
-    seeds; the family shares one training per fold."""
+    score (``RalmModel.score_user`` plus the audience prior, as ``engine.audience`` adds it)
+    over centroids the worker's clustering makes of the seeds; the family shares one
+    training per fold."""
     from engine.clustering import ItemClusters, SeedColumns
     from models.audience_expansion import scorers
     from models.ralm import RalmConfig
@@ -114,8 +115,10 @@ def test_ralm_scores_are_the_served_score_on_worker_centroids(folds):
     st = state.items[int(task.items[0])]
     model = shared.model
     glob = model.item_global(st.centroids[None], st.counts[None])
+    prior = model.audience_prior(np.bincount(fold.train.user, minlength=fold.n_users), 5)
+    assert prior.std() > 0  # the default model has an activity prior: served audiences add it
     for u in (0, 17, 400):
-        want = model.score_user(emb[u], st.centroids[None], st.counts[None], glob)[0]
+        want = model.score_user(emb[u], st.centroids[None], st.counts[None], glob)[0] + prior[u]
         assert got["ralm"][0, u] == pytest.approx(float(want), abs=1e-5)
 
 
