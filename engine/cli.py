@@ -16,6 +16,7 @@ from engine.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from engine.data import Dataset
+    from models.ralm import RalmConfig
 
 app = typer.Typer(
     help="Streaming real-time look-alike recommendations on Kafka.",
@@ -378,11 +379,7 @@ def evaluate_audience_cmd(
     s = _settings(config, cache_dir=cache_dir)
     out_dir = out or s.cache_dir / "reports" / "audience"
     ds = _dataset(dataset, s)
-    cfg = quick_config() if quick else RalmConfig()
-    try:
-        cfg = RalmConfig.model_validate(cfg.model_dump() | _key_values(ralm))
-    except ValueError as e:
-        raise typer.BadParameter(f"--set: {e}") from e
+    cfg = _ralm_config(quick_config() if quick else RalmConfig(), ralm)
     run(ds, names, cfg, out_dir, n_folds=folds, fold_seed=fold_seed,
         train_seeds=tuple(range(train_seeds)), inner=inner)
     typer.echo((out_dir / "audience.md").read_text())
@@ -405,10 +402,7 @@ def evaluate_default_pipeline_cmd(
     from models.ralm import RalmConfig
 
     s = _settings(config, cache_dir=cache_dir)
-    try:
-        cfg = RalmConfig.model_validate(RalmConfig().model_dump() | _key_values(ralm))
-    except ValueError as e:
-        raise typer.BadParameter(f"--set: {e}") from e
+    cfg = _ralm_config(RalmConfig(), ralm)
     out_dir = out or s.cache_dir / "reports" / "default-pipeline"
     choose(_dataset(dataset, s), cfg, out_dir)
     typer.echo(f"wrote {out_dir}/default-pipeline.json")
@@ -503,6 +497,18 @@ def _zoo_train(name: str, dataset: str, max_seconds: float | None, epochs: int |
                f"{result.best_epoch} valid {result.metric} {result.best_value:.4f}, "
                f"{result.seconds_per_epoch:.2f} s/epoch, {result.seconds:.0f} s")
     typer.echo(f"wrote {final}, {out_dir}/train.json, learning-curve.png")
+
+
+def _ralm_config(base: RalmConfig, sets: list[str] | None) -> RalmConfig:
+    """``base`` with the ``--set field=value`` pairs, or a usage error saying which is bad."""
+    pairs = _key_values(sets)
+    unknown = sorted(set(pairs) - set(type(base).model_fields))
+    if unknown:
+        raise typer.BadParameter(f"--set: unknown RalmConfig field(s) {', '.join(unknown)}")
+    try:
+        return type(base).model_validate(base.model_dump() | pairs)
+    except ValueError as e:
+        raise typer.BadParameter(f"--set: {e}") from e
 
 
 def _key_values(pairs: list[str] | None) -> dict[str, str]:

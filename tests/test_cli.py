@@ -54,3 +54,14 @@ def test_data_info_on_a_missing_folder_fails_clearly(tmp_path):
     r = subprocess.run(CLI + ["data", "info", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1 and "error:" in r.stderr
+
+
+def test_an_unknown_or_invalid_ralm_setting_is_a_usage_error(tmp_path):
+    """`--set` names RalmConfig fields: a typo must not run an hour of evaluation with the
+    defaults, and a bad value says which."""
+    for cmd, pair, says in ((["evaluate", "audience", "--models", "random"], "bogus=1",
+                             "unknown RalmConfig field(s) bogus"),
+                            (["evaluate", "default-pipeline"], "k=0", "greater than or equal")):
+        r = subprocess.run(CLI + cmd + ["--set", pair, "--cache-dir", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and says in " ".join(r.stderr.split()), r.stderr
