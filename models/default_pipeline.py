@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from consumers.pipelines import standardised
-from models.evaluate_lookalike import Protocol, embed_everyone, user_view
+from models.evaluate_lookalike import Protocol, score_matrix, user_view
 from models.ralm import RalmConfig
-from models.train_ralm import cluster_seeds, fit_ralm, validation_split
+from models.train_ralm import fit_ralm, validation_split
 
 if TYPE_CHECKING:
     from engine.data import Dataset
@@ -63,15 +63,11 @@ def served_scores(ralm: np.ndarray, global_cos: np.ndarray, n_seeds: np.ndarray,
 
 def _terms(model: RalmModel, proto: Protocol) -> tuple[np.ndarray, np.ndarray]:
     """RALM's score and the global-vector cosine of every test user × candidate."""
-    train = proto.train
-    emb = embed_everyone(model, train)
-    cent, counts = cluster_seeds(model.config, train.user, train.item, train.ts, emb,
-                                 proto.candidates)
-    glob = model.item_global(cent, counts)
-    users = emb[proto.users]
+    sm = score_matrix(model, proto.train, proto.users)
+    assert np.array_equal(sm["candidates"], proto.candidates)  # the same seed windows
+    users = sm["embeddings"]
     unit = users / np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
-    ralm = np.stack([model.score_user(u, cent, counts, glob) for u in users])
-    return ralm, unit @ glob.T
+    return sm["scores"], unit @ sm["item_global"].T
 
 
 def _prec(model: RalmModel, proto: Protocol, weights: Sequence[float]) -> dict[float, float]:

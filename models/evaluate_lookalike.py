@@ -159,8 +159,8 @@ def score_matrix(model: RalmModel, train: Dataset, users: np.ndarray) -> dict[st
     cent, counts = cluster_seeds(cfg, train.user, train.item, train.ts, emb, cands)
     glob = model.item_global(cent, counts)
     scores = np.stack([model.score_user(emb[u], cent, counts, glob) for u in users])
-    return {"scores": scores, "candidates": cands,
-            "n_seeds": np.array([len(seeds[i]) for i in cands])}
+    return {"scores": scores, "candidates": cands, "item_global": glob,
+            "embeddings": emb[users], "n_seeds": np.array([len(seeds[i]) for i in cands])}
 
 
 def evaluate_lookalike(

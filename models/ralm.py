@@ -410,6 +410,8 @@ class RalmModel:
         """[U] what an audience of an item with ``n_seeds`` seeds adds to each user's score
         for their click counts (zeros unless trained with ``activity_prior``)."""
         w = self.lookalike.prior_weight(n_seeds)
+        if w == 0.0:  # no prior: skip the log over every held user (audiences' hot path)
+            return np.zeros(len(clicks), np.float32)
         return (w * np.log1p(np.maximum(np.asarray(clicks, np.float64), 0.0))).astype(np.float32)
 
     # ------------------------------------------------------------ embeddings
