@@ -133,3 +133,10 @@ def assign_all(consumer: KafkaConsumer, topic: str, at: str = "end",
     for tp in tps:
         consumer.position(tp)
     return tps
+
+
+def record_time(record: Any) -> float | None:
+    """A record's Kafka timestamp in unix seconds (None if it has none): the producer's
+    create time or the broker's append time, the same on every read of the record."""
+    ts = getattr(record, "timestamp", None)
+    return ts / 1000.0 if isinstance(ts, int) and ts >= 0 else None

@@ -33,7 +33,7 @@ from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 from threadpoolctl import threadpool_limits
 
-from consumers.kafka import make_consumer
+from consumers.kafka import make_consumer, record_time
 from consumers.loop import Event, Stage
 from consumers.pipelines import (
     Pool,
@@ -357,7 +357,7 @@ class ScoringStage(Stage):
             # an item the model was not trained on is still a click: its seed starts the
             # item's window, so it is servable from its first seeds (min_seeds); to the
             # user tower it is padding, as any item it has no embedding for
-            return decode_click(record.value, time.time(), max_bytes)
+            return decode_click(record.value, time.time(), max_bytes, record_time(record))
         req = decode_score_request(record.value, self.settings.scoring.max_k, max_bytes)
         if req.pipeline is not None and req.pipeline not in self.settings.scoring.pipelines:
             raise BadEvent("schema", f"unknown pipeline {req.pipeline!r:.40}; configured: "

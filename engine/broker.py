@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -42,17 +44,40 @@ def broker_binary() -> str:
         raise BrokerError(str(e)) from e
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None):
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on (or holds) ``host:port``."""
+    with socket.socket() as s:
+        # as a server binds: a port left in TIME_WAIT by a stopped broker is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None,
+                  output: Path | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise BrokerError(f"broker exited with code {proc.returncode} before answering")
+            raise BrokerError(f"broker exited with code {proc.returncode} before answering"
+                              + output_tail(output))
         try:
             socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
     raise BrokerError(f"nothing answered on {host}:{port} within {timeout_s:.0f} s")
+
+
+def output_tail(path: Path | None, lines: int = 20) -> str:
+    """The end of the broker's own output, for an error message (empty if none)."""
+    if path is None or not path.exists():
+        return ""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))  # log colours
+    text = plain.strip().splitlines()[-lines:]
+    return ("; its output ends:\n  " + "\n  ".join(text)) if text else ""
 
 
 class EmbeddedBroker:
@@ -67,6 +92,7 @@ class EmbeddedBroker:
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
+        self._own_log = False  # a temporary log made by ``start`` (removed by ``stop``)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -74,6 +100,15 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
+        """Start the broker; :class:`BrokerError` (with the broker's own output) if the
+        port is taken or the process ends before it answers.
+
+        Why the port is checked first: the broker exits at once on a taken port, but
+        whatever holds the port answers the readiness probe, so without the check a
+        second broker would be reported ready and clients would talk to the first."""
+        if port_in_use(self.host, self.port):
+            raise BrokerError(f"{self.host}:{self.port} is already in use (another broker "
+                              "or service?): pick another port (--port)")
         url = f"tcp://{self.host}:{self.port}"
         cmd = [
             broker_binary(), "broker",
@@ -81,13 +116,19 @@ class EmbeddedBroker:
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
         ]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        if self.log_file is None:  # its output is kept for error messages
+            fd, name = tempfile.mkstemp(prefix="lookalike-broker-", suffix=".log")
+            os.close(fd)
+            self.log_file, self._own_log = Path(name), True
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        if self.log_file:
-            out.close()
+        with open(self.log_file, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_for_port(self.host, self.port, timeout_s, self.proc)
+            wait_for_port(self.host, self.port, timeout_s, self.proc, self.log_file)
+            time.sleep(0.05)  # a broker that lost a bind race exits right after
+            if self.proc.poll() is not None:
+                raise BrokerError(f"broker exited with code {self.proc.returncode}"
+                                  + output_tail(self.log_file))
         except BrokerError:
             self.stop()
             raise
@@ -97,6 +138,9 @@ class EmbeddedBroker:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM our own process (by PID), then SIGKILL if it lingers."""
         terminate(self.proc, timeout_s)
+        if self._own_log and self.log_file is not None:
+            self.log_file.unlink(missing_ok=True)
+            self.log_file, self._own_log = None, False
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start() if self.proc is None else self

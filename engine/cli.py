@@ -125,7 +125,7 @@ def broker(
     config: ConfigOpt = None,
 ) -> None:
     """Run the embedded Kafka-compatible broker (memory storage) until Ctrl-C/SIGTERM."""
-    from engine.broker import BrokerError, EmbeddedBroker
+    from engine.broker import BrokerError, EmbeddedBroker, output_tail
     from engine.topics import create_topics as create
 
     _logging()
@@ -142,7 +142,8 @@ def broker(
         typer.echo(f"broker ready on {b.bootstrap_servers} (pid {b.proc.pid}); Ctrl-C stops it")
         while not stop.wait(0.5):
             if b.proc.poll() is not None:
-                typer.echo(f"error: broker exited with code {b.proc.returncode}", err=True)
+                typer.echo(f"error: broker exited with code {b.proc.returncode}"
+                           f"{output_tail(b.log_file)}", err=True)
                 raise typer.Exit(1)
     finally:
         b.stop()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from kafka.admin import KafkaAdminClient
 
 from engine.broker import free_port
@@ -36,6 +37,30 @@ def test_broker_command_serves_creates_topics_and_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_broker_command_on_a_taken_port_fails_and_touches_nothing(broker):
+    """Another broker already listens there: a clear error and status 1, not "broker
+    ready" with the dataflow's topics created on the other broker."""
+    r = subprocess.run(CLI + ["broker", "--port", str(broker.port), "--topic-prefix",
+                              "taken-"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "already in use" in r.stderr and "broker ready" not in r.stdout
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    try:
+        assert not any(t.startswith("taken-") for t in admin.list_topics())
+    finally:
+        admin.close()
+
+
+def test_a_broker_that_exits_at_start_reports_its_own_output(broker, monkeypatch):
+    """The race the port check cannot close (the port taken between the check and the
+    broker's bind): the broker's own error reaches the message (it was discarded)."""
+    import engine.broker as eb
+
+    monkeypatch.setattr(eb, "port_in_use", lambda host, port: False)
+    with pytest.raises(eb.BrokerError, match="(?s)exited with code.*Address in use"):
+        eb.EmbeddedBroker(port=broker.port).start(timeout_s=10)
 
 
 def test_scoring_worker_without_checkpoint_fails_clearly(tmp_path):

@@ -134,3 +134,15 @@ def test_wrong_types_are_rejected_or_valid(obj):
         return
     assert isinstance(c.user_id, int) and c.user_id >= 0
     assert math.isfinite(c.ts) and 0 <= c.ts <= NOW + 86_400
+
+
+def test_a_click_without_ts_takes_the_records_timestamp_every_time():
+    raw = b'{"user_id": 7, "item_id": 9}'
+    first = decode_click(raw, NOW, record_ts=NOW - 100.0)
+    later = decode_click(raw, NOW + 50.0, record_ts=NOW - 100.0)  # re-read after a crash
+    assert first.ts == later.ts == NOW - 100.0
+    assert decode_click(raw, NOW).ts == NOW  # no record time: the wall clock, as before
+    assert decode_click(b'{"user_id": 7, "item_id": 9, "ts": 5}', NOW,
+                        record_ts=NOW - 100.0).ts == 5.0  # the producer's own ts wins
+    with pytest.raises(BadEvent, match="future"):
+        decode_click(raw, NOW, record_ts=NOW + 3 * 86400.0)
