@@ -139,6 +139,9 @@ class UserStore:
         self._ids: list[np.ndarray] = []  # blocks of ID_BLOCK users' id rings
         self._free: list[int] = []
         self._next_slot = 0
+        #: clicks partition -> the offset after the last click applied from it: a click
+        #: at a lower offset (a retried batch, a replay) has been applied and changes nothing
+        self.applied: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.users)
@@ -150,6 +153,10 @@ class UserStore:
         """Forget the users for whom ``pred(state)`` (their partition moved away)."""
         for user in [u for u, st in self.users.items() if pred(st)]:
             self._release(self.users.pop(user).slot)
+
+    def is_new(self, partition: int, offset: int) -> bool:
+        """Whether the click at ``offset`` of ``partition`` is not applied yet."""
+        return offset >= self.applied.get(partition, 0)
 
     def _release(self, slot: int) -> None:
         self.user_of[slot] = -1
@@ -327,6 +334,8 @@ class ScoringStage(Stage):
         self.model = model
         ring = min(cfg.history_len, model.features.history_len)
         self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen, ring)
+        #: clicks partition -> the offset after the last click whose seed was sent
+        self._seeded: dict[int, int] = {}
         self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
         self._partition_cache: dict[int, int] = {}
         self._partitions = 0
@@ -421,23 +430,43 @@ class ScoringStage(Stage):
         z = z_of[p.zip_code] = int(fs.categorical([Profile(zip_code=p.zip_code)])[0, 2])
         return g, o, z
 
-    def _apply_clicks(self, clicks: list[Click], partitions: list[int]) -> dict[int, UserState]:
-        """Clicks into user state; the state of each user after the last of their clicks."""
-        items = np.fromiter((c.item_id for c in clicks), np.int64, len(clicks))
+    def _apply_clicks(self, clicks: list[Click], partitions: list[int],
+                      offsets: list[int] | None = None) -> dict[int, UserState]:
+        """Clicks into user state, each at most once when ``offsets`` are given
+        (``UserStore.applied``; None: apply all, untracked, as warm-ups do); the state
+        of each user after the last click applied."""
+        applied = self.users.applied
+        new = (range(len(clicks)) if offsets is None else
+               [j for j, (p, o) in enumerate(zip(partitions, offsets, strict=True))
+                if o >= applied.get(p, 0)])
+        items = np.fromiter((clicks[j].item_id for j in new), np.int64, len(new))
         rows = self.model.features.catalog_rows(items).tolist()
         last: dict[int, UserState] = {}
-        for c, p, row in zip(clicks, partitions, rows, strict=True):
-            last[c.user_id] = self.users.click(c, p, row)
+        for j, row in zip(new, rows, strict=True):
+            last[clicks[j].user_id] = self.users.click(clicks[j], partitions[j], row)
+            if offsets is not None:
+                applied[partitions[j]] = offsets[j] + 1
         return last
 
     def _clicks(self, events: list[Event]) -> None:
-        """Update user state, then emit each click's seed (the user's new embedding)."""
-        last = self._apply_clicks([ev.value for ev in events],
-                                  [ev.record.partition for ev in events])
+        """Update user state, then emit the seed (the user's new embedding) of each click
+        whose seed is not sent yet. Both steps skip what they did before, so a batch
+        retried after a failure (``ConsumerLoop._handle``) or read again changes nothing."""
+        self._apply_clicks([ev.value for ev in events], [ev.record.partition for ev in events],
+                           [ev.record.offset for ev in events])
+        owed = [ev for ev in events if ev.record.offset >= self._seeded.get(ev.record.partition, 0)]
+        last = {ev.value.user_id: st for ev in owed
+                if (st := self.users.get(ev.value.user_id)) is not None}
+        owed = [ev for ev in owed if ev.value.user_id in last]  # unless evicted meanwhile
+        if not owed:
+            return
         states = list(last.values())
         vecs = self._embed(states, [s.profile for s in states])
         self.users.set_vectors(states, vecs)
-        self._emit_click_seeds(events, last, vecs)
+        self._emit_click_seeds(owed, last, vecs)
+        for ev in owed:
+            p = ev.record.partition
+            self._seeded[p] = max(self._seeded.get(p, 0), ev.record.offset + 1)
 
     def _emit_click_seeds(self, events: list[Event], last: dict[int, UserState],
                           vecs: np.ndarray) -> None:
@@ -731,6 +760,9 @@ class ScoringStage(Stage):
         lost = {tp.partition for tp in partitions if tp.topic == self.names.clicks}
         if lost:
             self.users.drop(lambda st: st.partition in lost)
+            for p in lost:  # a partition that comes back is restored afresh
+                self.users.applied.pop(p, None)
+                self._seeded.pop(p, None)
 
     def restore(self, tp: TopicPartition, snap: Snapshot | None,
                 committed: int | None) -> int | None:
@@ -745,8 +777,10 @@ class ScoringStage(Stage):
                 log.info("%s: %d users from a snapshot at offset %d", tp, n, start)
             except (ValueError, KeyError) as e:
                 log.warning("snapshot of %s not used (%s): rebuilding from the log", tp, e)
+        self.users.applied[tp.partition] = start
         if committed:
             self._replay_clicks({tp: (start, committed)})
+        self._seeded[tp.partition] = committed or 0  # seeds before the commit were sent
         return None
 
     def snapshot(self, tp: TopicPartition, offset: int) -> Snapshot:
@@ -771,16 +805,17 @@ class ScoringStage(Stage):
             deadline = time.monotonic() + 300
             while left and time.monotonic() < deadline:
                 for tp, records in reader.poll(timeout_ms=500).items():
-                    clicks = []
+                    clicks, offsets = [], []
                     for rec in records:
                         if rec.offset >= ends[tp]:
                             break
                         try:
                             clicks.append(self.decode(T.CLICKS, rec))
+                            offsets.append(rec.offset)
                         except BadEvent:
                             pass  # dead-lettered the first time round
                     if clicks:
-                        self._apply_clicks(clicks, [tp.partition] * len(clicks))
+                        self._apply_clicks(clicks, [tp.partition] * len(clicks), offsets)
                         restored += len(clicks)
                 for tp in list(left):
                     if reader.position(tp) >= ends[tp]:

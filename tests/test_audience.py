@@ -113,7 +113,7 @@ def test_the_click_path_stores_each_users_new_embedding(data, model):  # noqa: F
 
     stage = _stage(model)
     clicks = _clicks(data, 300)
-    events = [Event("clicks", _Rec(), c) for c in clicks]
+    events = [Event("clicks", _Rec(i), c) for i, c in enumerate(clicks)]
     stage._clicks(events)
     live = stage.users.user_of >= 0
     assert stage.users.fresh[live].all()
@@ -124,6 +124,9 @@ def test_the_click_path_stores_each_users_new_embedding(data, model):  # noqa: F
 
 class _Rec:
     partition, timestamp = 0, 0
+
+    def __init__(self, offset: int):
+        self.offset = offset
 
 
 def test_evicted_users_leave_the_audience(data, model):  # noqa: F811

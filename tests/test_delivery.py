@@ -98,3 +98,47 @@ def test_clicks_without_ts_replayed_after_a_crash_change_no_window(settings, ml1
     twice = read_all(s, "seed-events")
     assert len(twice) > len(once)  # the second worker did emit seeds again
     assert _windows(_clusters(s, twice)) == _windows(_clusters(s, once))
+
+
+def test_a_batch_that_fails_after_applying_its_clicks_applies_no_click_twice(
+        settings, ml100k, tiny_ralm):
+    """A poisoned click makes ``handle`` fail after the batch's clicks were applied
+    (the fault injected where their seeds are emitted: no real record makes the stage
+    raise there), so the loop retries the batch event by event. No click is applied
+    twice: each user's state is what the click log implies; the poisoned click alone
+    is dead-lettered, and every other click's seed is still sent."""
+    s = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"k": tiny_ralm.k})})
+    users = ml100k.users.ids[ml100k.user[:N_CLICKS]].tolist()
+    items = ml100k.items.ids[ml100k.item[:N_CLICKS]].tolist()
+    poison = (users[N_CLICKS // 2], items[N_CLICKS // 2])
+    produce(s, "clicks", [(key_of(u), orjson.dumps({"user_id": u, "item_id": i, "ts": 1e9}))
+                          for u, i in zip(users, items, strict=True)])
+    stage = ScoringStage(s, tiny_ralm)
+    emit, batches = stage._emit_click_seeds, []
+
+    def poisoned(events, last, vecs):
+        batches.append(len(events))
+        if any((ev.value.user_id, ev.value.item_id) == poison for ev in events):
+            raise RuntimeError("injected fault")
+        return emit(events, last, vecs)
+
+    stage._emit_click_seeds = poisoned
+    w = start_worker(stage)
+    try:
+        wait_until(lambda: total(scrape(w.metrics_url), "lookalike_dead_letters_total") >= 1
+                   and total(scrape(w.metrics_url), "lookalike_events_consumed_total",
+                             topic="clicks") >= N_CLICKS, what="clicks and the poison handled")
+        assert max(batches) > 1  # the poison came in a batch with other clicks
+        want: dict[int, list[int]] = {}
+        for u, i in zip(users, items, strict=True):
+            want.setdefault(u, []).append(i)
+        got = {u: (st.clicks, st.history) for u, st in stage.users.users.items()}
+        assert got == {u: (len(v), v[-s.scoring.history_len:]) for u, v in want.items()}
+        dlq = read_all(s, "clicks.dlq", expect=1)
+        assert [dict(r.headers)["reason"] for r in dlq] == [b"processing_error"]
+        seeds = _clusters(s, read_all(s, "seed-events"))
+        assert sum(len(c.window) for c in seeds.items.values()) == len(set(zip(
+            users, items, strict=True))) - 1  # every click's seed but the poisoned one's
+    finally:
+        w.stop()
