@@ -28,9 +28,14 @@ def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> Kafk
         linger_ms=linger_ms,
         batch_size=256 * 1024,
         max_request_size=8 * 1024 * 1024,
-        request_timeout_ms=30_000,
+        # the client requires delivery > linger + request timeout
+        request_timeout_ms=min(30_000, (cfg.delivery_timeout_ms - linger_ms) // 2),
+        delivery_timeout_ms=cfg.delivery_timeout_ms,
         compression_type=None,
         allow_auto_create_topics=False,  # as for consumers (make_consumer)
+        # a send that cannot get metadata or buffer space raises after this, instead of
+        # holding the poll loop past max_poll_interval_ms (the loop reads the batch again)
+        max_block_ms=5_000,
     )
     settings.update(extra)
     return KafkaProducer(**settings)

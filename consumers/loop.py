@@ -13,7 +13,11 @@ One iteration, in this order — the only place the order is written:
    event is retried alone and the one that fails again is dead-lettered
    (``processing_error``): one bad event never stops a worker;
 4. ``stage.tick(now)``: periodic work (index refresh, table reads);
-5. flush the producer: outputs and dead letters are durable in Kafka;
+5. flush the producer and check every record's delivery: outputs and dead
+   letters are durable in Kafka. A record that failed (an outage past
+   ``kafka.delivery_timeout_ms``, any error the producer gave up on) is sent
+   again with every record sent after it, in order, until all are
+   acknowledged; meanwhile nothing is committed;
 6. commit the consumed offsets;
 7. every ``snapshots.every_s``: write each assigned partition's state with
    the offset it reflects (``consumers/snapshots.py`` has the whole order).
@@ -73,10 +77,26 @@ log = logging.getLogger(__name__)
 #: its group again, and how many times (``ConsumerLoop._retry_rejoin``)
 REJOIN_AFTER_S = 45.0  # well over a join (a fresh consumer joins in ~6-11 s here)
 REJOIN_TRIES = 3
+#: how long step 5 waits for the producer before the loop holds its input and polls on
+#: (paused) while the outputs are delivered; and each wait while held
+FLUSH_S, HELD_FLUSH_S = 5.0, 0.5
 
 
 class TopologyLost(RuntimeError):
     """The broker came back with the dataflow's topics laid out differently."""
+
+
+@dataclass
+class Sent:
+    """An output record not yet confirmed: what it was, to send it again if it fails."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None
+    partition: int | None
+    future: Any
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,9 @@ class ConsumerLoop:
                                        self.group_id, snap.every_s)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="snapshots")
         self._writing: Future[None] | None = None
+        self._unconfirmed: list[Sent] = []  # sent since the last delivered flush, in order
+        self._held = False  # outputs undelivered: input paused until they are (_poll_held)
+        self._next_delivery_log = 0.0
         stage.loop = self
 
     # ------------------------------------------------------------- kafka io
@@ -191,8 +214,11 @@ class ConsumerLoop:
              headers: list[tuple[str, bytes]] | None = None,
              timestamp_ms: int | None = None, partition: int | None = None) -> None:
         assert self.producer is not None
-        self.producer.send(topic, key=key, value=value, headers=headers or [],
-                           timestamp_ms=timestamp_ms, partition=partition)
+        headers = headers or []
+        future = self.producer.send(topic, key=key, value=value, headers=headers,
+                                    timestamp_ms=timestamp_ms, partition=partition)
+        self._unconfirmed.append(Sent(topic, key, value, headers, timestamp_ms, partition,
+                                      future))
 
     def dead_letter(self, topic: str, record: ConsumerRecord, err: BadEvent) -> None:
         headers = [
@@ -211,26 +237,107 @@ class ConsumerLoop:
             log.warning("dead-lettered %s[%d]@%d: %s", record.topic, record.partition,
                         record.offset, err)
 
-    def _flush_and_commit(self) -> None:
-        """Steps 5 and 6: outputs durable first, then the offsets."""
-        assert self.producer is not None and self.consumer is not None
-        backoff = 0.1
-        while True:
-            try:
-                self.producer.flush(timeout=30)
-                break
-            except KafkaError as e:  # transient: retry, never drop
-                self.metrics.errors.labels(self.stage.name, "flush").inc()
-                log.warning("producer flush failed (%s); retrying in %.1f s", e, backoff)
-                if self.stop.wait(backoff):
-                    raise
-                backoff = min(backoff * 2, 5.0)
+    def _flush_and_commit(self, flush_s: float = FLUSH_S) -> bool:
+        """Steps 5 and 6: every output acknowledged first, then the offsets. Whether it
+        committed; if not, the loop holds its input until the outputs are delivered."""
+        assert self.consumer is not None
+        if not self._delivered(flush_s):
+            self._hold()
+            return False
         try:
             self.consumer.commit()
         except CommitFailedError as e:
             # the group moved on (rebalance): the records will be replayed, state is idempotent
             self.metrics.errors.labels(self.stage.name, "commit").inc()
             log.warning("offset commit failed, batch will be replayed: %s", e)
+        return True
+
+    def _delivered(self, flush_s: float) -> bool:
+        """Flush (up to ``flush_s``); whether every record sent since the last delivery
+        is acknowledged by the broker.
+
+        Why each record is checked: ``flush`` returns once every record has
+        *completed*, failed ones included (kafka-python logs them and moves on), so
+        committing after a bare flush would commit inputs whose outputs never reached
+        the broker. Once nothing is in flight, a failed record is sent again together
+        with every record sent after it, in the order they were sent: per key the last
+        record stays the newest (latest-wins topics such as ``seed-centroids``), and a
+        record that arrives twice is a replay its readers drop (seed windows, the
+        centroid table)."""
+        assert self.producer is not None
+        try:
+            self.producer.flush(timeout=flush_s)
+        except KafkaError:  # timed out: records still in flight, not failed
+            pass
+        pending = self._unconfirmed
+        waiting = sum(not r.future.is_done for r in pending)
+        first = next((i for i, r in enumerate(pending)
+                      if r.future.is_done and r.future.failed()), None)
+        if first is None and not waiting:
+            self._unconfirmed = []
+            self.metrics.undelivered.labels(self.stage.name).set(0)
+            return True
+        self.metrics.undelivered.labels(self.stage.name).set(len(pending) - first
+                                                              if first is not None else waiting)
+        if first is None or waiting:
+            return False  # wait for the producer's own retries to end either way
+        again = pending[first:]
+        self._hold()  # before sending again, which may raise (no metadata yet)
+        self.metrics.errors.labels(self.stage.name, "delivery").inc()
+        now = time.monotonic()
+        if now >= self._next_delivery_log:  # at most one line per 5 s
+            self._next_delivery_log = now + 5.0
+            log.warning("%s worker: output to %s not acknowledged (%s); sending it and the "
+                        "%d records after it again, committing nothing meanwhile",
+                        self.stage.name, again[0].topic, again[0].future.exception,
+                        len(again) - 1)
+        self._renew_producer()
+        self._unconfirmed = pending[:first]
+        for j, r in enumerate(again):
+            try:
+                self.send(r.topic, r.key, r.value, r.headers, r.timestamp_ms, r.partition)
+            except KafkaError:  # e.g. no metadata yet: the rest keep their failed futures
+                self._unconfirmed.extend(again[j:])
+                raise
+            self.metrics.resent.labels(self.stage.name).inc()
+        return False
+
+    def _renew_producer(self) -> None:
+        """A new producer for sending failed records again. Why: once a batch expires
+        after being sent, the idempotent producer drops its producer id and waits for a
+        new one before it sends anything; kafka-python against the embedded broker was
+        seen to wait for good (the records sent again stayed in flight after the broker
+        was back). A new producer starts with a new id; the old one has nothing left in
+        flight (records are sent again only then) and is closed at once."""
+        old, self.producer = self.producer, make_producer(self.settings.kafka)
+        try:
+            assert old is not None
+            old.close(timeout=0)
+        except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
+            log.warning("closing the old producer: %s", e)
+
+    def _hold(self) -> None:
+        """Stop consuming until the outputs are delivered (``_poll_held``)."""
+        if not self._held:
+            self._held = True
+            log.warning("%s worker: holding its input until its outputs are delivered",
+                        self.stage.name)
+
+    def _poll_held(self) -> None:
+        """A poll while outputs wait for delivery: every partition paused, so the member
+        stays in its group (``max_poll_interval_ms``) and takes in nothing; then the
+        delivery is checked again, and once it holds the offsets are committed and the
+        partitions resumed. A record a poll returns anyway (a partition assigned by a
+        rebalance inside it) is sought back: it is read again after the hold."""
+        assert self.consumer is not None
+        self.consumer.pause(*self.consumer.assignment())
+        for tp, records in poll(self.consumer, self.stage.poll_timeout_ms).items():
+            if records:
+                self.consumer.seek(tp, records[0].offset)
+        if self._flush_and_commit(HELD_FLUSH_S):
+            self._held = False
+            self.consumer.resume(*(self.consumer.assignment() - self._restoring))
+            log.warning("%s worker: outputs delivered, input resumed", self.stage.name)
 
     # ------------------------------------------------------------- the loop
     def _decode(self, polled: dict[TopicPartition, list[ConsumerRecord]]) -> list[Event]:
@@ -253,6 +360,8 @@ class ConsumerLoop:
         try:
             self.stage.handle(events)
             return
+        except KafkaError:
+            raise  # the broker's trouble, not the events': the batch is read again
         except Exception:
             if len(events) == 1:
                 ev = events[0]
@@ -263,24 +372,38 @@ class ConsumerLoop:
         for ev in events:
             try:
                 self.stage.handle([ev])
+            except KafkaError:
+                raise
             except Exception as e:  # noqa: BLE001 - one bad event never kills the worker
                 detail = f"{type(e).__name__}: {e}"
                 self.dead_letter(ev.topic, ev.record, BadEvent("processing_error", detail))
 
     def poll_once(self) -> int:
         assert self.consumer is not None
+        if self._held:
+            self._poll_held()
+            self._report_lag()
+            return 0
         polled = poll(self.consumer, self.stage.poll_timeout_ms, self.stage.max_poll_records)
         t0 = time.perf_counter()
         self._restore()
         n = sum(len(v) for v in polled.values())
         if n:
             events = self._decode(polled)
-            if events:
-                self._handle(events)
+            try:
+                if events:
+                    self._handle(events)
+            except KafkaError:  # e.g. a send that found no buffer space: read it all again
+                for tp, records in polled.items():
+                    if records:
+                        self.consumer.seek(tp, records[0].offset)
+                raise
         self.stage.tick(time.time())
         if n:
             self._flush_and_commit()
             self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - t0)
+        elif self._unconfirmed and not self._delivered(FLUSH_S):  # an idle poll's outputs
+            self._hold()
         if self.snapshots.due():
             self.write_snapshots()
         self._report_lag()
@@ -325,13 +448,16 @@ class ConsumerLoop:
         written the next is skipped. ``wait``: write before returning (a clean stop).
         """
         assert self.consumer is not None
+        if self._down_since is not None and not wait:
+            return 0  # its commit would wait out the request timeout: after the outage
         parts = self._snapshotted(self.consumer.assignment()) - self._restoring
         if not parts or (self._writing is not None and not self._writing.done()
                          and not wait):
             return 0
         if self._writing is not None:
             self._writing.result()
-        self._flush_and_commit()
+        if self._held or not self._flush_and_commit():
+            return 0  # a snapshot reflects delivered outputs only
         snaps = [(tp, self.stage.snapshot(tp, self.consumer.position(tp)))
                  for tp in sorted(parts)]
         snaps = [(tp, snap) for tp, snap in snaps if snap is not None]
@@ -515,8 +641,11 @@ class ConsumerLoop:
             try:
                 if self.consumer.assignment():
                     self.stage.drain()
-                    self._flush_and_commit()
-                    if self.snapshots.enabled:
+                    if not self._flush_and_commit():
+                        log.warning("%s worker stopping with %d output records not "
+                                    "acknowledged: its offsets stay uncommitted (the input "
+                                    "is read again)", self.stage.name, len(self._unconfirmed))
+                    elif self.snapshots.enabled:
                         self.write_snapshots(wait=True)
             except KafkaError as e:
                 log.warning("final commit failed: %s", e)

@@ -42,6 +42,9 @@ class KafkaConfig(BaseModel):
     max_message_bytes: int = Field(
         64 * 1024, description="larger external events are dead-lettered"
     )
+    delivery_timeout_ms: int = Field(
+        120_000, ge=1_000, description="a record the broker has not acknowledged by then "
+        "fails; the worker sends its batch's outputs again and commits nothing meanwhile")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_plain_username: str | None = None

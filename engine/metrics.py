@@ -55,6 +55,16 @@ class WorkerMetrics:
             "lookalike_errors_total", "Transient faults retried (broker unavailable...)",
             s + ["kind"], registry=r,
         )
+        self.resent = Counter(
+            "lookalike_records_resent_total", "Output records sent again because a record "
+            "of their batch was not acknowledged (the batch's inputs stay uncommitted)",
+            s, registry=r,
+        )
+        self.undelivered = Gauge(
+            "lookalike_undelivered_records", "Output records sent and not yet acknowledged by "
+            "the broker after the last flush (0 once a batch is delivered and committed)",
+            s, registry=r,
+        )
         self.broker_up = Gauge(
             "lookalike_broker_up", "1 if the worker reaches a Kafka broker, else 0 (checked "
             "with the lag, every few seconds)", s, registry=r,

@@ -3,6 +3,7 @@ input log implies, however often a record is read (issue: delivery you can trust
 
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
@@ -11,14 +12,16 @@ import pytest
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from consumers.clustering import ClusteringStage
 from consumers.kafka import make_consumer
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
+from engine.broker import EmbeddedBroker
 from engine.clustering import ItemClusters, decode_records
-from engine.codec import PACK_MAGIC, decode_key, key_of
-from engine.config import Settings
+from engine.codec import PACK_MAGIC, SeedBatch, decode_centroids, decode_key, encode_seeds, key_of
+from engine.config import Settings, load_settings
 from engine.scrape import scrape, total
-from engine.topics import Topics
+from engine.topics import Topics, create_topics
 from models.ralm import RalmConfig, RalmModel
 from models.train_ralm import train_ralm
 from tests.kafka_fixtures import produce, read_all, wait_until
@@ -142,3 +145,73 @@ def test_a_batch_that_fails_after_applying_its_clicks_applies_no_click_twice(
             users, items, strict=True))) - 1  # every click's seed but the poisoned one's
     finally:
         w.stop()
+
+
+def _seeds(s: Settings, item: int) -> None:
+    rng = np.random.default_rng(item)
+    produce(s, "seed-events", [(key_of(item), encode_seeds(SeedBatch(
+        np.arange(10, dtype=np.int64), np.full(10, 1.7e9),
+        rng.normal(size=(10, 16)).astype(np.float32), "v")))])
+
+
+@pytest.mark.slow
+def test_outputs_lost_in_an_outage_are_sent_again_and_nothing_is_committed_meanwhile(tmp_path):
+    """The broker stops (SIGSTOP) after a clustering worker consumed seeds and before
+    their centroids were delivered, and stays stopped past ``delivery_timeout_ms``, so
+    the producer gives the records up. The worker commits nothing and takes in
+    nothing while they are undelivered (it holds its input); once the broker runs
+    again (SIGCONT) it sends them again: the item's centroids are there. (Before, the
+    failed records were dropped: ``flush`` returns on failure, and the offsets were
+    committed past them.)"""
+    broker = EmbeddedBroker(log_file=tmp_path / "broker.log").start()
+    s = load_settings(None, cache_dir=tmp_path / "cache", **{
+        "kafka.bootstrap_servers": broker.bootstrap_servers, "kafka.topic_prefix": "outage-",
+        "kafka.delivery_timeout_ms": 2000, "window.publish_interval_s": 30.0,
+        "snapshots.every_s": 0.0})  # no snapshot's commit racing the stop
+    create_topics(s.kafka)
+    stage = ClusteringStage(s)
+    w = start_worker(stage)
+    commits_while_undelivered: list[int] = []
+    commits: list[int] = []
+    try:
+        wait_until(w.loop.ready.is_set, what="clustering worker ready")
+        consumer = w.loop.consumer
+        commit = consumer.commit
+
+        def spied(*args, **kwargs):
+            if w.loop._unconfirmed:
+                commits_while_undelivered.append(len(w.loop._unconfirmed))
+            out = commit(*args, **kwargs)
+            commits.append(1)
+            return out
+
+        consumer.commit = spied
+        _seeds(s, 1)  # a first item's centroids: the producer knows the topic from then on
+        assert [decode_key(r.key) for r in read_all(s, "seed-centroids", expect=1)] == [1]
+        before = len(commits)
+        _seeds(s, 7)
+        wait_until(lambda: stage.state.seeds_held() == 20 and len(commits) > before,
+                   what="seeds consumed and committed")  # no commit in flight at the stop
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            stage._next_publish = time.time()  # publish item 7 now, into the stopped broker
+            wait_until(lambda: w.loop._held, timeout_s=30,  # nothing taken in or committed
+                       what="the centroids' delivery failing, the input held")
+            m = scrape(w.metrics_url)
+            assert total(m, "lookalike_errors_total", kind="delivery") >= 1
+            assert total(m, "lookalike_undelivered_records") >= 1
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        _seeds(s, 8)  # taken in only once the hold ends
+        wait_until(lambda: not w.loop._held, timeout_s=60, what="input resumed")
+        got = {}
+        for r in read_all(s, "seed-centroids", timeout_s=10):
+            got[decode_key(r.key)] = decode_centroids(r.value).n_seeds
+        assert got.get(7) == 10  # delivered after all
+        wait_until(lambda: stage.state.seeds_held() == 30, what="seeds after the hold")
+        assert total(scrape(w.metrics_url), "lookalike_records_resent_total") >= 1
+        assert commits_while_undelivered == []
+    finally:
+        w.stop()
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
