@@ -30,7 +30,6 @@ import torch
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from kafka.partitioner.default import murmur2
 from threadpoolctl import threadpool_limits
 
 from consumers.kafka import make_consumer, record_time
@@ -69,6 +68,7 @@ from engine.codec import (
     key_of,
 )
 from engine.config import PipelineConfig, Settings
+from engine.topics import KeyPartitions
 from models.ralm import RalmModel
 
 if TYPE_CHECKING:
@@ -337,8 +337,8 @@ class ScoringStage(Stage):
         #: clicks partition -> the offset after the last click whose seed was sent
         self._seeded: dict[int, int] = {}
         self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
-        self._partition_cache: dict[int, int] = {}
-        self._partitions = 0
+        self._item_partitions = KeyPartitions()  # seed-events packs, by item
+        self._user_partitions_of = KeyPartitions()  # clicks and requests, by user
         self._clicks_paused_at: float | None = None  # since when requests went first
         self._clicks_owed = False  # the pause bound was hit: clicks stay on until polled
         # attention is over however many centroid slots an item has: the
@@ -376,6 +376,7 @@ class ScoringStage(Stage):
     # ------------------------------------------------------------- handle
     def handle(self, events: list[Event]) -> None:
         seen_at = time.time()
+        events = self._route(events)
         clicks = [ev for ev in events if ev.topic == T.CLICKS]
         requests = [ev for ev in events if ev.topic == T.SCORE_REQUESTS]
         if clicks:
@@ -486,20 +487,36 @@ class ScoringStage(Stage):
         """The seed-events partition each item's key hashes to (kafka-python's default)."""
         assert self.loop is not None and self.loop.producer is not None
         n = len(self.loop.producer.partitions_for(self.names.seed_events))
-        if n != self._partitions:
-            self._partition_cache.clear()
-            self._partitions = n
-        cache = self._partition_cache
-        uniq, inverse = np.unique(items, return_inverse=True)
-        out = np.empty(len(uniq), np.int64)
-        for j, item in enumerate(uniq.tolist()):
-            p = cache.get(item)
-            if p is None:
-                if len(cache) > 1_000_000:
-                    cache.clear()
-                p = cache[item] = (murmur2(key_of(item)) & 0x7FFFFFFF) % n
-            out[j] = p
-        return out[inverse]
+        return self._item_partitions.of(items, n)
+
+    def _route(self, events: list[Event]) -> list[Event]:
+        """The events whose partition is their user's; the others are forwarded there.
+
+        Why: a user's clicks and requests must meet in one worker, the owner of the
+        user's partition (murmur2 of the user id, ``KeyPartitions``). A producer with
+        another partitioner (librdkafka's default is CRC32), a null key or a key that
+        is not the ``user_id`` would split a user over workers, each answering from half
+        a history. The forwarded copy is keyed by the user id, keeps the record's
+        timestamp (a click without ``ts`` keeps its time) and its headers, and is
+        delivered before this batch is committed (``ConsumerLoop``)."""
+        assert self.loop is not None and self.loop.producer is not None
+        n = len(self.loop.producer.partitions_for(self.names.clicks))
+        want = self._user_partitions_of.of(
+            np.fromiter((ev.value.user_id for ev in events), np.int64, len(events)), n)
+        if (want == np.fromiter((ev.record.partition for ev in events), np.int64,
+                                len(events))).all():
+            return events
+        mine = []
+        for ev, p in zip(events, want.tolist(), strict=True):
+            if ev.record.partition == p:
+                mine.append(ev)
+                continue
+            rec = ev.record
+            self.send(ev.topic, key_of(ev.value.user_id), rec.value, headers=list(rec.headers
+                      or []), timestamp_ms=rec.timestamp if rec.timestamp >= 0 else None,
+                      partition=p)
+            self.metrics.misrouted.labels(self.name, ev.topic).inc()
+        return mine
 
     def _emit_seeds(self, items: np.ndarray, users: np.ndarray, ts: np.ndarray,
                     vectors: np.ndarray, produced_ms: np.ndarray) -> None:
@@ -814,6 +831,12 @@ class ScoringStage(Stage):
                             offsets.append(rec.offset)
                         except BadEvent:
                             pass  # dead-lettered the first time round
+                    if clicks:  # misrouted ones were forwarded: their user's partition has them
+                        n = len(reader.partitions_for_topic(tp.topic) or ())
+                        ok = self._user_partitions_of.of(np.fromiter(
+                            (c.user_id for c in clicks), np.int64, len(clicks)), n) == tp.partition
+                        clicks = [c for c, keep in zip(clicks, ok.tolist(), strict=True) if keep]
+                        offsets = [o for o, keep in zip(offsets, ok.tolist(), strict=True) if keep]
                     if clicks:
                         self._apply_clicks(clicks, [tp.partition] * len(clicks), offsets)
                         restored += len(clicks)

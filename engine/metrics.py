@@ -55,6 +55,11 @@ class WorkerMetrics:
             "lookalike_errors_total", "Transient faults retried (broker unavailable...)",
             s + ["kind"], registry=r,
         )
+        self.misrouted = Counter(
+            "lookalike_misrouted_total", "Records read from a partition that is not their "
+            "user's (another partitioner, a null or wrong key): forwarded to the right one",
+            s + ["topic"], registry=r,
+        )
         self.resent = Counter(
             "lookalike_records_resent_total", "Output records sent again because a record "
             "of their batch was not acknowledged (the batch's inputs stay uncommitted)",

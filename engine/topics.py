@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.partitioner.default import murmur2
 
 from engine.config import KafkaConfig
 
@@ -25,6 +27,34 @@ ALL = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, RECOMMENDATIONS,
 #: topics whose bad records are dead-lettered to ``<topic>.dlq``
 CONSUMED = (CLICKS, SEED_EVENTS, SEED_CENTROIDS, SCORE_REQUESTS, AUDIENCE_REQUESTS, MODELS)
 COMPACTED = (SEED_CENTROIDS,)
+
+
+class KeyPartitions:
+    """The partition each id's key (``codec.key_of``) goes to: murmur2, as Kafka's Java
+    clients and kafka-python place keyed records (librdkafka: ``partitioner=
+    murmur2_random``). Cached per id (kafka-python's murmur2 is pure Python)."""
+
+    def __init__(self, max_cached: int = 1_000_000):
+        self.max_cached = max_cached
+        self._n = 0
+        self._cache: dict[int, int] = {}
+
+    def of(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """[len(ids)] partitions of ``n`` for the ids."""
+        if n != self._n:
+            self._cache.clear()
+            self._n = n
+        cache = self._cache
+        uniq, inverse = np.unique(np.asarray(ids, np.int64), return_inverse=True)
+        out = np.empty(len(uniq), np.int64)
+        for j, key in enumerate(uniq.tolist()):
+            p = cache.get(key)
+            if p is None:
+                if len(cache) >= self.max_cached:
+                    cache.clear()
+                p = cache[key] = (murmur2(str(key).encode()) & 0x7FFFFFFF) % n
+            out[j] = p
+        return out[inverse]
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,60 @@ def test_outputs_lost_in_an_outage_are_sent_again_and_nothing_is_committed_meanw
         w.stop()
         broker.proc.send_signal(signal.SIGCONT)
         broker.stop()
+
+
+def _produce_to(s: Settings, topic: str, records: list[tuple[bytes | None, bytes, int | None]]):
+    """Records on a base topic, each to the partition given (None: the key's)."""
+    from consumers.kafka import make_producer
+
+    p = make_producer(s.kafka, linger_ms=2)
+    for key, value, partition in records:
+        p.send(Topics(s.kafka.topic_prefix).name(topic), key=key, value=value,
+               partition=partition)
+    p.flush()
+    p.close()
+
+
+def test_records_on_another_partition_than_their_users_are_forwarded_there(
+        settings, ml100k, tiny_ralm):
+    """A producer that writes a user's clicks and requests to the wrong partition (as
+    librdkafka's default CRC32 partitioner does for half the keys), or keys a click by
+    something else than its ``user_id``: the worker forwards each record to its user's
+    partition (murmur2 of the user id) and counts it; the user's state lives there, and
+    a request is answered from the whole history."""
+    from engine.topics import KeyPartitions
+
+    s = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"k": tiny_ralm.k}),
+        "scoring": settings.scoring.model_copy(update={"min_seeds": 1})})
+    users = ml100k.users.ids[:50]
+    home = KeyPartitions().of(users, s.kafka.partitions)
+    a, b = int(users[home == 1][0]), int(users[home == 0][0])
+    items = ml100k.items.ids[:6].tolist()
+    wrong_key = next(k for k in range(1000) if KeyPartitions().of(np.array([k]), 2)[0] == 1)
+    clicks = [(key_of(a), orjson.dumps({"user_id": a, "item_id": i, "ts": 1e9 + j}), 0)
+              for j, i in enumerate(items[:5])]  # user a belongs on partition 1
+    clicks.append((key_of(wrong_key), orjson.dumps({"user_id": b, "item_id": items[5],
+                                                    "ts": 1e9}), None))  # lands on 1
+    _produce_to(s, "clicks", clicks)
+    stage = ScoringStage(s, tiny_ralm)
+    w = start_worker(stage)
+    try:
+        wait_until(lambda: (st := stage.users.get(a)) is not None and st.clicks == 5
+                   and stage.users.get(b) is not None, what="forwarded clicks applied")
+        assert stage.users.get(a).partition == 1 and stage.users.get(b).partition == 0
+        assert stage.users.get(a).history == items[:5]
+        _produce_to(s, "score-requests", [(key_of(a), orjson.dumps(
+            {"user_id": a, "request_id": "misrouted"}), 0)])
+        recs = [orjson.loads(r.value) for r in read_all(s, "recommendations", expect=1)]
+        assert recs[0]["request_id"] == "misrouted" and recs[0]["cold"] is False
+        assert not set(items[:5]) & {r["item_id"] for r in recs[0]["items"]}
+        m = scrape(w.metrics_url)
+        assert total(m, "lookalike_misrouted_total", topic="clicks") == 6
+        assert total(m, "lookalike_misrouted_total", topic="score-requests") == 1
+        on = {}
+        for r in read_all(s, "clicks"):
+            on.setdefault(orjson.loads(r.value)["user_id"], set()).add(r.partition)
+        assert on[a] == {0, 1} and on[b] == {0, 1}  # the originals, and the forwarded copies
+    finally:
+        w.stop()
