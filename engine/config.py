@@ -42,6 +42,16 @@ class KafkaConfig(BaseModel):
     max_message_bytes: int = Field(
         64 * 1024, description="larger external events are dead-lettered"
     )
+    replication_factor: int = Field(
+        1, ge=1, description="replicas of every topic the engine creates (3 on a production "
+        "cluster; the embedded broker is one node)")
+    min_insync_replicas: int | None = Field(
+        None, ge=1, description="min.insync.replicas of the created topics (producers use "
+        "acks=all); unset: the broker's default")
+    retention_ms: dict[str, int] = Field(
+        default_factory=dict, description="retention.ms by base topic name (-1: keep all); "
+        "unset: the broker's default. Recovery re-reads clicks and seed-events (README, "
+        "Recovery)")
     delivery_timeout_ms: int = Field(
         120_000, ge=1_000, description="a record the broker has not acknowledged by then "
         "fails; the worker sends its batch's outputs again and commits nothing meanwhile")
@@ -54,6 +64,20 @@ class KafkaConfig(BaseModel):
     ssl_certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
     ssl_keyfile: Path | None = Field(None, description="the client certificate's key")
     ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _topic_settings(self) -> KafkaConfig:
+        from engine.topics import ALL
+
+        if self.min_insync_replicas and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) is more than "
+                             f"replication_factor ({self.replication_factor}): no write could "
+                             "succeed with acks=all")
+        unknown = sorted(set(self.retention_ms) - set(ALL))
+        if unknown:
+            raise ValueError(f"retention_ms names unknown topics {unknown}; topics: "
+                             f"{', '.join(ALL)}")
+        return self
 
     def client_options(self) -> dict[str, Any]:
         """What every Kafka client (producer, consumer, admin) is given: where the

@@ -101,13 +101,35 @@ class Topics:
         return full[len(self.prefix):] if full.startswith(self.prefix) else full
 
 
+def topic_specs(cfg: KafkaConfig) -> list[NewTopic]:
+    """Every topic of the dataflow as ``create_topics`` makes it: the configured partition
+    count, replication, ``min.insync.replicas`` and retention; ``seed-centroids``
+    compacted (the latest record per item is the table); one partition per dead-letter
+    topic."""
+    topics = Topics(cfg.topic_prefix)
+    common = ({"min.insync.replicas": str(cfg.min_insync_replicas)}
+              if cfg.min_insync_replicas else {})
+    out = []
+    for base in ALL:
+        configs = dict(common)
+        if base in COMPACTED:
+            configs["cleanup.policy"] = "compact"
+        if base in cfg.retention_ms:
+            configs["retention.ms"] = str(cfg.retention_ms[base])
+        out.append(NewTopic(topics.name(base), cfg.partitions, cfg.replication_factor,
+                            topic_configs=configs))
+    for base in CONSUMED:
+        out.append(NewTopic(topics.dlq(base), 1, cfg.replication_factor,
+                            topic_configs=dict(common)))
+    return out
+
+
 def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
     """Create every topic of the dataflow; existing ones are left alone.
 
     User-keyed topics (clicks, score-requests, recommendations) share one
     partition count so a scoring worker owns the same users on all of them.
     """
-    topics = Topics(cfg.topic_prefix)
     admin = KafkaAdminClient(
         **cfg.client_options(),
         client_id=f"{cfg.client_id}-admin",
@@ -115,12 +137,7 @@ def create_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
     )
     try:
         existing = set(admin.list_topics())
-        wanted = []
-        for base in ALL:
-            configs = {"cleanup.policy": "compact"} if base in COMPACTED else {}
-            wanted.append(NewTopic(topics.name(base), cfg.partitions, 1, topic_configs=configs))
-        for base in CONSUMED:
-            wanted.append(NewTopic(topics.dlq(base), 1, 1))
+        wanted = topic_specs(cfg)
         new = [t for t in wanted if t.name not in existing]
         for t in new:  # one by one: a concurrent creator must not fail the rest
             try:
