@@ -67,7 +67,7 @@ def make_consumer(
         isolation_level="read_uncommitted",
         session_timeout_ms=10_000,
         heartbeat_interval_ms=1_000,
-        max_poll_interval_ms=10_000,
+        max_poll_interval_ms=cfg.max_poll_interval_ms,
         max_poll_records=max_poll_records,
         fetch_max_wait_ms=fetch_max_wait_ms,
         fetch_min_bytes=1,

@@ -80,6 +80,8 @@ REJOIN_TRIES = 3
 #: how long step 5 waits for the producer before the loop holds its input and polls on
 #: (paused) while the outputs are delivered; and each wait while held
 FLUSH_S, HELD_FLUSH_S = 5.0, 0.5
+#: the share of ``max_poll_interval_ms`` a poll may spend catching a restore up
+RESTORE_SHARE = 0.25
 
 
 class TopologyLost(RuntimeError):
@@ -158,6 +160,16 @@ class Stage:
         """The partition's state now, reflecting every record before ``offset``."""
         return None
 
+    def catching_up(self, tp: TopicPartition) -> bool:
+        """Whether ``restore`` left work for :meth:`catch_up` (the partition stays paused)."""
+        return False
+
+    def catch_up(self, tp: TopicPartition, deadline: float) -> bool:
+        """Go on restoring ``tp`` until ``deadline`` (``time.monotonic``); whether done.
+        Called once per poll: a restore longer than the poll interval is spread over
+        polls, so the member stays in its group."""
+        return True
+
     def start(self) -> None:
         """Resources that need the loop's producer (called once before polling)."""
 
@@ -199,6 +211,7 @@ class ConsumerLoop:
         self.failure: BaseException | None = None  # what stopped the loop, if not ``stop``
         self._next_dlq_log: dict[str, float] = {}
         self._restoring: set[TopicPartition] = set()  # assigned, paused, not yet restored
+        self._catching_up: set[TopicPartition] = set()  # restoring a slice per poll
         snap = self.settings.snapshots
         self.snapshots = SnapshotStore(snap.dir or self.settings.cache_dir / "snapshots",
                                        self.group_id, snap.every_s)
@@ -418,12 +431,15 @@ class ConsumerLoop:
         """Newly assigned partitions: their state from a snapshot or the log, then resume.
 
         A partition is only polled from where its state leaves off: it stays paused
-        from the rebalance until here (nothing of it was handled meanwhile)."""
+        from the rebalance until its restore is done (nothing of it was handled
+        meanwhile). A stage whose restore re-reads a log does it a slice per poll
+        (``Stage.catch_up``, at most ``RESTORE_SHARE`` of ``max_poll_interval_ms``)."""
         if not self._restoring:
             return
         assert self.consumer is not None
         self._restoring &= self.consumer.assignment()
-        for tp in sorted(self._restoring):
+        self._catching_up &= self._restoring
+        for tp in sorted(self._restoring - self._catching_up):
             # one at a time: a broker error here (raised to the loop, retried next poll)
             # leaves the partitions not yet restored paused and queued, never lost
             committed = self.consumer.committed(tp)
@@ -433,10 +449,20 @@ class ConsumerLoop:
                 self.consumer.seek_to_beginning(tp)
             elif start is not None:
                 self.consumer.seek(tp, start)
-            self._restoring.discard(tp)
-            self.consumer.resume(tp)
             log.info("%s: %s restored %s", self.stage.name, tp,
                      f"from a snapshot at offset {snap.offset}" if snap else "from the log")
+            if self.stage.catching_up(tp):
+                self._catching_up.add(tp)
+            else:
+                self._restoring.discard(tp)
+                self.consumer.resume(tp)
+        deadline = time.monotonic() + RESTORE_SHARE * self.settings.kafka.max_poll_interval_ms / 1e3
+        for tp in sorted(self._catching_up):
+            if self.stage.catch_up(tp, deadline):
+                self._catching_up.discard(tp)
+                self._restoring.discard(tp)
+                self.consumer.resume(tp)
+                log.info("%s: %s caught up with its log", self.stage.name, tp)
 
     def write_snapshots(self, wait: bool = False) -> int:
         """Step 7: outputs flushed and offsets committed first, then each assigned
@@ -558,6 +584,7 @@ class ConsumerLoop:
         except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
             log.warning("closing the old consumer: %s", e)
         self._restoring.clear()  # paused on the old client; the new one assigns afresh
+        self._catching_up.clear()
         self.metrics.assigned.labels(self.stage.name).set(0)
         self._subscribe()
 
@@ -611,6 +638,7 @@ class ConsumerLoop:
 
     def _on_revoked(self, partitions: set[TopicPartition]) -> None:
         self._restoring -= partitions
+        self._catching_up -= partitions
         self.stage.on_revoked(partitions)
         for tp in partitions:  # another member reports these now
             try:

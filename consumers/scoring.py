@@ -336,6 +336,8 @@ class ScoringStage(Stage):
         self.users = UserStore(cfg.history_len, cfg.max_users, cfg.max_seen, ring)
         #: clicks partition -> the offset after the last click whose seed was sent
         self._seeded: dict[int, int] = {}
+        self._replays: dict[TopicPartition, ClickReplay] = {}  # restores in progress
+        self._stale_users = False  # users to re-embed a slice per tick (after a swap)
         self._field_index: tuple[dict, dict, dict] = ({}, {}, {})  # gender, occupation, zip
         self._item_partitions = KeyPartitions()  # seed-events packs, by item
         self._user_partitions_of = KeyPartitions()  # clicks and requests, by user
@@ -774,6 +776,8 @@ class ScoringStage(Stage):
 
     # ------------------------------------------------------------- user state recovery
     def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions & self._replays.keys():
+            self._replays.pop(tp).close()
         lost = {tp.partition for tp in partitions if tp.topic == self.names.clicks}
         if lost:
             self.users.drop(lambda st: st.partition in lost)
@@ -785,7 +789,8 @@ class ScoringStage(Stage):
                 committed: int | None) -> int | None:
         """A clicks partition's users: from its snapshot, then the clicks after the
         snapshot's offset (or all, without one) up to the committed offset, applied
-        without emitting (their seeds were sent before); polling goes on from there."""
+        without emitting (their seeds were sent before) a chunk per poll
+        (:meth:`catch_up`); polling goes on from there."""
         start = 0
         if snap is not None:
             try:
@@ -795,8 +800,8 @@ class ScoringStage(Stage):
             except (ValueError, KeyError) as e:
                 log.warning("snapshot of %s not used (%s): rebuilding from the log", tp, e)
         self.users.applied[tp.partition] = start
-        if committed:
-            self._replay_clicks({tp: (start, committed)})
+        if committed and committed > start:  # applied a chunk per poll (catch_up)
+            self._replays[tp] = ClickReplay(self.settings, tp, start, committed)
         self._seeded[tp.partition] = committed or 0  # seeds before the commit were sent
         return None
 
@@ -804,52 +809,59 @@ class ScoringStage(Stage):
         arrays = self.users.export(tp.partition)
         return Snapshot(offset, arrays, {"users": len(arrays["user"])})
 
-    def _replay_clicks(self, spans: dict[TopicPartition, tuple[int, int]]) -> None:
-        """Clicks [start, end) of each partition into user state, nothing emitted."""
-        ends = {tp: end for tp, (start, end) in spans.items() if end > start}
-        if not ends:
-            return
-        reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=50,
-                               max_poll_records=10_000)
-        try:
-            reader.assign(list(ends))
-            for tp, (start, _) in spans.items():
-                if start:
-                    reader.seek(tp, start)
-                else:
-                    reader.seek_to_beginning(tp)
-            restored, left = 0, dict(ends)
-            deadline = time.monotonic() + 300
-            while left and time.monotonic() < deadline:
-                for tp, records in reader.poll(timeout_ms=500).items():
-                    clicks, offsets = [], []
-                    for rec in records:
-                        if rec.offset >= ends[tp]:
-                            break
-                        try:
-                            clicks.append(self.decode(T.CLICKS, rec))
-                            offsets.append(rec.offset)
-                        except BadEvent:
-                            pass  # dead-lettered the first time round
-                    if clicks:  # misrouted ones were forwarded: their user's partition has them
-                        n = len(reader.partitions_for_topic(tp.topic) or ())
-                        ok = self._user_partitions_of.of(np.fromiter(
-                            (c.user_id for c in clicks), np.int64, len(clicks)), n) == tp.partition
-                        clicks = [c for c, keep in zip(clicks, ok.tolist(), strict=True) if keep]
-                        offsets = [o for o, keep in zip(offsets, ok.tolist(), strict=True) if keep]
-                    if clicks:
-                        self._apply_clicks(clicks, [tp.partition] * len(clicks), offsets)
-                        restored += len(clicks)
-                for tp in list(left):
-                    if reader.position(tp) >= ends[tp]:
-                        left.pop(tp)
-            if left:
-                log.error("user state of %s not fully restored in time", sorted(left))
-            log.info("replayed %d clicks of %d partitions into user state", restored, len(ends))
-        finally:
-            reader.close(autocommit=False)
+    def catching_up(self, tp: TopicPartition) -> bool:
+        return tp in self._replays
+
+    def catch_up(self, tp: TopicPartition, deadline: float) -> bool:
+        """Apply the partition's replayed clicks until ``deadline`` (monotonic); whether
+        its replay is done. A chunk at a time between polls, so that a long restore
+        never holds the loop past ``max_poll_interval_ms`` (the member would be dropped
+        from its group and the restore start over)."""
+        replay = self._replays[tp]
+        while time.monotonic() < deadline and not replay.done():
+            recs = replay.next_chunk()
+            clicks, offsets = [], []
+            for rec in recs:
+                try:
+                    clicks.append(self.decode(T.CLICKS, rec))
+                    offsets.append(rec.offset)
+                except BadEvent:
+                    pass  # dead-lettered the first time round
+            if clicks:  # misrouted ones were forwarded: their user's partition has them
+                ok = self._user_partitions_of.of(np.fromiter(
+                    (c.user_id for c in clicks), np.int64, len(clicks)), replay.partitions
+                ) == tp.partition
+                keep = ok.tolist()
+                clicks = [c for c, k in zip(clicks, keep, strict=True) if k]
+                offsets = [o for o, k in zip(offsets, keep, strict=True) if k]
+                self._apply_clicks(clicks, [tp.partition] * len(clicks), offsets)
+                replay.applied += len(clicks)
+        if not replay.done():
+            return False
+        self._end_replay(tp)
+        return True
+
+    def refresh_stale(self) -> int:
+        """Re-embed up to ``REFRESH_PER_TICK`` users whose stored embedding is stale (after
+        a swap or a restore), once per poll: the whole store in one go would hold the loop
+        past ``max_poll_interval_ms`` at a million users. How many were embedded."""
+        if not self._stale_users:
+            return 0
+        done = refresh_vectors(self.users, lambda sts: self._embed(
+            sts, [s.profile for s in sts]), limit=REFRESH_PER_TICK)
+        self._stale_users = done == REFRESH_PER_TICK
+        return done
+
+    def _end_replay(self, tp: TopicPartition) -> None:
+        self._stale_users = True  # restored users carry no embedding yet
+        replay = self._replays.pop(tp)
+        replay.close()
+        if replay.timed_out():
+            log.error("user state of %s not fully restored in %.0f s", tp, REPLAY_LIMIT_S)
+        log.info("replayed %d clicks of %s into user state", replay.applied, tp)
 
     def tick(self, now: float) -> None:
+        self.refresh_stale()
         self.prioritise_requests()
         self.read_table()
         if self.reloader is not None:
@@ -899,6 +911,9 @@ class ScoringStage(Stage):
         return n
 
     def close(self) -> None:
+        for replay in self._replays.values():
+            replay.close()
+        self._replays.clear()
         for reader in (self.table_reader, self.audience_reader):
             if reader is not None:
                 reader.close(autocommit=False)
@@ -920,6 +935,7 @@ class ScoringStage(Stage):
         self._field_index = ({}, {}, {})  # profile field indices are the model's
         self.users.remap_rows(new.features.catalog_rows)  # so are the catalogue rows
         self.users.fresh[:] = False
+        self._stale_users = True
         self.table.invalidate()
         self.table.refresh(new.item_global)
         self.metrics.build_info.labels(self.name).info(
@@ -1044,6 +1060,47 @@ class ScoringStage(Stage):
         mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
         parts = consumer.partitions_for_topic(topic)
         return mine, None if parts is None else len(parts)
+
+
+#: stale user embeddings re-embedded per poll (after a swap or a restore): ~30 ms here
+REFRESH_PER_TICK = 1024
+#: a restore's replay of the clicks log gives up after this long (logged as an error)
+REPLAY_LIMIT_S = 300.0
+
+
+class ClickReplay:
+    """The clicks [start, end) of one partition, read by a group-less consumer a chunk at
+    a time (``ScoringStage.catch_up``)."""
+
+    chunk = 2000  # records per read: a few milliseconds of work each
+
+    def __init__(self, settings: Settings, tp: TopicPartition, start: int, end: int):
+        self.tp, self.end, self.applied = tp, end, 0
+        self.started = time.monotonic()
+        self.reader = make_consumer(settings.kafka, None, fetch_max_wait_ms=50,
+                                    max_poll_records=self.chunk)
+        self.reader.assign([tp])
+        if start:
+            self.reader.seek(tp, start)
+        else:
+            self.reader.seek_to_beginning(tp)
+        self.partitions = len(self.reader.partitions_for_topic(tp.topic) or ())
+        self._at = start
+
+    def next_chunk(self) -> list[ConsumerRecord]:
+        recs = [r for r in self.reader.poll(timeout_ms=100).get(self.tp, [])
+                if r.offset < self.end]
+        self._at = self.reader.position(self.tp)
+        return recs
+
+    def timed_out(self) -> bool:
+        return time.monotonic() - self.started > REPLAY_LIMIT_S
+
+    def done(self) -> bool:
+        return self._at >= self.end or self.timed_out()
+
+    def close(self) -> None:
+        self.reader.close(autocommit=False)
 
 
 def _chunks(item_starts: np.ndarray, end: int, max_seeds: int) -> list[tuple[int, int]]:

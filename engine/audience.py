@@ -56,14 +56,17 @@ class Audience:
 
 
 def refresh_vectors(store: UserStore, embed: Callable[[list[UserState]], np.ndarray],
-                    batch: int = 4096) -> int:
-    """Embed the held users whose stored embedding is stale; returns how many.
+                    batch: int = 4096, limit: int | None = None) -> int:
+    """Embed the held users whose stored embedding is stale (at most ``limit`` of them);
+    returns how many.
 
     Users embedded on the click path are fresh already; users restored from
-    the log, or changed without a seed (a profile-only update), are embedded here,
-    once, in batches.
+    the log, changed without a seed (a profile-only update), or embedded by a model
+    swapped out since, are embedded here, once, in batches: a slice per poll by the
+    scoring worker's tick, the rest (if any) before an audience is searched.
     """
     stale = np.flatnonzero((store.user_of >= 0) & ~store.fresh[: len(store.user_of)])
+    stale = stale[:limit]
     for lo in range(0, len(stale), batch):
         states = [store.users[int(u)] for u in store.user_of[stale[lo:lo + batch]]]
         store.set_vectors(states, embed(states))

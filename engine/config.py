@@ -52,6 +52,10 @@ class KafkaConfig(BaseModel):
         default_factory=dict, description="retention.ms by base topic name (-1: keep all); "
         "unset: the broker's default. Recovery re-reads clicks and seed-events (README, "
         "Recovery)")
+    max_poll_interval_ms: int = Field(
+        10_000, ge=1_000, description="a worker that does not poll for this long leaves its "
+        "group; long work (a restore from the log) is spread over polls to stay within it. "
+        "Also the join's rebalance timeout on the embedded broker")
     delivery_timeout_ms: int = Field(
         120_000, ge=1_000, description="a record the broker has not acknowledged by then "
         "fails; the worker sends its batch's outputs again and commits nothing meanwhile")

@@ -272,3 +272,53 @@ def test_records_on_another_partition_than_their_users_are_forwarded_there(
         assert on[a] == {0, 1} and on[b] == {0, 1}  # the originals, and the forwarded copies
     finally:
         w.stop()
+
+
+def test_a_restore_longer_than_the_poll_interval_keeps_the_member_in_its_group(
+        settings, ml100k, tiny_ralm, monkeypatch):
+    """A scoring worker restores its users from the clicks log (no snapshots) for longer
+    than ``max_poll_interval_ms``: the restore goes a slice per poll, so the member is
+    never dropped from its group (no second assignment, no revocation) and its users
+    end as the first worker left them. The slowness is injected (a sleep per chunk of
+    replayed clicks: this machine replays 3,000 clicks in well under the interval)."""
+    from consumers import scoring
+    from consumers.replay import replay
+
+    s = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"max_poll_interval_ms": 2000}),
+        "window": settings.window.model_copy(update={"k": tiny_ralm.k}),
+        "snapshots": settings.snapshots.model_copy(update={"every_s": 0.0})})
+    replay(ml100k, s.kafka, limit=N_CLICKS * 10, progress=False)
+    _score_clicks(s, tiny_ralm, N_CLICKS * 10)  # commits; writes no snapshot
+    clicks: dict[int, list[int]] = {}
+    for u, i in zip(ml100k.users.ids[ml100k.user[:N_CLICKS * 10]].tolist(),
+                    ml100k.items.ids[ml100k.item[:N_CLICKS * 10]].tolist(), strict=True):
+        clicks.setdefault(u, []).append(i)
+    before = {u: (len(v), v[-s.scoring.history_len:]) for u, v in clicks.items()}
+
+    monkeypatch.setattr(scoring.ClickReplay, "chunk", 300)
+    second = ScoringStage(s, tiny_ralm)
+    apply, assigned, revoked = second._apply_clicks, [], []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return apply(*args, **kwargs)
+
+    second._apply_clicks = slow
+    on_assigned, on_revoked = second.on_assigned, second.on_revoked
+    second.on_assigned = lambda parts: (assigned.append(parts), on_assigned(parts))[1]
+    second.on_revoked = lambda parts: (parts and revoked.append(parts), on_revoked(parts))[1]
+    t0 = time.monotonic()
+    w = start_worker(second)
+    try:
+        wait_until(lambda: w.loop.ready.is_set() and not w.loop._restoring, timeout_s=120,
+                   what="the restore done")
+        took = time.monotonic() - t0
+        assert took > 2.0  # longer than max_poll_interval_ms
+        time.sleep(2.5)  # a member dropped for a late poll would be rebalanced by now
+        assert len(assigned) == 1 and revoked == []
+        after = {u: (st.clicks, st.history) for u, st in second.users.users.items()}
+        assert after == before
+    finally:
+        w.stop()
+

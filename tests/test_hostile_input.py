@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.partitioner.default import murmur2
 
 from consumers.clustering import MAX_SEED_ABS, ClusteringStage
 from consumers.loop import ConsumerLoop, Event, Stage
@@ -842,8 +843,11 @@ def _run_scoring(ralm, polls) -> Harness:
         # the loop polls clicks and score-requests together: one handle per poll
         recs = {}
         for topic, key, value, *_ in poll:
-            tp = TopicPartition(h.stage.names.name(topic), 0)
-            recs.setdefault(tp, []).append(h.record(topic, key, value))
+            # where kafka-python's producer puts it (murmur2 of the key; null key: 0), so
+            # records keyed by their user land on the user's partition; others are forwarded
+            p = (murmur2(key) & 0x7FFFFFFF) % h.stage.settings.kafka.partitions if key else 0
+            tp = TopicPartition(h.stage.names.name(topic), p)
+            recs.setdefault(tp, []).append(h.record(topic, key, value, partition=p))
         events = h.loop._decode(recs)
         if events:
             h.stage.handle(events)
@@ -910,7 +914,9 @@ def test_scoring_handler_survives_hostile_events_and_good_ones_are_unaffected(ra
     for topic in (T.CLICKS, T.SCORE_REQUESTS):
         dead.update({(topic, off): r for off, r in hostile.dead_letters(topic)})
     offsets: dict[str, int] = {}
-    answered = set(got_recs)
+    forwarded = {check_request(v).request_id  # to their user's partition: answered there
+                 for _, v, _ in hostile.producer.on(hostile.stage.names.score_requests)}
+    answered = set(got_recs) | forwarded
     for poll in mixed:
         for topic, _, value, must_die in poll:
             off = offsets[topic] = offsets.get(topic, -1) + 1

@@ -188,3 +188,28 @@ def test_users_catalogue_rows_are_rebuilt_from_their_item_ids(features):
         assert (stage.users.rows[st.slot] == 3).sum() == min(st.clicks, stage.users.ring_len)
     stage.users.remap_rows(features.catalog_rows)  # back: the click path's rows exactly
     np.testing.assert_array_equal(stage.users.rows, before)
+
+
+def test_a_swap_re_embeds_users_a_slice_per_poll(features, monkeypatch):
+    """After a swap every held user's stored embedding is the old model's; each poll's
+    tick (``refresh_stale``) re-embeds at most ``REFRESH_PER_TICK`` of them (a million
+    users in one go would hold the loop for minutes), until all are the new model's."""
+    from consumers import scoring
+    from engine.codec import Click
+
+    monkeypatch.setattr(scoring, "REFRESH_PER_TICK", 40)
+    stage = ScoringStage(load_settings(None), _model(features, "v1"))
+    items = list(features.item_ids[:5])
+    clicks = [Click(u, items[u % 5], 1.0) for u in range(100)]
+    stage._apply_clicks(clicks, [0] * len(clicks))
+    stage.users.fresh[:] = True  # as the click path leaves them
+    stage.swap_model(_model(features, "v2", seed=5))
+    live = stage.users.user_of >= 0
+    fresh_after = []
+    for _ in range(4):
+        stage.refresh_stale()
+        fresh_after.append(int(stage.users.fresh[live].sum()))
+    assert fresh_after == [40, 80, 100, 100]
+    st = stage.users.get(3)
+    np.testing.assert_allclose(stage.users.vecs[st.slot],
+                               stage._embed([st], [st.profile])[0], rtol=1e-5)
