@@ -29,13 +29,15 @@ published when the snapshot was written are published after the restore.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import numpy as np
 import torch
-from kafka import TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
+from consumers.kafka import assign_all, make_consumer
 from consumers.loop import Event, Stage
 from consumers.snapshots import Snapshot
 from engine import topics as T
@@ -46,12 +48,15 @@ from engine.codec import (
     PACK_MAGIC,
     BadEvent,
     decode_key,
+    decode_model_announcement,
     decode_seed_message,
     encode_centroids,
     key_of,
 )
 from engine.config import Settings
 from engine.token_bucket import TokenBucket
+
+log = logging.getLogger(__name__)
 
 #: largest |component| a seed vector may have. Why: k-means squares them (float32
 #: overflows to inf), and one inf or huge centroid poisons its item's centroids for good
@@ -81,6 +86,8 @@ class ClusteringStage(Stage):
         self._publish_budget = TokenBucket(settings.window.publish_items_per_s)
         self._refresh_budget = TokenBucket(settings.window.refresh_items_per_s)
         self._refreshes_reported = 0
+        self._stale_reported = 0
+        self.models_reader: KafkaConsumer | None = None  # set by ``start``
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
         """The key only (None for an ``S2`` pack, which names its items inside): values
@@ -130,7 +137,33 @@ class ClusteringStage(Stage):
         """Refreshes the budget allows now (``window.refresh_items_per_s``)."""
         self.state.refresh_tokens = self._refresh_budget.fill(self.state.refresh_tokens)
 
+    def start(self) -> None:
+        """A reader of the ``models`` topic from its beginning: the last announcement names
+        the current model version (``ItemClusters.supersedes``)."""
+        self.models_reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=10,
+                                           max_poll_records=100)
+        assign_all(self.models_reader, self.names.name(T.MODELS), at="beginning", timeout_s=2.0)
+
+    def close(self) -> None:
+        if self.models_reader is not None:
+            self.models_reader.close(autocommit=False)
+
+    def _read_models(self) -> None:
+        if self.models_reader is None or not self.models_reader.assignment():
+            return
+        for records in self.models_reader.poll(timeout_ms=0).values():
+            for rec in records:
+                try:
+                    ann = decode_model_announcement(rec.value,
+                                                    self.settings.kafka.max_message_bytes)
+                except BadEvent:
+                    continue  # the scoring workers dead-letter it
+                if ann.version:
+                    self.state.current_version = ann.version
+                    log.info("current model version: %s", ann.version)
+
     def tick(self, now: float) -> None:
+        self._read_models()
         if self.state.due:  # refreshes the budget held back, while the stream is quiet
             self._top_up_refresh()
             self._changed(self.state.refresh_due(), {})
@@ -171,6 +204,10 @@ class ClusteringStage(Stage):
         if done:
             self.metrics.refreshes.labels(self.name).inc(done)
             self._refreshes_reported = self.state.refreshes
+        stale = self.state.stale_seeds - self._stale_reported
+        if stale:
+            self.metrics.stale_seeds.labels(self.name).inc(stale)
+            self._stale_reported = self.state.stale_seeds
         self.metrics.refresh_backlog.labels(self.name).set(len(self.state.due))
         self.metrics.window_items.labels(self.name).set(len(self.state))
         self.metrics.window_seeds.labels(self.name).set(self.state.seeds_held())

@@ -33,9 +33,6 @@ def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> Kafk
         delivery_timeout_ms=cfg.delivery_timeout_ms,
         compression_type=None,
         allow_auto_create_topics=False,  # as for consumers (make_consumer)
-        # a send that cannot get metadata or buffer space raises after this, instead of
-        # holding the poll loop past max_poll_interval_ms (the loop reads the batch again)
-        max_block_ms=5_000,
     )
     settings.update(extra)
     return KafkaProducer(**settings)

@@ -26,6 +26,9 @@ Newly assigned partitions of the topics a stage snapshots are paused in the
 rebalance listener and restored right after the poll, before any record is
 handled: the stage loads the partition's snapshot (if valid) and says where
 to read from (the snapshot's offset, the beginning, or the committed offset).
+A restore that re-reads a log goes a slice per poll (``Stage.catch_up``), the
+partition paused until it is done, so that no poll comes later than
+``kafka.max_poll_interval_ms`` allows.
 
 Offsets are committed only after what they produced is durable (5 before 6),
 so a crash replays at most the last batch: at-least-once. Stage state updates
@@ -322,7 +325,7 @@ class ConsumerLoop:
         seen to wait for good (the records sent again stayed in flight after the broker
         was back). A new producer starts with a new id; the old one has nothing left in
         flight (records are sent again only then) and is closed at once."""
-        old, self.producer = self.producer, make_producer(self.settings.kafka)
+        old, self.producer = self.producer, self._make_producer()
         try:
             assert old is not None
             old.close(timeout=0)
@@ -658,8 +661,13 @@ class ConsumerLoop:
         self.metrics.assigned.labels(self.stage.name).set(len(partitions))
         self.ready.set()
 
+    def _make_producer(self) -> KafkaProducer:
+        # a send that finds no metadata or buffer space raises after 5 s instead of
+        # holding the loop past max_poll_interval_ms (the loop reads the batch again)
+        return make_producer(self.settings.kafka, max_block_ms=5_000)
+
     def open(self) -> None:
-        self.producer = make_producer(self.settings.kafka)
+        self.producer = self._make_producer()
         self._subscribe()
         self.stage.start()
         self.metrics.broker_up.labels(self.stage.name).set(1)

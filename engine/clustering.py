@@ -325,6 +325,9 @@ class ItemClusters:
         self.due: dict[ItemState, None] = {}  # refresh due, not yet run (budget), oldest first
         self.refresh_tokens = float("inf")
         self.refreshes = 0  # refreshes run, for the metric
+        #: the model version announced last on the ``models`` topic (None: none seen)
+        self.current_version: str | None = None
+        self.stale_seeds = 0  # seeds of an older model than their item's window: dropped
 
     def __len__(self) -> int:
         return len(self.items)
@@ -346,6 +349,21 @@ class ItemClusters:
                            model_version=version, item=item)
             self.items[item] = st
         return st
+
+    def supersedes(self, version: str, window_version: str) -> bool:
+        """Whether seeds of model ``version`` replace a window of ``window_version``.
+
+        Why an order: during a rolling reload (or while one worker refuses a new
+        checkpoint) workers on two versions send seeds for the same items; restarting
+        a window on every change of version wiped popular items' windows over and
+        over. The announced current version wins; otherwise the newer, by the
+        version's name, which starts with its training time (``ralm-<UTC time>-<hash>``,
+        ``models.checkpoint.make_version``). Seeds of the losing version are dropped.
+        """
+        cur = self.current_version
+        if cur is not None and (version == cur) != (window_version == cur):
+            return version == cur
+        return version > window_version
 
     def _forget(self, st: ItemState) -> None:
         self._held -= len(st.window)
@@ -390,6 +408,10 @@ class ItemClusters:
         for r, item in enumerate(cols.items):
             st = items.get(item)
             if st is None or st.model_version != ver or st.dim != dim:
+                if st is not None and st.model_version != ver and not self.supersedes(
+                        ver, st.model_version):
+                    self.stale_seeds += starts[r + 1] - starts[r]
+                    continue
                 st = self._state(item, dim, ver)
             win, trow = st.window, st.row
             rows = win._rows

@@ -92,6 +92,11 @@ class WorkerMetrics:
             "lookalike_seed_window_seeds", "Seeds held in all windows of this worker", s,
             registry=r,
         )
+        self.stale_seeds = Counter(
+            "lookalike_stale_seeds_total", "Seeds of an older model version than their "
+            "item's window, dropped (a rolling reload, or a worker that refused a new model)",
+            s, registry=r,
+        )
         self.window_bytes = Gauge(
             "lookalike_seed_window_bytes", "Bytes of seed embeddings held", s, registry=r
         )

@@ -198,3 +198,38 @@ def test_items_beyond_max_items_go_least_recently_seeded_first():
     state.apply(0, SeedBatch(np.array([7]), np.array([200.0]),
                              rng.normal(size=(1, 4)).astype(np.float32), "v"))
     assert state.items[0].window.users() == [7]
+
+
+def _versioned(users: range, version: str, dim: int = 8) -> SeedBatch:
+    rng = np.random.default_rng(users.start)
+    return SeedBatch(np.array(users), np.arange(users.start, users.stop, dtype=np.float64),
+                     rng.normal(size=(len(users), dim)).astype(np.float32), version)
+
+
+def test_seeds_of_an_older_model_never_restart_a_newer_window():
+    """Two workers on two model versions (a rolling reload) send seeds for one item by
+    turns: the window moves to the newer version once and keeps growing; the older
+    version's seeds are dropped and counted (they used to restart it every time)."""
+    state = ItemClusters(WindowConfig(size=1000, k=4))
+    for r in range(6):
+        users = range(10 * r, 10 * r + 5)
+        state.apply(1, _versioned(users, "ralm-20261201T000000-a"))
+        state.apply(1, _versioned(range(users.start + 5, users.stop + 5),
+                                  "ralm-20261207T000000-b"))
+    st = state.items[1]
+    assert st.model_version == "ralm-20261207T000000-b"
+    assert len(st.window) == 30  # every newer-version seed, none wiped
+    assert state.stale_seeds == 25  # the older version's seeds after the first switch
+
+
+def test_the_announced_current_version_wins_a_rollback():
+    """An operator rolls back (announces the older checkpoint): its seeds restart the
+    window, and the newer version's seeds are the stale ones from then on."""
+    old, new = "ralm-20261201T000000-a", "ralm-20261207T000000-b"
+    state = ItemClusters(WindowConfig(size=1000, k=4))
+    state.apply(1, _versioned(range(0, 5), new))
+    state.current_version = old
+    state.apply(1, _versioned(range(5, 10), old))
+    state.apply(1, _versioned(range(10, 15), new))
+    assert state.items[1].model_version == old and len(state.items[1].window) == 5
+    assert state.stale_seeds == 5

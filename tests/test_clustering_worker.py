@@ -191,3 +191,41 @@ def test_items_beyond_max_items_are_evicted_with_a_tombstone(settings):
         assert deleted | set(stage.state.items) == set(range(12))
     finally:
         worker.stop()
+
+
+def test_a_rolling_reload_loses_no_popular_items_window(settings):
+    """Scoring workers on two model versions (a rolling reload half done) send seeds for
+    one popular item by turns. The clustering worker knows the current version from
+    the ``models`` topic: the item's window holds every seed of the current version
+    and none is wiped by the old version's (dropped and counted)."""
+    from engine.codec import encode_json
+
+    old, new = "ralm-20261201T000000-a", "ralm-20261207T000000-b"
+    settings = settings.model_copy(update={"window": settings.window.model_copy(
+        update={"size": 1000, "k": 4})})
+    stage = ClusteringStage(settings)
+    w = start_worker(stage)
+    try:
+        wait_until(w.loop.ready.is_set, what="group join")
+        produce(settings, "models", [(b"ralm", encode_json({"kind": "ralm", "path": p,
+                                                            "version": v}))
+                                     for p, v in (("/m/a.pt", old), ("/m/b.pt", new))])
+        wait_until(lambda: stage.state.current_version == new, what="the current version")
+        rng = np.random.default_rng(0)
+        for r in range(8):
+            produce(settings, "seed-events", [(key_of(3), encode_seeds(SeedBatch(
+                np.arange(10 * r + 5 * (v == new), 10 * r + 5 * (v == new) + 5),
+                np.full(5, 1.7e9 + r), rng.normal(size=(5, 8)).astype(np.float32), v)))
+                for v in (old, new)])
+
+        def latest():
+            recs = [r for r in read_all(settings, "seed-centroids", timeout_s=5)
+                    if int(r.key) == 3]
+            return decode_centroids(recs[-1].value) if recs else None
+
+        wait_until(lambda: (c := latest()) is not None and c.n_seeds == 40, timeout_s=60,
+                   what="the item's window holding all 40 current-version seeds")
+        assert latest().model_version == new
+        assert total(scrape(w.metrics_url), "lookalike_stale_seeds_total") == 35
+    finally:
+        w.stop()
