@@ -108,7 +108,7 @@ def ralm_scores(model: RalmModel, table: CentroidTable, user: np.ndarray,
                 items: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(full RALM score [C] (NaN: no centroids), attention [C, k], counts [C, k])."""
     slots = np.array([table.slot_of.get(i, -1) for i in items], np.int64)
-    ok = (slots >= 0) & (table.n_seeds[np.maximum(slots, 0)] >= table.min_seeds)
+    ok = table.servable(slots)
     out = np.full(len(items), np.nan, np.float32)
     att = np.zeros((len(items), table.k), np.float32)
     counts = np.zeros((len(items), table.k), np.float32)

@@ -348,8 +348,15 @@ class ScoringStage(Stage):
         self.table = CentroidTable(settings.window.k, model.dim, cfg.min_seeds,
                                    ann_min_items=cfg.ann_min_items, ann_nprobe=cfg.ann_nprobe,
                                    ann_lists=cfg.ann_lists)
+        self.table.serve_version(model.version)
         self.table_reader: KafkaConsumer | None = None
         self.audience_reader: KafkaConsumer | None = None
+        #: a loaded model waiting for its centroids before it serves (``begin_swap``)
+        self.pending: RalmModel | None = None
+        self._pending_since = 0.0
+        self._cover_target = 0
+        self._reseed: list[int] = []  # held users whose seeds the pending model re-sends
+        self.swap_coverage_s: float | None = None  # the last swap's wait for its centroids
         self._audience_due: OrderedDict[int, None] = OrderedDict()  # periodic mode's queue
         self._next_audiences = 0.0
         self._next_refresh = 0.0
@@ -466,13 +473,17 @@ class ScoringStage(Stage):
         states = list(last.values())
         vecs = self._embed(states, [s.profile for s in states])
         self.users.set_vectors(states, vecs)
-        self._emit_click_seeds(owed, last, vecs)
+        if self.pending is None:
+            self._emit_click_seeds(owed, last, vecs)
+        else:  # the windows are moving to the pending model: its seeds, not the old one's
+            self._emit_click_seeds(owed, last, self._embed_with(self.pending, states),
+                                   self.pending.version)
         for ev in owed:
             p = ev.record.partition
             self._seeded[p] = max(self._seeded.get(p, 0), ev.record.offset + 1)
 
     def _emit_click_seeds(self, events: list[Event], last: dict[int, UserState],
-                          vecs: np.ndarray) -> None:
+                          vecs: np.ndarray, version: str | None = None) -> None:
         """Each click's seed: its user's new embedding (``vecs`` rows in ``last``'s order)."""
         clicks: list[Click] = [ev.value for ev in events]
         n = len(clicks)
@@ -483,6 +494,7 @@ class ScoringStage(Stage):
             ts=np.fromiter((c.ts for c in clicks), np.float64, n),
             vectors=vecs[np.fromiter((at[c.user_id] for c in clicks), np.int64, n)],
             produced_ms=np.fromiter((ev.record.timestamp for ev in events), np.int64, n),
+            version=version,
         )
 
     def _seed_partitions(self, items: np.ndarray) -> np.ndarray:
@@ -521,8 +533,11 @@ class ScoringStage(Stage):
         return mine
 
     def _emit_seeds(self, items: np.ndarray, users: np.ndarray, ts: np.ndarray,
-                    vectors: np.ndarray, produced_ms: np.ndarray) -> None:
-        """Seeds grouped by item (click order kept): S1 per item, or S2 per partition."""
+                    vectors: np.ndarray, produced_ms: np.ndarray,
+                    version: str | None = None) -> None:
+        """Seeds grouped by item (click order kept): S1 per item, or S2 per partition;
+        of the serving model's version unless ``version`` says otherwise."""
+        version = version or self.model.version
         parts = self._seed_partitions(items) if self.pack_seeds else np.zeros_like(items)
         order = np.lexsort((items, parts))  # stable: click order within an item
         items_s, parts_s = items[order], parts[order]
@@ -531,7 +546,7 @@ class ScoringStage(Stage):
         if not self.pack_seeds:
             for a, b in zip(starts.tolist(), [*starts[1:].tolist(), n], strict=True):
                 sel = order[a:b]
-                batch = SeedBatch(users[sel], ts[sel], vectors[sel], self.model.version)
+                batch = SeedBatch(users[sel], ts[sel], vectors[sel], version)
                 self.send(T.SEED_EVENTS, key_of(int(items_s[a])), encode_seeds(batch),
                           count=b - a, timestamp_ms=int(produced_ms[sel].max()))
                 self.seed_messages += 1
@@ -545,7 +560,7 @@ class ScoringStage(Stage):
                 sel = order[a:b]
                 mine = item_starts[(item_starts >= a) & (item_starts < b)]
                 pack = SeedPack(items_s[mine], np.r_[mine - a, b - a], users[sel], ts[sel],
-                                vectors[sel], self.model.version)
+                                vectors[sel], version)
                 self.send(T.SEED_EVENTS, None, encode_seed_pack(pack), count=b - a,
                           timestamp_ms=int(produced_ms[sel].max()), partition=int(parts_s[pa]))
                 self.seed_messages += 1
@@ -867,7 +882,9 @@ class ScoringStage(Stage):
         if self.reloader is not None:
             new = self.reloader.poll(now, self._dead_letter_model)
             if new is not None:
-                self.swap_model(new)
+                self.begin_swap(new, now)
+        if self.pending is not None:
+            self._advance_swap(now)
         self._audiences(now)
         if self.table.dirty and now >= self._next_refresh:
             self.table.refresh(self.model.item_global)
@@ -921,6 +938,85 @@ class ScoringStage(Stage):
             self.reloader.close()
 
     # ------------------------------------------------------------- hot reload
+    def begin_swap(self, new: RalmModel, now: float) -> None:
+        """A new model: it serves once the centroid table has its version's centroids
+        for ``scoring.reload_min_coverage`` of the items the serving model serves now
+        (or after ``scoring.reload_max_wait_s``); meanwhile the serving model goes on
+        with its own centroids, and the new one sends the seeds: every held user's
+        recent clicks again (a slice per poll), then every new click's, so the
+        clustering workers' windows move to the new version in seconds.
+
+        Why not at once: centroids are averages of one model's user embeddings;
+        scoring a user of one model against another's centroids mixes two spaces. One
+        model version per score (``CentroidTable.servable``)."""
+        if new.version in (self.model.version, getattr(self.pending, "version", None)):
+            log.info("model %s is already serving or pending", new.version)
+            return
+        covered = self.table.coverage(self.model.version)
+        share = self.settings.scoring.reload_min_coverage
+        if share <= 0 or covered == 0:
+            self.swap_model(new)  # nothing served that the new model would have to cover
+            return
+        self.pending, self._pending_since = new, now
+        self._cover_target = max(1, int(np.ceil(share * covered)))
+        self._reseed = list(self.users.users)
+        log.info("model %s loaded; it serves once %d items have its centroids (%s: %d), "
+                 "re-sending the seeds of %d users", new.version, self._cover_target,
+                 self.model.version, covered, len(self._reseed))
+
+    def _advance_swap(self, now: float) -> None:
+        """One poll's share of a pending swap: re-send some users' seeds, then swap if the
+        new version covers enough items or the wait is over."""
+        assert self.pending is not None
+        self._reseed_some(REFRESH_PER_TICK)
+        covered = self.table.coverage(self.pending.version)
+        waited = now - self._pending_since
+        if covered >= self._cover_target or waited >= self.settings.scoring.reload_max_wait_s:
+            if covered < self._cover_target:
+                log.warning("model %s serves after %.0f s with %d of %d items covered",
+                            self.pending.version, waited, covered, self._cover_target)
+            self.swap_coverage_s = waited
+            self.metrics.swap_wait.labels(self.name).set(waited)
+            new, self.pending, self._reseed = self.pending, None, []
+            self.swap_model(new)
+
+    def _reseed_some(self, n: int) -> None:
+        """The pending model's seeds of up to ``n`` held users' recent clicks (their ids
+        ring), at the user's last click time (per-click times are not kept: spaced a
+        millisecond apart, oldest first, so each user's order holds)."""
+        assert self.pending is not None
+        batch, self._reseed = self._reseed[:n], self._reseed[n:]
+        states = [st for u in batch if (st := self.users.get(u)) is not None]
+        if not states:
+            return
+        vecs = self._embed_with(self.pending, states)
+        items: list[int] = []
+        users: list[int] = []
+        ts: list[float] = []
+        lens = []
+        for st in states:
+            ids = self.users.recent_ids(st, self.users.id_len)
+            items += ids
+            users += [int(self.users.user_of[st.slot])] * len(ids)
+            ts += (st.last_ts - 1e-3 * np.arange(len(ids))[::-1]).tolist()
+            lens.append(len(ids))
+        if not items:
+            return
+        at = np.repeat(np.arange(len(states)), lens)
+        self._emit_seeds(np.array(items, np.int64), np.array(users, np.int64),
+                         np.array(ts, np.float64), vecs[at],
+                         np.full(len(items), int(time.time() * 1000), np.int64),
+                         self.pending.version)
+
+    def _embed_with(self, model: RalmModel, states: list[UserState]) -> np.ndarray:
+        """[B, h] ``model``'s embeddings of held users, from their item ids (their
+        catalogue rows are the serving model's)."""
+        if model is self.model:
+            return self._embed(states, [s.profile for s in states])
+        return model.embed_users([s.profile for s in states],
+                                 [self.users.recent_ids(s, self.users.history_len)
+                                  for s in states], [s.clicks for s in states])
+
     def swap_model(self, new: RalmModel) -> None:
         """Serve ``new`` from the next request on (called between polls: no request
         sees two models). Items' global vectors are recomputed with it now, users'
@@ -936,7 +1032,7 @@ class ScoringStage(Stage):
         self.users.remap_rows(new.features.catalog_rows)  # so are the catalogue rows
         self.users.fresh[:] = False
         self._stale_users = True
-        self.table.invalidate()
+        self.table.serve_version(new.version)  # invalidates every item's global vector
         self.table.refresh(new.item_global)
         self.metrics.build_info.labels(self.name).info(
             {"model_version": new.version, "version": __import__("engine").__version__})

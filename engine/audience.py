@@ -77,8 +77,8 @@ def look_alike_users(model: RalmModel, table: CentroidTable, store: UserStore, i
                      k: int, candidates: int) -> Audience:
     """The top ``k`` users of ``store`` for ``item`` by RALM score, seeds excluded."""
     slot = table.slot_of.get(item)
-    if slot is None or table.n_seeds[slot] == 0:
-        return Audience([], "no_seeds")
+    if slot is None or table.n_seeds[slot] == 0 or not table.version_ok[slot]:
+        return Audience([], "no_seeds")  # none, or of another model version than serves
     live = np.flatnonzero(store.user_of >= 0)
     if not len(live) or store.vecs.shape[1] != table.dim:
         return Audience([], "no_users")

@@ -50,6 +50,10 @@ class CentroidTable:
         self.updated_at = np.zeros(capacity, np.float64)
         self.last_seed_ts = np.zeros(capacity, np.float64)
         self.in_ann = np.zeros(capacity, bool)  # slot is in the IVF index now
+        #: the model version whose centroids serve ("": any); a slot's centroids of
+        #: another version are not scored (``servable``): one model version per score
+        self.serving_version = ""
+        self.version_ok = np.zeros(capacity, bool)
         self._next = 0  # slots below it have been used
         self._free: list[int] = []  # slots of deleted items, reused first
         self._deleted: set[int] = set()  # tombstoned slots, freed at the next refresh
@@ -63,12 +67,37 @@ class CentroidTable:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return int((self.n_seeds[: self._next] >= self.min_seeds).sum())
+        return len(self.live_slots())
+
+    def servable(self, slots: np.ndarray) -> np.ndarray:
+        """Which ``slots`` (-1: none) may be scored: ``min_seeds`` seeds or more, and
+        centroids of the serving model version (or of none named). The one rule every
+        path that scores against the table applies (index, re-rank, pipelines,
+        audiences)."""
+        safe = np.maximum(slots, 0)
+        return (slots >= 0) & (self.n_seeds[safe] >= self.min_seeds) & self.version_ok[safe]
+
+    def _accepts(self, version: str) -> bool:
+        return not self.serving_version or not version or version == self.serving_version
+
+    def serve_version(self, version: str) -> None:
+        """Score only centroids of ``version`` from now on (a model swap); the index is
+        rebuilt at the next refresh."""
+        self.serving_version = version
+        self.version_ok[:] = False
+        for slot, v in self.versions.items():
+            self.version_ok[slot] = self._accepts(v)
+        self.invalidate()
+
+    def coverage(self, version: str) -> int:
+        """Items with ``min_seeds`` seeds or more whose centroids are of ``version``."""
+        return sum(1 for slot, v in self.versions.items()
+                   if v == version and self.n_seeds[slot] >= self.min_seeds)
 
     def _grow(self) -> None:
         cap = len(self.item_ids) * 2
         for name in ("item_ids", "centroids", "counts", "global_vec", "gram", "n_seeds",
-                     "updated_at", "last_seed_ts", "in_ann"):
+                     "updated_at", "last_seed_ts", "in_ann", "version_ok"):
             old = getattr(self, name)
             new = np.zeros((cap, *old.shape[1:]), old.dtype)
             new[: len(old)] = old
@@ -99,6 +128,7 @@ class CentroidTable:
         self.updated_at[slot] = rec.updated_at
         self.last_seed_ts[slot] = rec.last_seed_ts
         self.versions[slot] = rec.model_version
+        self.version_ok[slot] = self._accepts(rec.model_version)
         self._dirty.add(slot)
 
     def _take_slot(self) -> int:
@@ -152,8 +182,8 @@ class CentroidTable:
         self._dirty.update(range(self._next))
 
     def live_slots(self) -> np.ndarray:
-        """Slots of the items that may be recommended (``min_seeds`` seeds or more)."""
-        return np.flatnonzero(self.n_seeds[: self._next] >= self.min_seeds)
+        """Slots of the items that may be recommended (``servable``)."""
+        return np.flatnonzero(self.servable(np.arange(self._next)))
 
     def _refresh_ann(self, rows: np.ndarray, live: np.ndarray) -> None:
         """Changed rows out of the IVF index and back in; a new index when it outgrew its lists."""
@@ -166,7 +196,7 @@ class CentroidTable:
             if len(old):
                 self._ann.remove_ids(old)
                 self.in_ann[old] = False
-            rows = rows[self.n_seeds[rows] >= self.min_seeds]
+            rows = rows[self.servable(rows)]
         if len(rows):
             self._ann.add_with_ids(np.ascontiguousarray(self.global_vec[rows]), rows)
             self.in_ann[rows] = True

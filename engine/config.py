@@ -232,6 +232,13 @@ class ScoringConfig(BaseModel):
     reload_check_s: float = Field(
         2.0, ge=0, description="re-check the checkpoint file (or checkpoint_dir's latest) this "
         "often and hot-reload a new one (0: only on a `models` topic announcement)")
+    reload_min_coverage: float = Field(
+        0.95, ge=0, le=1, description="a reloaded model serves once the centroid table has "
+        "its version's centroids for this share of the items the serving model serves; until "
+        "then the old model serves with its own (0: swap at once)")
+    reload_max_wait_s: float = Field(
+        120.0, ge=0, description="a reloaded model serves after this long whatever its "
+        "coverage (items whose seeds no held user can re-send never move over)")
     audience_k: int = Field(100, ge=1, description="users per audience when a request gives no k")
     audience_max_k: int = Field(10_000, ge=1, description="largest k an audience request may ask")
     audience_candidates: int = Field(

@@ -158,6 +158,11 @@ class WorkerMetrics:
             "Polls for which a scoring worker paused its clicks partitions because score "
             "requests were waiting (requests before clicks)", s, registry=r,
         )
+        self.swap_wait = Gauge(
+            "lookalike_model_swap_wait_seconds", "The last model swap: seconds from the new "
+            "model loaded to it serving (its centroids covering scoring.reload_min_coverage)",
+            s, registry=r,
+        )
         self.model_reloads = Counter(
             "lookalike_model_reloads_total",
             "Model hot reloads, by outcome (loaded, rejected: the old model kept serving)",

@@ -213,3 +213,127 @@ def test_a_swap_re_embeds_users_a_slice_per_poll(features, monkeypatch):
     st = stage.users.get(3)
     np.testing.assert_allclose(stage.users.vecs[st.slot],
                                stage._embed([st], [st.profile])[0], rtol=1e-5)
+
+
+def test_the_table_serves_only_centroids_of_the_serving_version():
+    from engine.centroid_table import CentroidTable
+
+    table = CentroidTable(K, 16, min_seeds=1)
+    rng = np.random.default_rng(0)
+    for item, version in [(1, "v1"), (2, "v2"), (3, ""), (4, "v1")]:
+        table.upsert(item, ItemCentroids(rng.normal(size=(K, 16)).astype(np.float32),
+                                         np.ones(K, np.float32), 3, 1.0, 1.0, version))
+    table.serve_version("v1")
+    table.refresh(lambda c, n: c.mean(1))
+    served = {int(table.item_ids[s]) for s in table.live_slots()}
+    assert served == {1, 3, 4}  # "": a record that names no version serves with any
+    found = table.search(rng.normal(size=(2, 16)).astype(np.float32), 10)
+    assert {int(table.item_ids[s]) for s in found.ravel() if s >= 0} <= served
+    assert table.coverage("v1") == 2 and table.coverage("v2") == 1
+    table.serve_version("v2")
+    table.refresh(lambda c, n: c.mean(1))
+    assert {int(table.item_ids[s]) for s in table.live_slots()} == {2, 3}
+
+
+def test_a_reloaded_model_serves_its_own_centroids_once_they_cover_the_items(
+        settings, features, tmp_path):
+    """One model version per score, on the embedded broker. Serving v1, a worker
+    recommends only items whose centroids are v1's, in the RALM path and in the
+    default blend; v2 loaded, v1 goes on serving until v2's centroids cover
+    ``reload_min_coverage`` of what v1 covered; then only v2's items are served."""
+    models = tmp_path / "models"
+    models.mkdir()
+    s = settings.model_copy(update={"scoring": settings.scoring.model_copy(update={
+        "min_seeds": 1, "reload_check_s": 0.0, "model_dirs": [models],
+        "reload_min_coverage": 0.9})})
+    v2_path = _save(_model(features, "v2", seed=3), models / "v2.pt")
+    stage = ScoringStage(s, _model(features, "v1"))
+    w = start_worker(stage)
+    rng = np.random.default_rng(2)
+    items = [int(i) for i in features.item_ids[:40]]
+
+    def centroids(group: list[int], version: str) -> None:
+        produce(s, "seed-centroids", [(key_of(i), encode_centroids(ItemCentroids(
+            rng.normal(size=(K, 16)).astype(np.float32), np.ones(K, np.float32), 3, 1.0, 1.0,
+            version))) for i in group])
+
+    def recommended(tag: str, pipeline: str) -> tuple[set[int], str]:
+        produce(s, "score-requests", [(key_of(u), encode_json(
+            {"user_id": u, "request_id": f"{tag}-{u}", "k": 5, "pipeline": pipeline}))
+            for u in range(6)])
+        recs = [r for r in json_values(read_all(s, "recommendations", timeout_s=10))
+                if r["request_id"].startswith(f"{tag}-")]
+        assert len(recs) == 6
+        return {i["item_id"] for r in recs for i in r["items"]}, recs[0]["model_version"]
+
+    try:
+        wait_until(lambda: w.loop.ready.is_set(), what="scoring worker ready")
+        centroids(items[:20], "v1")
+        centroids(items[20:30], "v2")
+        wait_until(lambda: len(stage.table.versions) == 30, what="centroids at the scorer")
+        for pipeline in ("ralm", "default"):
+            got, version = recommended(f"a-{pipeline}", pipeline)
+            assert got and got <= set(items[:20]) and version == "v1", pipeline
+        produce(s, "models", [(b"ralm", encode_json(
+            {"kind": "ralm", "path": str(v2_path), "version": "v2"}))])
+        wait_until(lambda: stage.pending is not None, what="v2 loaded, pending")
+        got, version = recommended("b", "ralm")  # 10 of 20 covered: v1 still serves
+        assert got <= set(items[:20]) and version == "v1"
+        centroids(items[30:40], "v2")  # 20 of v1's 20 covered now
+        wait_until(lambda: stage.model.version == "v2", what="v2 serving")
+        for pipeline in ("ralm", "default"):
+            got, version = recommended(f"c-{pipeline}", pipeline)
+            assert got and got <= set(items[20:40]) and version == "v2", pipeline
+        assert total(scrape(w.metrics_url), "lookalike_model_swap_wait_seconds") > 0
+    finally:
+        w.stop()
+
+
+@pytest.mark.slow
+def test_a_swap_moves_every_window_to_the_new_version_in_seconds(settings, ml100k, tmp_path):
+    """The whole path on the embedded broker: scoring and clustering workers serve v1's
+    centroids of 2,000 real clicks; v2 is announced. The scoring worker re-sends its
+    users' seeds with v2, the clustering worker (told the current version by the
+    ``models`` topic) moves each window to v2, and v2 serves once its centroids cover
+    what v1 covered: measured here, and well inside ``reload_max_wait_s``."""
+    from consumers.clustering import ClusteringStage
+    from consumers.replay import replay
+    from models.train_ralm import train_ralm
+
+    path = train_ralm(ml100k.time_split(0.8)[0], RalmConfig.tiny(
+        user_epochs=1, lookalike_epochs=1, episode_steps=5), tmp_path / "ckpt",
+        progress=False, log=lambda *_: None)
+    v1 = RalmModel.load(path)
+    models = tmp_path / "models"
+    models.mkdir()
+    v2 = RalmModel.load(path)
+    v2.version = "ralm-29991231T000000-newer"
+    with torch.no_grad():
+        for p in v2.user_tower.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    v2_path = _save(v2, models / "v2.pt")
+    s = settings.model_copy(update={
+        "window": settings.window.model_copy(update={"k": v1.k, "publish_interval_s": 0.2}),
+        "scoring": settings.scoring.model_copy(update={
+            "min_seeds": 1, "reload_check_s": 0.0, "model_dirs": [models]})})
+    scoring, clustering = ScoringStage(s, v1), ClusteringStage(s)
+    workers = [start_worker(scoring), start_worker(clustering)]
+    try:
+        wait_until(lambda: all(w.loop.ready.is_set() for w in workers), what="workers ready")
+        replay(ml100k, s.kafka, limit=2000, progress=False)
+        n_items = len(set(ml100k.item[:2000].tolist()))
+        wait_until(lambda: scoring.table.coverage(v1.version) == n_items, timeout_s=90,
+                   what="v1's centroids of every clicked item at the scorer")
+        produce(s, "models", [(b"ralm", encode_json(
+            {"kind": "ralm", "path": str(v2_path), "version": v2.version}))])
+        wait_until(lambda: scoring.model.version == v2.version, timeout_s=120,
+                   what="v2 serving")
+        took = scoring.swap_coverage_s
+        assert took is not None and took < s.scoring.reload_max_wait_s  # covered, not timed out
+        assert scoring.table.coverage(v2.version) >= 0.95 * n_items
+        live = scoring.table.live_slots()
+        assert {scoring.table.versions[int(x)] for x in live} == {v2.version}
+        print(f"swap to v2 served after {took:.2f} s ({n_items} items)")
+    finally:
+        for w in workers:
+            w.stop()
