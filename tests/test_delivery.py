@@ -193,6 +193,7 @@ def test_outputs_lost_in_an_outage_are_sent_again_and_nothing_is_committed_meanw
         wait_until(lambda: stage.state.seeds_held() == 20 and len(commits) > before,
                    what="seeds consumed and committed")  # no commit in flight at the stop
         broker.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
         try:
             stage._next_publish = time.time()  # publish item 7 now, into the stopped broker
             wait_until(lambda: w.loop._held, timeout_s=30,  # nothing taken in or committed
@@ -202,8 +203,12 @@ def test_outputs_lost_in_an_outage_are_sent_again_and_nothing_is_committed_meanw
             assert total(m, "lookalike_undelivered_records") >= 1
         finally:
             broker.proc.send_signal(signal.SIGCONT)
+            stopped_for = time.monotonic() - stopped_at
+        back = time.monotonic()
         _seeds(s, 8)  # taken in only once the hold ends
         wait_until(lambda: not w.loop._held, timeout_s=60, what="input resumed")
+        print(f"broker stopped {stopped_for:.1f} s; outputs delivered and input resumed "
+              f"{time.monotonic() - back:.2f} s after it was back")
         got = {}
         for r in read_all(s, "seed-centroids", timeout_s=10):
             got[decode_key(r.key)] = decode_centroids(r.value).n_seeds
