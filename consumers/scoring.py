@@ -154,10 +154,6 @@ class UserStore:
         for user in [u for u, st in self.users.items() if pred(st)]:
             self._release(self.users.pop(user).slot)
 
-    def is_new(self, partition: int, offset: int) -> bool:
-        """Whether the click at ``offset`` of ``partition`` is not applied yet."""
-        return offset >= self.applied.get(partition, 0)
-
     def _release(self, slot: int) -> None:
         self.user_of[slot] = -1
         self.fresh[slot] = False
