@@ -49,6 +49,7 @@ from engine.bench.report import BenchOptions, BenchReport, compute_threads
 from engine.codec import ItemCentroids, encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset
+from engine.topics import KeyPartitions
 from models.features import ClickLog
 from models.ralm import RalmModel
 from models.splits import Ragged
@@ -126,11 +127,11 @@ def request(user: int, i: int, k: int = 10) -> bytes:
 class _Record:
     """Just what ``ScoringStage.decode``/``handle`` read of a ConsumerRecord."""
 
-    __slots__ = ("value", "partition", "timestamp", "topic", "offset", "key")
+    __slots__ = ("value", "partition", "timestamp", "topic", "offset", "key", "headers")
 
-    def __init__(self, value: bytes, key: bytes):
-        self.value, self.key = value, key
-        self.partition, self.timestamp, self.topic, self.offset = 0, 0, T.SCORE_REQUESTS, 0
+    def __init__(self, value: bytes, key: bytes, partition: int):
+        self.value, self.key, self.partition = value, key, partition  # the user's (murmur2)
+        self.timestamp, self.topic, self.offset, self.headers = 0, T.SCORE_REQUESTS, 0, []
 
 
 def worker_side(stage: ScoringStage, users: list[int], batch: int, progress: bool,
@@ -146,13 +147,16 @@ def worker_side(stage: ScoringStage, users: list[int], batch: int, progress: boo
     The flush times go to ``flushes``: the end-to-end figures include them.
     """
     assert stage.loop is not None and stage.loop.producer is not None
+    parts = len(stage.loop.producer.partitions_for(stage.names.score_requests))
+    home = dict(zip(users, KeyPartitions().of(np.array(users), parts).tolist(), strict=True))
     out = []
     n = len(users) // batch
     for b in tqdm(range(n), desc=desc, unit="call", disable=not progress, mininterval=0.5):
         chunk = users[b * batch:(b + 1) * batch]
         t0 = time.perf_counter()
         events = [Event(T.SCORE_REQUESTS, rec, stage.decode(T.SCORE_REQUESTS, rec))
-                  for rec in (_Record(request(u, i), key_of(u)) for i, u in enumerate(chunk))]
+                  for rec in (_Record(request(u, i), key_of(u), home[u])
+                              for i, u in enumerate(chunk))]
         stage.handle(events)
         t1 = time.perf_counter()
         out.append(t1 - t0)
@@ -175,7 +179,7 @@ def breakdown(stage: ScoringStage, users: list[int]) -> dict[str, float]:
         return out
 
     for i, u in enumerate(users):
-        rec = _Record(request(u, i), key_of(u))
+        rec = _Record(request(u, i), key_of(u), 0)
         req = timed("decode", lambda: stage.decode(T.SCORE_REQUESTS, rec))  # noqa: B023
         st = stage.users.get(u)
         prof = req.profile or (st.profile if st else None)
