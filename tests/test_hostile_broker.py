@@ -53,7 +53,7 @@ def _seed(users: list[int], ts: list[float], vec: np.ndarray | None = None,
           dim: int = 8) -> bytes:
     v = np.random.default_rng(len(users)).normal(size=(len(users), dim)).astype(np.float32)
     return encode_seeds(SeedBatch(np.array(users, np.int64), np.array(ts), v if vec is None
-                                  else vec, "v1"))
+                                  else vec, "t"))  # the serving model's version (_model)
 
 
 def _hostile_clicks() -> list[tuple[bytes | None, bytes | None, str]]:
