@@ -83,6 +83,9 @@ REJOIN_TRIES = 3
 #: how long step 5 waits for the producer before the loop holds its input and polls on
 #: (paused) while the outputs are delivered; and each wait while held
 FLUSH_S, HELD_FLUSH_S = 5.0, 0.5
+#: how long a clean stop waits for its outputs to be delivered before it gives up
+#: committing (they are read again by the next owner)
+CLOSE_FLUSH_S = 120.0
 #: the share of ``max_poll_interval_ms`` a poll may spend catching a restore up
 RESTORE_SHARE = 0.25
 
@@ -331,6 +334,16 @@ class ConsumerLoop:
             old.close(timeout=0)
         except Exception as e:  # noqa: BLE001 - the old client is being dropped anyway
             log.warning("closing the old producer: %s", e)
+
+    def _settle(self, within_s: float) -> bool:
+        """Step 5 and 6 until they hold or ``within_s`` passes (a clean stop: its drain
+        may hold more than one flush's worth, and its final snapshot needs them
+        delivered); whether it committed."""
+        deadline = time.monotonic() + within_s
+        while not self._flush_and_commit():
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def _hold(self) -> None:
         """Stop consuming until the outputs are delivered (``_poll_held``)."""
@@ -677,7 +690,7 @@ class ConsumerLoop:
             try:
                 if self.consumer.assignment():
                     self.stage.drain()
-                    if not self._flush_and_commit():
+                    if not self._settle(CLOSE_FLUSH_S):
                         log.warning("%s worker stopping with %d output records not "
                                     "acknowledged: its offsets stay uncommitted (the input "
                                     "is read again)", self.stage.name, len(self._unconfirmed))
