@@ -94,7 +94,7 @@ class TopologyLost(RuntimeError):
     """The broker came back with the dataflow's topics laid out differently."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per output record: on the hot path
 class Sent:
     """An output record not yet confirmed: what it was, to send it again if it fails."""
 
