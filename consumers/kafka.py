@@ -13,7 +13,10 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 
+from consumers import kafka_join
 from engine.config import KafkaConfig
+
+kafka_join.apply()  # before any consumer joins a group
 
 
 def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> KafkaProducer:

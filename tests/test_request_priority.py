@@ -120,6 +120,7 @@ def test_a_steady_request_stream_does_not_starve_the_clicks(settings):
             "lookalike_requests_first_total", {"stage": "scoring"}) >= 1
     finally:
         stop.set()
-        feeder.join(10)
+        if feeder.is_alive():
+            feeder.join(10)
         producer.close()
         loop.close()
