@@ -416,6 +416,7 @@ class ConsumerLoop:
         polled = poll(self.consumer, self.stage.poll_timeout_ms, self.stage.max_poll_records)
         t0 = time.perf_counter()
         self._restore()
+        self.metrics.restoring.labels(self.stage.name).set(len(self._restoring))
         n = sum(len(v) for v in polled.values())
         if n:
             events = self._decode(polled)
@@ -453,9 +454,12 @@ class ConsumerLoop:
         if not self._restoring:
             return
         assert self.consumer is not None
+        deadline = time.monotonic() + RESTORE_SHARE * self.settings.kafka.max_poll_interval_ms / 1e3
         self._restoring &= self.consumer.assignment()
         self._catching_up &= self._restoring
-        for tp in sorted(self._restoring - self._catching_up):
+        for n, tp in enumerate(sorted(self._restoring - self._catching_up)):
+            if n and time.monotonic() > deadline:
+                break  # the rest next poll: several large snapshots outlast the poll interval
             # one at a time: a broker error here (raised to the loop, retried next poll)
             # leaves the partitions not yet restored paused and queued, never lost
             committed = self.consumer.committed(tp)
@@ -472,7 +476,6 @@ class ConsumerLoop:
             else:
                 self._restoring.discard(tp)
                 self.consumer.resume(tp)
-        deadline = time.monotonic() + RESTORE_SHARE * self.settings.kafka.max_poll_interval_ms / 1e3
         for tp in sorted(self._catching_up):
             if self.stage.catch_up(tp, deadline):
                 self._catching_up.discard(tp)

@@ -65,13 +65,25 @@ class _Table:
         if self._free:
             return self._free.pop()
         if self._next == len(self.counts):
-            self.centroids = np.concatenate([self.centroids, np.zeros_like(self.centroids)])
-            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
-            self.sqnorms = np.concatenate([self.sqnorms, np.zeros_like(self.sqnorms)])
-            self.labels = np.concatenate([self.labels, np.full_like(self.labels, -1)])
-            self.since = np.concatenate([self.since, np.zeros_like(self.since)])
+            self.reserve(len(self.counts))
         self._next += 1
         return self._next - 1
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` more rows in one step. Why: a restore takes thousands of rows,
+        and growing a wide ``labels`` by doubling copied it a dozen times (seconds,
+        past the poll interval, on a 10k-item partition)."""
+        grow = self._next + n - len(self.counts) - len(self._free)
+        if grow <= 0:
+            return
+        grow = max(grow, len(self.counts))  # still doubling when taken one by one
+
+        def more(a: np.ndarray, fill: float) -> np.ndarray:
+            return np.concatenate([a, np.full((grow, *a.shape[1:]), fill, a.dtype)])
+
+        self.centroids, self.counts = more(self.centroids, 0.0), more(self.counts, 0.0)
+        self.sqnorms, self.since = more(self.sqnorms, 0.0), more(self.since, 0)
+        self.labels = more(self.labels, -1)
 
     def widen(self, width: int) -> None:
         """Room for window rows 0..width-1 in ``labels``."""
@@ -607,6 +619,11 @@ class ItemClusters:
         users, ts = arrays["users"].tolist(), arrays["ts"].tolist()
         at = dict.fromkeys(dims, 0)
         vec_at = dict.fromkeys(dims, 0)
+        for dim in at:  # each table grows once, not item by item
+            table = self._table(dim)
+            table.reserve(dims.count(dim))
+            table.widen(max((n for n, d in zip(lengths, dims, strict=True) if d == dim),
+                            default=0))
         lo = 0
         for j, item in enumerate(items):
             dim, n = dims[j], lengths[j]

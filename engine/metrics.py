@@ -81,6 +81,11 @@ class WorkerMetrics:
         self.assigned = Gauge(
             "lookalike_assigned_partitions", "Partitions this group member owns", s, registry=r
         )
+        self.restoring = Gauge(
+            "lookalike_partitions_restoring", "Assigned partitions whose state is still being "
+            "restored (snapshot or log replay): not yet polled, so their lag is not yet known",
+            s, registry=r,
+        )
         self.batch_seconds = Histogram(
             "lookalike_batch_seconds", "Time to process one poll batch", s,
             buckets=LATENCY_BUCKETS, registry=r,

@@ -327,3 +327,45 @@ def test_a_restore_longer_than_the_poll_interval_keeps_the_member_in_its_group(
     finally:
         w.stop()
 
+
+def test_snapshot_restores_longer_than_the_poll_interval_together_keep_the_member(
+        settings, ml100k, tiny_ralm, tmp_path):
+    """Two partitions whose snapshots each take most of ``max_poll_interval_ms`` to
+    restore: the loop restores one per poll, so the member stays in its group (one
+    assignment, no revocation) and no partition is restored twice. Restoring both in
+    one poll dropped the member, and the new assignment restored them again, each time
+    (a clustering worker with 10k items per partition looped so in the recovery bench).
+    The slowness is injected (a sleep per restore)."""
+    from consumers.replay import replay
+
+    s = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"max_poll_interval_ms": 3000}),
+        "window": settings.window.model_copy(update={"k": tiny_ralm.k}),
+        "snapshots": settings.snapshots.model_copy(update={"every_s": 30.0,
+                                                            "dir": tmp_path / "snaps"})})
+    replay(ml100k, s.kafka, limit=N_CLICKS, progress=False)
+    _score_clicks(s, tiny_ralm, N_CLICKS)  # its clean stop writes both snapshots
+    assert len(list((tmp_path / "snaps").rglob("*.npz"))) == 2
+
+    second = ScoringStage(s, tiny_ralm)
+    restore, restored, assigned, revoked = second.restore, [], [], []
+
+    def slow(tp, snap, committed):
+        time.sleep(2.0)  # two of them: longer than the interval
+        restored.append((tp.partition, snap is not None))
+        return restore(tp, snap, committed)
+
+    second.restore = slow
+    on_assigned, on_revoked = second.on_assigned, second.on_revoked
+    second.on_assigned = lambda parts: (assigned.append(parts), on_assigned(parts))[1]
+    second.on_revoked = lambda parts: (parts and revoked.append(parts), on_revoked(parts))[1]
+    w = start_worker(second)
+    try:
+        wait_until(lambda: w.loop.ready.is_set() and len(restored) >= 2
+                   and not w.loop._restoring, timeout_s=120, what="both restores done")
+        time.sleep(3.0)  # a member dropped for a late poll would be rebalanced by now
+        assert sorted(restored) == [(0, True), (1, True)]
+        assert len(assigned) == 1 and revoked == []
+        assert total(scrape(w.metrics_url), "lookalike_partitions_restoring") == 0
+    finally:
+        w.stop()

@@ -164,15 +164,21 @@ def _pass(s: Settings, ds: Dataset, ckpt: Path, size: Size, folder: Path, kills:
 
 
 def _drained(workers: list[WorkerProcess], timeout_s: float) -> None:
-    """Until both workers report no lag three checks in a row (gauges refresh every 2 s)."""
+    """Until every worker owns partitions, has restored them all and reports no lag,
+    three checks in a row (gauges refresh every 2 s). Why all three: a worker still
+    restoring a snapshot has polled nothing yet and reports no lag at all; the
+    bench once stopped one then and read a snapshot from before its replay."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     time.sleep(5.0)
     while quiet < 3:
         if time.monotonic() > deadline:
             raise TimeoutError("the workers did not catch up in time")
-        lag = sum(worker_metric(w, "lookalike_consumer_lag_messages") for w in workers)
-        quiet = quiet + 1 if lag == 0 else 0
+        caught_up = all(worker_metric(w, "lookalike_assigned_partitions") > 0
+                        and worker_metric(w, "lookalike_partitions_restoring") == 0
+                        and worker_metric(w, "lookalike_consumer_lag_messages") == 0
+                        for w in workers)
+        quiet = quiet + 1 if caught_up else 0
         time.sleep(2.0)
 
 
