@@ -15,8 +15,9 @@ from engine.bench.freshness import seq_probe
 
 @pytest.mark.slow
 def test_quick_freshness_bench_sees_every_probe_through(quick_bench) -> None:
-    """Each probe click reaches the published centroids and then a recommendation, and
-    each SASRec probe click changes the user's ``seq`` answer into the model's own."""
+    """Each probe click reaches the published centroids and then a recommendation,
+    each SASRec probe click changes the user's ``seq`` answer into the model's own, and
+    an announced model serves once its centroids cover the items."""
     opts = quick_bench
     report = runner("freshness")(opts)
     figures = {f.name: f.value for f in report.figures}
@@ -33,6 +34,8 @@ def test_quick_freshness_bench_sees_every_probe_through(quick_bench) -> None:
     assert published < reflected  # centroids first, then the recommendation that uses them
     assert "SASRec: click -> a recommendation that reflects it, p99" in figures
     assert report.settings["pipelines"]["seq"]["ranker"] == "sasrec"
+    swap = next(f for f in report.figures if f.name.startswith("model swap"))
+    assert swap.ok  # the announced model served once its centroids covered the items
     js, md = report.write(opts.out_dir)
     text = md.read_text()
     assert "click -> a recommendation that reflects it" in text and "SASRec: " in text

@@ -30,6 +30,13 @@ answers that reflect are also checked against the model's top-K for H + [Y].
 The baseline measured in the same run is the raw kafka-python produce ->
 consume round trip through the same broker; the ratio of each path's p99 to
 it says how many broker round trips freshness costs.
+
+Model swap. Last, a retrained model (the serving one with its user tower nudged,
+under a newer version) is announced on ``models``. The scoring worker loads it,
+re-sends its users' seeds embedded by it, and serves it once the clustering
+worker's centroids of the new version cover ``scoring.reload_min_coverage`` of
+the items the old one served (``lookalike_model_swap_wait_seconds``): the time
+until the workers serve one model again, every score of one version meanwhile.
 """
 
 from __future__ import annotations
@@ -62,7 +69,14 @@ from engine.codec import (
 )
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
-from engine.pipeline import WorkerProcess, ensure_checkpoint, spawn_worker, wait_drained, wait_ready
+from engine.pipeline import (
+    WorkerProcess,
+    ensure_checkpoint,
+    spawn_worker,
+    wait_drained,
+    wait_ready,
+    worker_metric,
+)
 from engine.scrape import quantile_from_histogram, scrape
 from engine.topics import Topics, create_topic, create_topics
 
@@ -139,7 +153,7 @@ def run(opts: BenchOptions) -> BenchReport:
             bootstrap = broker.bootstrap_servers
         s = _bench_settings(s, bootstrap)
         create_topics(s.kafka)
-        workers = [spawn_worker(kind, s, ckpt, run_dir, 0, _worker_env(sasrec))
+        workers = [spawn_worker(kind, s, ckpt, run_dir, 0, _worker_env(sasrec, run_dir / "models"))
                    for kind in ("clustering", "scoring")]
         wait_ready(workers)
         rep = replay(ds, s.kafka, limit=sizes.warmup_clicks, progress=False)
@@ -148,6 +162,7 @@ def run(opts: BenchOptions) -> BenchReport:
         before = scrape(workers[1].metrics_url)
         probes = run_probes(s, ds, sizes, _load(sasrec))
         server = _minus(scrape(workers[1].metrics_url), before)  # the probes' share only
+        swap_s = swap_seconds(s, ckpt, workers[1], run_dir / "models", opts.seed)
     finally:
         for w in workers:
             w.stop()
@@ -155,7 +170,39 @@ def run(opts: BenchOptions) -> BenchReport:
             broker.stop()
     _figures(report, probes.ralm, rtt, server)
     _seq_figures(report, probes.seq, rtt)
+    report.add("model swap: announced -> the new version serves, its centroids covering "
+               f"{s.scoring.reload_min_coverage:.0%} of the items", swap_s, "s", "<= 30",
+               f"after reload_max_wait_s ({s.scoring.reload_max_wait_s:g} s) it would serve "
+               "uncovered")
     return report
+
+
+def swap_seconds(s: Settings, ckpt: Path, scorer: WorkerProcess, folder: Path,
+                 seed: int) -> float:
+    """Announce a retrained copy of the serving model; the scorer's wait until it serves."""
+    import torch
+
+    from consumers.model_reload import announce
+    from models.checkpoint import make_version
+    from models.ralm import RalmModel
+
+    model = RalmModel.load(ckpt)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.user_tower.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    model.version = make_version("ralm", model.user_tower.state_dict(), at=time.time() + 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    announce(s, model.save(folder / f"{model.version}.pt"))
+    deadline = time.monotonic() + s.scoring.reload_max_wait_s + 60
+    while time.monotonic() < deadline:
+        waited = worker_metric(scorer, "lookalike_model_swap_wait_seconds")
+        if waited > 0:
+            return waited
+        if scorer.proc.poll() is not None:
+            raise RuntimeError(f"the scoring worker exited; see {scorer.log_path}")
+        time.sleep(0.25)
+    raise TimeoutError("the scoring worker did not swap to the announced model")
 
 
 def _checkpoint(s: Settings, train: Dataset, quick: bool) -> Path:
@@ -191,9 +238,10 @@ def _load(path: Path) -> Recommender:
     return load_zoo({"sasrec": path})["sasrec"]
 
 
-def _worker_env(sasrec: Path) -> dict[str, str]:
+def _worker_env(sasrec: Path, models: Path) -> dict[str, str]:
     """The workers' settings beyond the defaults: one seed serves, and the SASRec pipeline."""
     return {"LOOKALIKE_SCORING__MIN_SEEDS": "1",
+            "LOOKALIKE_SCORING__MODEL_DIRS": orjson.dumps([str(models)]).decode(),
             "LOOKALIKE_SCORING__MODELS": orjson.dumps({"sasrec": str(sasrec)}).decode(),
             "LOOKALIKE_SCORING__PIPELINES": orjson.dumps(PIPELINES).decode()}
 
