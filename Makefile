@@ -35,6 +35,7 @@ prometheus:
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: setup prometheus lint
 	$(VENV)/bin/pytest -q

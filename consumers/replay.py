@@ -15,9 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from consumers.kafka import make_producer
-from engine.codec import Click, Profile, encode_click, key_of
+from engine.codec import Click, encode_click, key_of
 from engine.config import KafkaConfig
-from engine.data import Dataset
+from engine.data import Dataset, profiles_of
 from engine.topics import Topics
 
 
@@ -29,20 +29,6 @@ class ReplayReport:
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
-
-
-def profiles_of(ds: Dataset) -> list[Profile]:
-    """One Profile per dense user index."""
-    u = ds.users
-    return [
-        Profile(
-            age=None if np.isnan(u.age[i]) else float(u.age[i]),
-            gender=u.gender[i] or None,
-            occupation=u.occupation[i] or None,
-            zip_code=u.zip_code[i] or None,
-        )
-        for i in range(len(u))
-    ]
 
 
 class Pacer:

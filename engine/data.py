@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.codec import Profile
+
 RECBOLE_WHEEL = "recbole==1.2.1"
 _WHEEL_DIR = "recbole/dataset_example/ml-100k/"
 _ML100K_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
@@ -591,3 +593,17 @@ def load_dataset(name_or_path: str, cache_dir: Path) -> Dataset:
     raise DataError(f"unknown dataset {name_or_path!r}: expected one of {known}, "
                     "a folder with MovieLens files (u.data, u.user, u.item), or a folder/.inter "
                     "file of RecBole atomic files (<name>.inter, .user, .item)")
+
+
+def profiles_of(ds: Dataset) -> list[Profile]:
+    """One Profile per dense user index."""
+    u = ds.users
+    return [
+        Profile(
+            age=None if np.isnan(u.age[i]) else float(u.age[i]),
+            gender=u.gender[i] or None,
+            occupation=u.occupation[i] or None,
+            zip_code=u.zip_code[i] or None,
+        )
+        for i in range(len(u))
+    ]

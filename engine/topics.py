@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.partitioner.default import murmur2
 
-from engine.config import KafkaConfig
+if TYPE_CHECKING:
+    from engine.config import KafkaConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -418,7 +418,7 @@ class RalmScorer(_RalmFamily):
     def scores(self, task: Task) -> np.ndarray:
         from engine.clustering import cluster_clicks
         from models.baselines import ralm_parts
-        from models.train_ralm import window_config
+        from models.seed_clusters import window_config
 
         m, emb = self.shared.model, self.shared.emb
         items = np.repeat(task.items, [len(s) for s in task.seeds])

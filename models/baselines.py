@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from models.evaluate_lookalike import Protocol, embed_everyone, protocol_metrics
 from models.features import ClickLog, FeatureSpace
 from models.ralm import RalmModel
-from models.train_ralm import cluster_seeds
+from models.seed_clusters import cluster_seeds
 
 if TYPE_CHECKING:
     from engine.data import Dataset

@@ -76,11 +76,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def portable(path: str | Path) -> str:
+    """``path`` as a report records it: under the home folder as ``~/...``. Why: run
+    reports are committed beside the docs, and the machine's own home (``/root``, a
+    user name) says nothing to a reader; ``load_checkpoint`` expands it back."""
+    path, home = Path(path).resolve(), Path.home().resolve()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
 def load_checkpoint(
     path: str | Path, *, kind: str | None = None, required: Iterable[str] = ()
 ) -> dict[str, Any]:
     """Read a checkpoint safely; raise :class:`CheckpointError` saying what is wrong."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

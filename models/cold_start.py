@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from consumers.replay import profiles_of
-from consumers.scoring import UserStore
 from engine.clustering import ItemClusters
 from engine.codec import Click, SeedBatch
 from engine.config import ScoringConfig, WindowConfig
-from engine.data import Dataset
+from engine.data import Dataset, profiles_of
+from engine.user_store import UserStore
 from models.ralm import RalmModel
 
 THRESHOLDS = (1, 2, 5, 10, 20, 50)

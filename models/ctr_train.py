@@ -36,7 +36,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.checkpoint import FORMAT, load_checkpoint, make_version, save_checkpoint
+from models.checkpoint import FORMAT, load_checkpoint, make_version, portable, save_checkpoint
 from models.ctr_baselines import FactorizationMachine, FMConfig, LogisticRegression, LRConfig
 from models.ctr_data import DENSE_FIELDS, CTRData, CTRFrame
 from models.dlrm import DLRM, DLRMConfig
@@ -262,7 +262,7 @@ def train_run(name: str, dataset: Any, *, protocol: str, seed: int, hash_buckets
     tmp = save_ctr(checkpoint_dir / f"pending-{name}-{time.time_ns()}.pt", name, model, data,
                    report)
     final = tmp.rename(tmp.with_name(f"{load_checkpoint(tmp)['version']}.pt"))
-    report["checkpoint"] = str(final)
+    report["checkpoint"] = portable(final)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.json").write_text(json.dumps(report, indent=2))
     plot_learning_curve(result, out_dir / "learning-curve.png")
@@ -289,7 +289,7 @@ def evaluate_run(path: Path, dataset: Any, out_dir: Path) -> dict[str, Any]:
         baselines = {k: {"auc": ctr_metrics(data.test.label,
                                             count_scores(data.train, data.test, k))["auc"]}
                      for k in ("popularity", "item-mean")}
-    report = {"model": name, "checkpoint": str(path), "version": payload["version"],
+    report = {"model": name, "checkpoint": portable(path), "version": payload["version"],
               "dataset": dataset.name, "split": data.summary(), "data": data.describe(),
               "config": payload["config"], "trainer": trained.get("trainer", {}),
               "train": trained.get("train", {}), "valid": evaluate_ctr(model, data.valid),

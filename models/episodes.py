@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.features import ClickLog, UserBatch
-from models.train_ralm import SeedClusters, window_config
+from models.seed_clusters import SeedClusters, window_config
 from models.trainer import make_optimiser
 
 if TYPE_CHECKING:

@@ -38,7 +38,8 @@ from scipy.stats import rankdata
 
 from models.features import ClickLog
 from models.ralm import RalmModel
-from models.train_ralm import cluster_seeds, item_seeds
+from models.seed_clusters import cluster_seeds
+from models.train_ralm import item_seeds
 
 if TYPE_CHECKING:
     from engine.data import Dataset

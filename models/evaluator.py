@@ -37,13 +37,15 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from models.recommender import Recommender
 from models.splits import EvalSet
+
+if TYPE_CHECKING:
+    from models.recommender import Recommender
 
 METRICS = ("hit", "recall", "precision", "ndcg", "mrr")
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from models.evaluator import Protocol, evaluate
-from models.recommender import Recommender
 from models.splits import Split
+
+if TYPE_CHECKING:
+    from models.recommender import Recommender
 
 
 class TrainerConfig(BaseModel):

@@ -28,7 +28,7 @@ def ml100k() -> Dataset:
 def quick_bench(request, ml100k, tmp_path):
     """Options of a ``--quick`` bench on the session's broker, its cache seeing the ml-100k
     the session fetched (the bench loads it by name from ``cache_dir/data``)."""
-    from engine.bench import BenchOptions
+    from lookalike.bench import BenchOptions
 
     s = request.getfixturevalue("settings")
     s.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.kafka import make_consumer, make_producer
-from engine.broker import EmbeddedBroker
 from engine.config import Settings, load_settings
 from engine.topics import Topics, create_topics
+from lookalike.broker import EmbeddedBroker
 
 _counter = itertools.count()
 

@@ -4,7 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
-from engine.audience import look_alike_users, merge_partials, refresh_vectors
+from consumers.audience import look_alike_users, merge_partials, refresh_vectors
 from engine.codec import AudienceRequest, BadEvent, ItemCentroids, decode_audience_request
 from tests.test_scoring_fast_paths import _clicks, _stage, data, model  # noqa: F401 - fixtures
 

@@ -87,13 +87,13 @@ def test_baselines_rank_look_alikes_above_chance(folds):
 @pytest.mark.slow
 def test_ralm_scores_are_the_served_score_on_worker_centroids(folds):
     """RALM trained without the fold's items scores a fold item's pool with the serving
-    score (``RalmModel.score_user`` plus the audience prior, as ``engine.audience`` adds it)
+    score (``RalmModel.score_user`` plus the audience prior, as ``consumers.audience`` adds it)
     over centroids the worker's clustering makes of the seeds; the family shares one
     training per fold."""
     from engine.clustering import ItemClusters, SeedColumns
     from models.audience_expansion import scorers
     from models.ralm import RalmConfig
-    from models.train_ralm import window_config
+    from models.seed_clusters import window_config
 
     cfg = RalmConfig.tiny(user_epochs=1, lookalike_epochs=1)
     models = scorers(["ralm", "ralm_average", "tower_seed_mean"], cfg)

@@ -108,8 +108,8 @@ def test_evaluate_command_reports_the_test_rmse(tmp_path, ml100k):
     import orjson
     from typer.testing import CliRunner
 
-    from engine.cli import app
     from engine.config import default_cache_dir
+    from lookalike.cli import app
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -6,8 +6,11 @@ import math
 import numpy as np
 import pytest
 
-from engine.bench import runner
-from engine.bench.cluster import (
+from engine.clustering import ItemClusters, SeedColumns
+from engine.config import WindowConfig
+from engine.token_bucket import TokenBucket
+from lookalike.bench import runner
+from lookalike.bench.cluster import (
     full_windows,
     our_inertia,
     seed_stream,
@@ -16,10 +19,7 @@ from engine.bench.cluster import (
     state_path,
     without_refresh,
 )
-from engine.bench.report import BenchOptions
-from engine.clustering import ItemClusters, SeedColumns
-from engine.config import WindowConfig
-from engine.token_bucket import TokenBucket
+from lookalike.bench.report import BenchOptions
 
 FIGURES = {
     "state path seed events/s", "state path / 100k target",

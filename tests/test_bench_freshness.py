@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.bench import runner
-from engine.bench.freshness import seq_probe
+from lookalike.bench import runner
+from lookalike.bench.freshness import seq_probe
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import math
 
-from engine.bench import BenchOptions, runner
+from lookalike.bench import BenchOptions, runner
 
 
 def test_ingest_bench_reports_finite_positive_figures(broker, tmp_path, settings):

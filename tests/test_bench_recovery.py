@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.bench import runner
+from lookalike.bench import runner
 
 
 @pytest.mark.slow

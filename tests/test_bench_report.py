@@ -1,6 +1,6 @@
 """The bench report format: targets checked on values, and the summary ``bench all`` ends with."""
 
-from engine.bench.report import BenchReport, summary
+from lookalike.bench.report import BenchReport, summary
 
 
 def _report(name: str, *figures: tuple[str, float, str]) -> BenchReport:

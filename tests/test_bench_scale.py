@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from engine.bench import BenchOptions, runner
-from engine.bench.scale import user_bytes, window_bytes
 from engine.config import load_settings
+from lookalike.bench import BenchOptions, runner
+from lookalike.bench.scale import user_bytes, window_bytes
 
 
 def test_quick_scale_bench_reports_and_plots(tmp_path) -> None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from engine.bench import runner
+from lookalike.bench import runner
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.bench import BenchOptions, runner
-from engine.bench.train import prefixes
 from engine.config import default_cache_dir, load_settings
+from lookalike.bench import BenchOptions, runner
+from lookalike.bench.train import prefixes
 from models.splits import Ragged
 
 

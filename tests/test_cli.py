@@ -8,9 +8,9 @@ import time
 import pytest
 from kafka.admin import KafkaAdminClient
 
-from engine.broker import free_port
+from lookalike.broker import free_port
 
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "lookalike.cli"]
 
 
 def test_broker_command_serves_creates_topics_and_stops_on_sigterm(tmp_path):
@@ -56,7 +56,7 @@ def test_broker_command_on_a_taken_port_fails_and_touches_nothing(broker):
 def test_a_broker_that_exits_at_start_reports_its_own_output(broker, monkeypatch):
     """The race the port check cannot close (the port taken between the check and the
     broker's bind): the broker's own error reaches the message (it was discarded)."""
-    import engine.broker as eb
+    import lookalike.broker as eb
 
     monkeypatch.setattr(eb, "port_in_use", lambda host, port: False)
     with pytest.raises(eb.BrokerError, match="(?s)exited with code.*Address in use"):

@@ -15,7 +15,7 @@ from engine.codec import (
     encode_seeds,
     key_of,
 )
-from engine.scrape import scrape, total
+from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import produce, read_all, wait_until
 
 

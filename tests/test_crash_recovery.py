@@ -22,7 +22,7 @@ import pytest
 from consumers.replay import replay
 from engine.clustering import ItemClusters, decode_records
 from engine.codec import PACK_MAGIC, decode_centroids, decode_key
-from engine.pipeline import WorkerProcess, spawn_worker, wait_ready
+from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready
 from models.ralm import RalmConfig
 from models.train_ralm import train_ralm
 from tests.kafka_fixtures import read_all, wait_until

@@ -16,12 +16,12 @@ from consumers.clustering import ClusteringStage
 from consumers.kafka import make_consumer
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
-from engine.broker import EmbeddedBroker
 from engine.clustering import ItemClusters, decode_records
 from engine.codec import PACK_MAGIC, SeedBatch, decode_centroids, decode_key, encode_seeds, key_of
 from engine.config import Settings, load_settings
-from engine.scrape import scrape, total
 from engine.topics import Topics, create_topics
+from lookalike.broker import EmbeddedBroker
+from lookalike.scrape import scrape, total
 from models.ralm import RalmConfig, RalmModel
 from models.train_ralm import train_ralm
 from tests.kafka_fixtures import produce, read_all, wait_until

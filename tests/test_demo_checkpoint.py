@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import Settings
-from engine.pipeline import ensure_checkpoint
 from engine.synthetic import SyntheticSpec, generate
+from lookalike.pipeline import ensure_checkpoint
 from models.features import FeatureSpace
 from models.ralm import RalmConfig, RalmModel
 from models.train_ralm import LATEST

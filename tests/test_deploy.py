@@ -314,12 +314,12 @@ def test_compose_commands_are_lookalike_subcommands() -> None:
 
 
 def test_compose_commands_parse_with_the_cli() -> None:
-    """Each command line parses against engine.cli: an unknown subcommand or option (one
+    """Each command line parses against lookalike.cli: an unknown subcommand or option (one
     renamed in the CLI) fails. `--help` is appended so that nothing runs: click parses the
     whole line (unknown options are errors) before the eager --help prints and exits."""
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from lookalike.cli import app
 
     runner = CliRunner()
     for name, svc in lookalike_services().items():
@@ -384,3 +384,19 @@ def test_compose_mounts_exist() -> None:
     provider = _load_yaml(DEPLOY / "grafana/provisioning/dashboards/lookalike.yml")
     dash_path = provider["providers"][0]["options"]["path"]
     assert f"./grafana/dashboards:{dash_path}:ro" in compose()["services"]["grafana"]["volumes"]
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    """A package missing from the image's COPY lines (or its ignore file) installs
+    fine locally and breaks only the image: `lookalike --help` fails at build."""
+    import tomllib
+
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]
+                ["include"]]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "lookalike" in packages
+    for p in packages:
+        assert f"COPY {p} ./{p}" in dockerfile, p
+        assert f"!{p}/" in ignore, p

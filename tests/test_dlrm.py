@@ -225,7 +225,7 @@ def test_user_dropout_teaches_the_model_new_users(ml100k: Dataset) -> None:
 
 
 def test_cli_trains_and_evaluates_dlrm(tmp_path) -> None:
-    from engine.cli import app
+    from lookalike.cli import app
 
     folder = fetch_ml100k(default_cache_dir() / "data", quiet=True)
     runner = CliRunner()

@@ -32,8 +32,8 @@ from engine.codec import (
     encode_seeds,
     key_of,
 )
-from engine.scrape import scrape, total
 from engine.synthetic import SyntheticSpec, generate
+from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import json_values, produce, read_all, wait_until
 
 NOW = time.time()

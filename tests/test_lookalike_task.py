@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.data import Dataset
 from engine.synthetic import SyntheticSpec, generate
+from lookalike.cli import app
 from models.baselines import (
     fit_item_lr,
     popularity_scores,

@@ -134,7 +134,7 @@ def test_unfitted_model_refuses_to_score(name):
 
 
 def test_cli_lists_every_registered_model():
-    from engine.cli import ZOO_MODELS
+    from lookalike.cli import ZOO_MODELS
 
     assert sorted(ZOO_MODELS) == model_names()
 
@@ -143,7 +143,7 @@ def test_cli_lists_every_registered_model():
 def test_cli_train_then_evaluate_writes_reports(name, tmp_path):
     from typer.testing import CliRunner
 
-    from engine.cli import app
+    from lookalike.cli import app
     from models.evaluator import PROTOCOLS, protocols_for
 
     ds = tiny_dataset()

@@ -21,8 +21,8 @@ from engine.codec import (
     key_of,
 )
 from engine.config import load_settings
-from engine.scrape import scrape, total
 from engine.synthetic import SyntheticSpec, generate
+from lookalike.scrape import scrape, total
 from models.features import FeatureSpace
 from models.ralm import RalmConfig, RalmModel
 from tests.kafka_fixtures import json_values, produce, read_all, wait_until

@@ -9,7 +9,7 @@ from consumers.clustering import ClusteringStage
 from consumers.runner import start_worker
 from engine.codec import SeedBatch, decode_centroids, encode_seeds, key_of
 from models.ralm import RalmConfig
-from models.train_ralm import cluster_seeds, window_config
+from models.seed_clusters import cluster_seeds, window_config
 from tests.kafka_fixtures import produce, read_all, wait_until
 
 N_CLICKS, DIM = 15_000, 8  # the first 15k clicks: 18 refreshes offline

@@ -12,13 +12,13 @@ import numpy as np
 import orjson
 import pytest
 
+from consumers.audience import request_audience
 from consumers.clustering import ClusteringStage
 from consumers.replay import replay
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
-from engine.audience import request_audience
 from engine.codec import decode_centroids, key_of
-from engine.scrape import scrape, total
+from lookalike.scrape import scrape, total
 from models.ralm import RalmConfig, RalmModel
 from models.train_ralm import train_ralm
 from tests.kafka_fixtures import json_values, produce, read_all, wait_until

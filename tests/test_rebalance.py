@@ -10,7 +10,7 @@ from consumers.clustering import ClusteringStage
 from consumers.runner import start_worker
 from engine.clustering import ItemClusters
 from engine.codec import SeedBatch, decode_centroids, encode_seeds, key_of
-from engine.scrape import scrape, total
+from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import produce, read_all, wait_until
 
 N_ITEMS, DIM = 30, 8

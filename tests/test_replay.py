@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from consumers.replay import Pacer, profiles_of
+from consumers.replay import Pacer
+from engine.data import profiles_of
 
 
 def test_fixed_rate_schedules_evenly():

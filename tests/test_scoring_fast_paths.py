@@ -5,7 +5,6 @@ import pytest
 import torch
 from kafka.partitioner.default import murmur2
 
-from consumers.replay import profiles_of
 from consumers.scoring import ScoringStage, _chunks
 from engine.centroid_table import CentroidTable
 from engine.codec import (
@@ -22,6 +21,7 @@ from engine.codec import (
     key_of,
 )
 from engine.config import load_settings
+from engine.data import profiles_of
 from engine.synthetic import SyntheticSpec, generate
 from models.features import FeatureSpace
 from models.ralm import RalmConfig, RalmModel

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 from kafka import TopicPartition
 
-from consumers.scoring import UserStore
 from consumers.snapshots import Snapshot, SnapshotStore
 from engine.clustering import ItemClusters
 from engine.codec import Click, Profile, SeedBatch
 from engine.config import WindowConfig
+from engine.user_store import UserStore
 
 TP = TopicPartition("seed-events", 3)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from consumers.scoring import UserStore
 from engine.codec import Click
+from engine.user_store import UserStore
 
 
 def test_history_and_seen_are_the_recent_clicks_in_order() -> None:

@@ -1,16 +1,16 @@
 """The clustering state path alone, at whatever commit is on PYTHONPATH: tells a code
 regression from a slower machine (docs/bench.md, Results).
 
-    git worktree add /tmp/old <commit>
-    PYTHONPATH=/tmp/old .venv/bin/python docs/bench/statepath.py old
+    git worktree add ../old <commit>
+    PYTHONPATH=../old .venv/bin/python docs/bench/statepath.py old
     PYTHONPATH=. .venv/bin/python docs/bench/statepath.py new
 """
 
 import sys
 
-from engine.bench.cluster import seed_stream, seeds_in, state_path
 from engine.clustering import ItemClusters
 from engine.config import load_settings
+from lookalike.bench.cluster import seed_stream, seeds_in, state_path
 
 
 def main(label: str, seeds: int = 600_000, rounds: int = 2) -> None:

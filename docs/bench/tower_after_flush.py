@@ -1,5 +1,6 @@
 """The batch-1 user tower alone, and right after a producer send + flush as the scoring loop
-does after every poll (docs/bench.md, session 8). Starts and stops its own embedded broker.
+does after every poll (docs/bench.md, "Why the batch-1 user tower costs twice as much").
+Starts and stops its own embedded broker.
 
     .venv/bin/python docs/bench/tower_after_flush.py
 """
@@ -14,11 +15,11 @@ import torch
 
 from consumers.kafka import make_producer
 from consumers.scoring import ScoringStage
-from engine.bench.ingest import bench_settings
-from engine.bench.report import BenchOptions
-from engine.bench.score import bench_dataset, geometry_model, warm_clicks
-from engine.broker import EmbeddedBroker
 from engine.config import load_settings
+from lookalike.bench.ingest import bench_settings
+from lookalike.bench.report import BenchOptions
+from lookalike.bench.score import bench_dataset, geometry_model, warm_clicks
+from lookalike.broker import EmbeddedBroker
 
 
 def timings(stage: ScoringStage, users: list[int], label: str,

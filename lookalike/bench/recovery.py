@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 
 from consumers.replay import replay
-from engine.bench.freshness import _checkpoint
-from engine.bench.report import BenchOptions, BenchReport
-from engine.broker import EmbeddedBroker
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
-from engine.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
 from engine.synthetic import SyntheticSpec, generate
 from engine.topics import create_topics
+from lookalike.bench.freshness import _checkpoint
+from lookalike.bench.report import BenchOptions, BenchReport
+from lookalike.broker import EmbeddedBroker
+from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
 
 KINDS = ("scoring", "clustering")
 

@@ -55,9 +55,7 @@ from tqdm.auto import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.pipelines import load_zoo, top_unseen
-from consumers.replay import profiles_of, replay
-from engine.bench.report import BenchOptions, BenchReport
-from engine.broker import EmbeddedBroker
+from consumers.replay import replay
 from engine.codec import (
     Click,
     Profile,
@@ -68,8 +66,11 @@ from engine.codec import (
     key_of,
 )
 from engine.config import Settings
-from engine.data import Dataset, load_dataset
-from engine.pipeline import (
+from engine.data import Dataset, load_dataset, profiles_of
+from engine.topics import Topics, create_topic, create_topics
+from lookalike.bench.report import BenchOptions, BenchReport
+from lookalike.broker import EmbeddedBroker
+from lookalike.pipeline import (
     WorkerProcess,
     ensure_checkpoint,
     spawn_worker,
@@ -77,8 +78,7 @@ from engine.pipeline import (
     wait_ready,
     worker_metric,
 )
-from engine.scrape import quantile_from_histogram, scrape
-from engine.topics import Topics, create_topic, create_topics
+from lookalike.scrape import quantile_from_histogram, scrape
 
 if TYPE_CHECKING:
     from models.recommender import Recommender

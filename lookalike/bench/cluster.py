@@ -50,14 +50,14 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import kmeans
-from engine.bench.ingest import bench_broker
-from engine.bench.report import BenchOptions, BenchReport, compute_threads
 from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import SeedPack, encode_seed_pack, key_of
 from engine.config import Settings, WindowConfig
 from engine.seed_window import SeedWindow, bytes_bound
 from engine.synthetic import SyntheticSpec, iter_chunks, planted_clusters
 from engine.token_bucket import TokenBucket
+from lookalike.bench.ingest import bench_broker
+from lookalike.bench.report import BenchOptions, BenchReport, compute_threads
 
 PAPER_ITEMS = 43_500
 TARGET_RATE = 100_000.0

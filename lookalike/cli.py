@@ -125,8 +125,8 @@ def broker(
     config: ConfigOpt = None,
 ) -> None:
     """Run the embedded Kafka-compatible broker (memory storage) until Ctrl-C/SIGTERM."""
-    from engine.broker import BrokerError, EmbeddedBroker, output_tail
     from engine.topics import create_topics as create
+    from lookalike.broker import BrokerError, EmbeddedBroker, output_tail
 
     _logging()
     s = _settings(config, **{"kafka.partitions": partitions, "kafka.topic_prefix": topic_prefix})
@@ -251,7 +251,7 @@ def audience(
     its seeds, its seeds excluded. Prints JSON; exit 3 if some worker did not answer."""
     import orjson
 
-    from engine.audience import request_audience
+    from consumers.audience import request_audience
 
     s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
                              "kafka.topic_prefix": topic_prefix})
@@ -399,7 +399,7 @@ def evaluate_default_pipeline_cmd(
 ) -> None:
     """RALM alone or blended with popularity: which serves requests naming no pipeline
     (time-split user view; the weight chosen on a validation split)."""
-    from models.default_pipeline import choose
+    from lookalike.default_pipeline import choose
     from models.ralm import RalmConfig
 
     s = _settings(config, cache_dir=cache_dir)
@@ -467,6 +467,7 @@ def _zoo_train(name: str, dataset: str, max_seconds: float | None, epochs: int |
     import orjson
 
     from engine.data import load_dataset
+    from models.checkpoint import portable
     from models.recommender import get_model
     from models.splits import make_split
     from models.trainer import plot_learning_curve
@@ -489,7 +490,7 @@ def _zoo_train(name: str, dataset: str, max_seconds: float | None, epochs: int |
               "train": result.to_json()}
     ckpt = model.save(s.checkpoint_dir / name / f"pending-{os.getpid()}.pt", metrics=report)
     final = ckpt.rename(ckpt.with_name(f"{model.version_}.pt"))
-    report["checkpoint"] = str(final)
+    report["checkpoint"] = portable(final)
     out_dir = out or s.cache_dir / "reports" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
@@ -530,6 +531,7 @@ def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: st
     import orjson
 
     from engine.data import load_dataset
+    from models.checkpoint import portable
     from models.evaluator import evaluate_protocol, protocols_for
     from models.recommender import get_model
     from models.splits import make_split
@@ -559,7 +561,7 @@ def _zoo_evaluate(name: str, protocol: str, checkpoint: Path | None, dataset: st
         typer.echo(line)
     for p in protocols:
         results = evaluate_protocol(model, split.test, p, ks=ks, seed=seed)
-        report = {"model": name, "checkpoint": str(path), "version": model.version_,
+        report = {"model": name, "checkpoint": portable(path), "version": model.version_,
                   "protocol": p, "dataset": dataset, "split": split.summary(),
                   "sampling_seed": seed, "train": trained.get("train", {}),
                   "config": model.config.model_dump(), "own_task": own,
@@ -755,8 +757,8 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Measure a stage against a baseline run beside it; write <name>.json and <name>.md."""
-    from engine.bench import NAMES, BenchOptions, runner
-    from engine.bench.report import summary
+    from lookalike.bench import NAMES, BenchOptions, runner
+    from lookalike.bench.report import summary
 
     _logging()
     s = _settings(config, cache_dir=cache_dir)
@@ -802,7 +804,7 @@ def run(
     config: ConfigOpt = None,
 ) -> None:
     """The whole pipeline in one command: data, training, broker, every stage, live recs."""
-    from engine.pipeline import DemoOptions, run_demo
+    from lookalike.pipeline import DemoOptions, run_demo
 
     _logging()
     s = _settings(config, cache_dir=cache_dir, **{"kafka.partitions": partitions})

@@ -40,8 +40,8 @@ from engine.config import Settings
 from engine.topics import AUDIENCE_REQUESTS, AUDIENCES, Topics
 
 if TYPE_CHECKING:
-    from consumers.scoring import UserState, UserStore
     from engine.centroid_table import CentroidTable
+    from engine.user_store import UserState, UserStore
     from models.ralm import RalmModel
 
 

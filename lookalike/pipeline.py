@@ -24,14 +24,14 @@ import orjson
 from kafka import TopicPartition
 
 from consumers.kafka import make_consumer, make_producer
-from consumers.replay import profiles_of, replay
-from engine.broker import EmbeddedBroker, free_port
+from consumers.replay import replay
 from engine.codec import Click, Profile, encode_click, encode_json, key_of
 from engine.config import Settings
-from engine.data import Dataset, load_dataset
-from engine.processes import terminate
-from engine.scrape import scrape, total
+from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import Topics, create_topics
+from lookalike.broker import EmbeddedBroker, free_port
+from lookalike.processes import terminate
+from lookalike.scrape import scrape, total
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int,
                  env: dict[str, str] | None = None) -> WorkerProcess:
     port = free_port()
     log_path = run_dir / f"{kind}-{i}.log"
-    cmd = [sys.executable, "-m", "engine.cli", "worker", kind,
+    cmd = [sys.executable, "-m", "lookalike.cli", "worker", kind,
            "--bootstrap-servers", s.kafka.bootstrap_servers, "--metrics-port", str(port),
            "--cache-dir", str(s.cache_dir), "--checkpoint", str(ckpt)]
     if s.kafka.topic_prefix:

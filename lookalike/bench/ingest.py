@@ -34,16 +34,16 @@ from tqdm import tqdm
 
 from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.loop import ConsumerLoop, Event
-from consumers.replay import profiles_of, replay
+from consumers.replay import replay
 from consumers.scoring import ScoringStage
 from engine import topics as T
-from engine.bench.report import BenchOptions, BenchReport
-from engine.broker import EmbeddedBroker
 from engine.codec import Click
 from engine.config import Settings
-from engine.data import Dataset
+from engine.data import Dataset, profiles_of
 from engine.synthetic import SyntheticSpec, generate
 from engine.topics import Topics, create_topics
+from lookalike.bench.report import BenchOptions, BenchReport
+from lookalike.broker import EmbeddedBroker
 from models.features import FeatureSpace
 from models.ralm import RalmConfig, RalmModel
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from engine.processes import terminate
+from lookalike.processes import terminate
 
 log = logging.getLogger(__name__)
 

@@ -30,16 +30,16 @@ import numpy as np
 import orjson
 
 from consumers.kafka import make_producer
-from consumers.replay import profiles_of, replay
-from engine.bench.freshness import _checkpoint, _tail
-from engine.bench.report import BenchOptions, BenchReport
-from engine.broker import EmbeddedBroker
+from consumers.replay import replay
 from engine.codec import encode_json, key_of
 from engine.config import Settings
-from engine.data import Dataset, load_dataset
-from engine.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
-from engine.scrape import scrape, total
+from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import Topics, create_topics
+from lookalike.bench.freshness import _checkpoint, _tail
+from lookalike.bench.report import BenchOptions, BenchReport
+from lookalike.broker import EmbeddedBroker
+from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
+from lookalike.scrape import scrape, total
 
 log = logging.getLogger(__name__)
 

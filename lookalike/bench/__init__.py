@@ -1,6 +1,6 @@
 """``lookalike bench``: one module per stage, one report format.
 
-Each ``engine/bench/<name>.py`` exposes ``run(opts: BenchOptions) -> BenchReport``.
+Each ``lookalike/bench/<name>.py`` exposes ``run(opts: BenchOptions) -> BenchReport``.
 Every figure that has a target is a ratio against a baseline measured in the
 same run (the machines are shared and noisy); absolute numbers are reported
 beside it, with the machine's core count.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from engine.bench.report import BenchOptions, BenchReport
+from lookalike.bench.report import BenchOptions, BenchReport
 
 #: every bench, in the order ``lookalike bench all`` runs them
 NAMES = ("ingest", "cluster", "score", "freshness", "train", "scale")
@@ -26,9 +26,9 @@ def runner(name: str) -> Callable[[BenchOptions], BenchReport]:
         raise ValueError(f"unknown bench {name!r}; choose from "
                          f"{', '.join(NAMES + EXTRA)} or all")
     try:
-        module = importlib.import_module(f"engine.bench.{name}")
+        module = importlib.import_module(f"lookalike.bench.{name}")
     except ModuleNotFoundError as e:
-        if e.name != f"engine.bench.{name}":
+        if e.name != f"lookalike.bench.{name}":
             raise
         raise ValueError(f"bench {name!r} is not built yet") from e
     return module.run

@@ -37,7 +37,11 @@ from consumers.pipelines import Ranked
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
 from engine import topics as T
-from engine.bench.ingest import (
+from engine.codec import ItemCentroids, encode_json, key_of
+from engine.config import Settings
+from engine.data import Dataset
+from engine.topics import KeyPartitions
+from lookalike.bench.ingest import (
     PAPER_ITEMS,
     bench_broker,
     bench_dataset,
@@ -45,11 +49,7 @@ from engine.bench.ingest import (
     bench_settings,
     warm_clicks,
 )
-from engine.bench.report import BenchOptions, BenchReport, compute_threads
-from engine.codec import ItemCentroids, encode_json, key_of
-from engine.config import Settings
-from engine.data import Dataset
-from engine.topics import KeyPartitions
+from lookalike.bench.report import BenchOptions, BenchReport, compute_threads
 from models.features import ClickLog
 from models.ralm import RalmModel
 from models.splits import Ragged

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.bench.report import BenchOptions, BenchReport
 from engine.data import load_dataset
+from lookalike.bench.report import BenchOptions, BenchReport
 from models.recommender import get_model
 from models.sasrec import PAD
 from models.splits import Ragged, make_split

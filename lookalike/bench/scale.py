@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from consumers.scoring import UserStore
-from engine.bench.report import BenchOptions, BenchReport
 from engine.clustering import ItemClusters, SeedColumns
 from engine.codec import Click
 from engine.config import Settings, WindowConfig
+from engine.user_store import UserStore
+from lookalike.bench.report import BenchOptions, BenchReport
 from models.ralm import RalmConfig
 
 DIM = 128  # the production embedding size
