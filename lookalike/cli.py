@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from engine.config import Settings, load_settings
+from lookalike.studies import study_app
 
 if TYPE_CHECKING:
     from engine.data import Dataset
@@ -32,6 +33,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(topics_app, name="topics")
 app.add_typer(train_app, name="train")
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(study_app, name="study")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file")]
 BootstrapOpt = Annotated[

@@ -23,7 +23,6 @@ the weights and the training report.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -310,7 +309,3 @@ def evaluate_run(path: Path, dataset: Any, out_dir: Path) -> dict[str, Any]:
     if report["train"]:
         plot_learning_curve(result_from_json(report["train"]), out_dir / "learning-curve.png")
     return report
-
-
-if __name__ == "__main__":  # python -m models.ctr_train FOLDER: the results table
-    print(summarise(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/ctr/runs")))

@@ -8,21 +8,18 @@ test users (sg-full: fold-in clicks masked), parameter count and time; one JSON 
 run, appended to `--out`, so an interrupted sweep keeps what it finished.
 
 Example:
-    python -m models.lfm_compare --out runs.jsonl --seeds 0 \\
+    lookalike study lfm-compare --out runs.jsonl --seed 0 \\
         --run multvae --run lfm:clusters=128 --max-seconds 240
-    python -m models.lfm_compare --report runs.jsonl --plot ndcg-vs-clusters.png
+    lookalike study lfm-compare --report runs.jsonl --plot ndcg-vs-clusters.png
 """
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from engine.config import default_cache_dir
 from engine.data import load_dataset
@@ -136,43 +133,3 @@ def _baselines(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], int]]
         if r["model"] != "lfm":
             out.setdefault(_label(r), ([], r["params"]))[0].append(r["test_ndcg@20"])
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", help="MODEL[:KEY=VALUE,...], repeatable")
-    parser.add_argument("--report", type=Path, nargs="+", help="print the table of these runs")
-    parser.add_argument("--plot", type=Path, help="with --report: NDCG@20 vs clusters PNG")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--max-seconds", type=float, default=240.0)
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=None)
-    args = parser.parse_args()
-    if args.report:
-        rows = [orjson.loads(line) for path in args.report for line in path.read_bytes().split(
-            b"\n") if line.strip()]
-        print(report(rows))
-        if args.plot:
-            print(f"wrote {plot(rows, args.plot)}")
-        return
-    if not args.run or args.out is None:
-        parser.error("--run and --out are needed to train (or --report to summarise)")
-    trainer = {"max_seconds": args.max_seconds, "epochs": args.epochs,
-               "patience": args.patience, **({"lr": args.lr} if args.lr else {})}
-    for seed in args.seeds:
-        for spec in args.run:
-            name, settings = parse_run(spec)
-            t0 = time.perf_counter()
-            row = run_one(name, settings, seed, **trainer)
-            row["wall_seconds"] = time.perf_counter() - t0
-            with args.out.open("ab") as f:
-                f.write(orjson.dumps(row) + b"\n")
-            print(f"{spec} seed {seed}: ndcg@20 {row['test_ndcg@20']:.4f} recall@20 "
-                  f"{row['test_recall@20']:.4f} params {row['params']:,} epochs {row['epochs']} "
-                  f"({row['stopped']}) {row['wall_seconds']:.0f} s", flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -56,7 +56,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -855,57 +854,3 @@ def summarise(folder: Path) -> str:
     """The markdown tables of docs/youtube_dnn.md from the JSON files in `folder`."""
     return "\n".join([*_candidate_rows(folder), "", *_ann_rows(folder), "",
                       *_scale_rows(folder), "", *_ranking_rows(folder)])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m models.youtube_dnn candidates|ranking|popularity ...`: the runs behind
-    docs/youtube_dnn.md (one torch thread)."""
-    from engine.config import Settings
-    from engine.data import load_dataset
-
-    p = argparse.ArgumentParser(prog="python -m models.youtube_dnn")
-    p.add_argument("task", choices=("candidates", "ranking", "popularity", "ann-scale",
-                                    "summary"))
-    p.add_argument("--catalogue", type=int, default=100_000, help="ann-scale: items")
-    p.add_argument("--ef-search", type=int, default=128, help="ann-scale: HNSW efSearch")
-    p.add_argument("--nprobe", type=int, default=32, help="ann-scale: IVF lists probed")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--out", type=Path, default=Path("docs/youtube_dnn"))
-    p.add_argument("--profiles", action="store_true", help="attach demographics")
-    p.add_argument("--unweighted", action="store_true", help="ranking: plain BCE")
-    p.add_argument("--max-seconds", type=float, default=240.0)
-    p.add_argument("--metric", default="ndcg@100", help="candidates: early-stopping metric")
-    p.add_argument("--set", action="append", default=[], help="KEY=JSON setting")
-    args = p.parse_args(argv)
-    if args.task == "summary":
-        print(summarise(args.out))
-        return
-    torch.set_num_threads(1)
-    settings = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
-    dataset = load_dataset("ml-100k", Settings().data_dir)
-    if args.task == "popularity":
-        print(json.dumps(run_popularity(dataset, args.out)["test"], indent=1))
-        return
-    for seed in args.seeds:
-        trainer = {"max_seconds": args.max_seconds, "metric": args.metric}
-        if args.task == "ann-scale":
-            options = {"hnsw": {**SCALE_OPTIONS["hnsw"], "ef_search": args.ef_search},
-                       "ivf": {**SCALE_OPTIONS["ivf"], "nprobe": args.nprobe}}
-            r = run_ann_scale(dataset, seed, args.out, args.catalogue, settings, trainer,
-                              options)
-            print(f"seed {seed}: {json.dumps(r['ann']['kinds'])}", flush=True)
-        elif args.task == "candidates":
-            r = run_candidates(dataset, seed, args.out, args.profiles, settings, trainer)
-            t = r["test"]["recbole"]
-            print(f"seed {seed}: recall@50 {t['recall@50']:.4f} recall@100 "
-                  f"{t['recall@100']:.4f} ndcg@100 {t['ndcg@100']:.4f}; epochs "
-                  f"{r['train']['epochs']} ({r['train']['seconds']:.0f} s); ann "
-                  f"{json.dumps(r['ann']['kinds'])}", flush=True)
-        else:
-            r = run_ranking(dataset, seed, args.out, not args.unweighted, settings)
-            print(f"seed {seed}: test auc {r['test']['auc']:.4f} log-loss "
-                  f"{r['test']['logloss']:.4f} epochs {r['train']['epochs']}", flush=True)
-
-
-if __name__ == "__main__":
-    main()

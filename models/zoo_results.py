@@ -5,7 +5,7 @@ Why a module: the table is mean ± std over seeds of figures written by
 hand is how a table and its runs drift apart. RecBole's figures come from the
 peers file when given, so both sides of every comparison are read, not copied.
 
-    python -m models.zoo_results docs/models/runs --json docs/models/general-cf-ml100k.json \
+    lookalike study zoo-table docs/models/runs --json docs/models/general-cf-ml100k.json \
         --recbole ../shared/peers/recbole-ml100k.md
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from models.evaluator import mean_std
 
@@ -126,28 +124,3 @@ def table(runs: dict[str, list[dict[str, Any]]], recbole: dict[str, dict[str, An
                 f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in METRICS)
                 + f" | 1 | {row['epochs']} ({row['stop']}) | - |")
     return "\n".join(lines)
-
-
-def main(folder: Path,
-         json_out: Annotated[Path | None, typer.Option("--json")] = None,
-         recbole: Annotated[Path | None, typer.Option(
-             help="RecBole peers file (its table rows)")] = None,
-         sasrec: Annotated[bool, typer.Option(
-             help="FOLDER holds SASRec runs (docs/models/run_sasrec.sh)")] = False) -> None:
-    """Print the table; write every run's figures to --json."""
-    if sasrec:
-        typer.echo(sasrec_table(folder))
-        return
-    runs = load_runs(folder)
-    if not runs:
-        raise typer.BadParameter(f"no */seed*/evaluate-ro-full.json under {folder}")
-    typer.echo(table(runs, recbole_rows(recbole) if recbole else {}))
-    if json_out:
-        report = {"dataset": "ml-100k", "protocol": "ro-full (recbole variant)", "threads": 1,
-                  "note": "per-seed test metrics @10 of docs/models/run.sh's runs "
-                          "(python -m models.zoo_results)", "runs": runs}
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    typer.run(main)

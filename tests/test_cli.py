@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from kafka.admin import KafkaAdminClient
@@ -90,3 +91,19 @@ def test_an_unknown_or_invalid_ralm_setting_is_a_usage_error(tmp_path):
         r = subprocess.run(CLI + cmd + ["--set", pair, "--cache-dir", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and says in " ".join(r.stderr.split()), r.stderr
+
+
+def test_study_tables_are_built_from_the_committed_runs():
+    """The docs' tables come from their run folders through one CLI (no module mains)."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(CLI + ["study", "zoo-table", str(root / "docs" / "models" / "runs")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "**ours, Mult-VAE**" in r.stdout and "recall@10" in r.stdout
+    r = subprocess.run(CLI + ["study", "ctr-table", str(root / "docs" / "ctr" / "runs")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "dlrm" in r.stdout and "test AUC" in r.stdout
+    r = subprocess.run(CLI + ["study", "lfm-compare"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "--run and --out" in r.stderr

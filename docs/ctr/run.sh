@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the table of docs/ctr.md: every model x protocol x hashing x seed, trained
 # and evaluated through the CLI, one torch thread, one process at a time; then the
-# table itself (python -m models.ctr_train docs/ctr/runs).
+# table itself (lookalike study ctr-table docs/ctr/runs).
 #   SEEDS="0 1 2 3 4" docs/ctr/run.sh      (default seeds 0 1 2)
 #   MODELS="dlrm" BUCKETS="328" docs/ctr/run.sh
 #   MODELS="dlrm-fo" docs/ctr/run.sh      (DLRM + first-order term: --set first_order=true)
@@ -46,4 +46,4 @@ for protocol in $PROTOCOLS; do
     done
   done
 done
-.venv/bin/python -m models.ctr_train "$OUT"
+.venv/bin/lookalike study ctr-table "$OUT"

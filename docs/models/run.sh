@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the general-CF table of docs/models.md: every model x seed trained and
 # evaluated (ro-full, K=10) through the CLI, one torch thread, one process per stream;
-# then the table and docs/models/general-cf-ml100k.json (python -m models.zoo_results).
+# then the table and docs/models/general-cf-ml100k.json (lookalike study zoo-table).
 #   SEEDS="0 1 2 3 4" docs/models/run.sh           (default: all models, seeds 0-4)
 #   MODELS="ngcf lightgcn" SEEDS="0" docs/models/run.sh
 # ncf-gmf and ncf-mlp run before neumf (NeuMF starts from their checkpoints, same seed).
@@ -46,5 +46,5 @@ for seed in $SEEDS; do
   done
 done
 # RECBOLE=../shared/peers/recbole-ml100k.md adds RecBole's rows to the printed table
-"$PY" -m models.zoo_results "$OUT" --json docs/models/general-cf-ml100k.json \
+"$(dirname "$PY")/lookalike" study zoo-table "$OUT" --json docs/models/general-cf-ml100k.json \
   ${RECBOLE:+--recbole "$RECBOLE"}

@@ -2,7 +2,7 @@
 # Reproduces the SASRec table of docs/models.md: CE and BCE (one sampled negative),
 # seeds 0-4, trained with the 10-minute cap and evaluated on both leave-one-out
 # protocols (full ranking, 100 uniform negatives; RecBole's and the paper's variants);
-# then the table (python -m models.zoo_results --sasrec).
+# then the table (lookalike study zoo-table --sasrec).
 #   LOSSES="ce" SEEDS="3 4" docs/models/run_sasrec.sh
 set -euo pipefail
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -23,4 +23,4 @@ for loss in $LOSSES; do
     rm -f "$dir"/*-per-user.npz
   done
 done
-"$PY" -m models.zoo_results "$OUT" --sasrec
+"$(dirname "$PY")/lookalike" study zoo-table "$OUT" --sasrec
