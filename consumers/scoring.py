@@ -32,18 +32,14 @@ from threadpoolctl import threadpool_limits
 from consumers.audience import look_alike_users, refresh_vectors
 from consumers.kafka import make_consumer, record_time
 from consumers.loop import Event, Stage
+from consumers.model_swap import ModelSwap
 from consumers.pipelines import (
-    Pool,
     Ranked,
-    explanation,
     load_rankers,
     load_zoo,
-    popular_items,
-    ralm_scores,
-    rank_user,
-    top_unseen,
 )
-from consumers.snapshots import Snapshot
+from consumers.ranking import Ranking
+from consumers.user_restore import REFRESH_PER_TICK, ClickReplay, UserRestore
 from engine import topics as T
 from engine.centroid_table import CentroidTable
 from engine.codec import (
@@ -64,7 +60,7 @@ from engine.codec import (
     encode_seeds,
     key_of,
 )
-from engine.config import PipelineConfig, Settings
+from engine.config import Settings
 from engine.topics import KeyPartitions
 from engine.user_store import UserState, UserStore
 from models.ralm import RalmModel
@@ -75,14 +71,21 @@ if TYPE_CHECKING:
     from consumers.model_reload import ModelReloader
 
 log = logging.getLogger(__name__)
-_NONE_SEEN = np.zeros(0, np.int64)
-class ScoringStage(Stage):
+
+
+class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
+    """The stage itself: decoding, routing, clicks into user state and seeds, requests
+    into answers, the table reader, audiences and request priority. Ranking, model
+    swaps and restores are its parts in ``consumers/ranking.py``,
+    ``consumers/model_swap.py`` and ``consumers/user_restore.py``."""
+
     name = "scoring"
     topics = (T.CLICKS, T.SCORE_REQUESTS)
     snapshot_topics = (T.CLICKS,)
     fetch_max_wait_ms = 10  # requests are latency-sensitive (see CONVENTIONS.md)
     score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
     seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
+    refresh_per_tick = REFRESH_PER_TICK  # users re-embedded or re-seeded per poll
 
     def __init__(self, settings: Settings, model: RalmModel, checkpoint: Path | None = None,
                  explicit_checkpoint: bool = False):
@@ -355,145 +358,6 @@ class ScoringStage(Stage):
             for i, got in zip(idx, ranked, strict=True):
                 self._emit(reqs[i], states[i], got, seen_at, name)
 
-    def rank(self, users: np.ndarray, states: list[UserState | None],
-             ks: list[int | None]) -> list[list[tuple[int, float]]]:
-        """The default pipeline's (item, score) lists: see :meth:`_rank_fast`."""
-        return [r.items for r in self._rank_fast(users, states, ks, False)]
-
-    def _rank_fast(self, users: np.ndarray, states: list[UserState | None],
-                   ks: list[int | None], explain: bool) -> list[Ranked]:
-        """Faiss candidates by cos(global), re-ranked by the full RALM score.
-
-        One index search for the whole batch, the user's own clicks dropped,
-        then RALM over ``score_chunk`` users at a time: centroids dotted with the
-        users in place (``CentroidTable.project``), the rest through the
-        centroids' Gram matrices (``RalmModel.score_projected``, equal to
-        ``RalmModel.score``).
-        """
-        cfg = self.settings.scoring
-        seen = [s.seen if s else _NONE_SEEN for s in states]
-        want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
-        n = want + max(len(s) for s in seen)
-        found = self.table.search(users, n)
-        self._sample_recall(users, found, n)
-        cands = self._unseen(found, seen, want)
-        if cands.shape[1] == 0:
-            return [Ranked([], [] if explain else None) for _ in states]
-        t, out = self.table, []
-        for lo in range(0, len(states), self.score_chunk):
-            hi = lo + self.score_chunk
-            safe = np.maximum(cands[lo:hi], 0)
-            d = t.project(cands[lo:hi], self.model.attention_queries(users[lo:hi]))
-            att: list[np.ndarray] | None = [] if explain else None
-            counts = t.counts[safe]
-            scores = self.model.score_projected(users[lo:hi], d, counts, t.global_vec[safe],
-                                                t.gram[safe], att)
-            for b in range(lo, min(hi, len(states))):
-                keep = np.flatnonzero(cands[b] >= 0)
-                sc = scores[b - lo, keep]
-                order = keep[np.argsort(-sc, kind="stable")][:ks[b] or cfg.top_k]
-                items = list(zip(t.item_ids[safe[b - lo, order]].tolist(),
-                                 scores[b - lo, order].tolist(), strict=True))
-                why = None if att is None else [
-                    explanation(["ralm"], "ralm", att[0][b - lo, j], counts[b - lo, j])
-                    for j in order.tolist()]
-                out.append(Ranked(items, why))
-        return out
-
-    def rank_pipeline(self, p: PipelineConfig, users: np.ndarray,
-                      states: list[UserState | None], ks: list[int | None],
-                      explain: bool, who: list[tuple[int, Profile | None]]) -> list[Ranked]:
-        """A configured pipeline other than the default (consumers/pipelines.py);
-        ``who``: each user's id and profile, for CTR rankers."""
-        cfg = self.settings.scoring
-        seen = [s.seen if s else _NONE_SEEN for s in states]
-        seen_sets = [set(x.tolist()) for x in seen]
-        histories = [self.users.recent_ids(s, cfg.history_len) if s else [] for s in states]
-        pools = [Pool() for _ in states]
-        rows: dict[str, np.ndarray] = {}
-        for src in p.sources:
-            if src == "ralm":
-                found = self.table.search(users, p.per_source + max(len(x) for x in seen))
-                for pool, c in zip(pools, self._unseen(found, seen, p.per_source)):
-                    pool.add(src, self.table.item_ids[c[c >= 0]].tolist())
-            elif src == "popular":
-                pop = popular_items(self.table)
-                for pool, s in zip(pools, seen_sets):
-                    pool.add(src, top_unseen(pop, None, s, p.per_source))
-            else:
-                model = self.zoo[src]
-                rows[src] = model.score(histories)  # [B, n_items], item_ids_ order
-                for pool, row, s in zip(pools, rows[src], seen_sets):
-                    pool.add(src, top_unseen(model.item_ids_, row, s, p.per_source))
-        terms_needed = set(p.blend) if p.ranker == "blend" else {p.ranker}
-        for term in terms_needed & set(self.zoo) - set(rows):  # a zoo model ranking only
-            rows[term] = self.zoo[term].score(histories)
-        out = []
-        for b, pool in enumerate(pools):
-            terms: dict[str, np.ndarray] = {}
-            att = counts = None
-            if "ralm" in terms_needed or explain:
-                terms["ralm"], att, counts = ralm_scores(self.model, self.table, users[b],
-                                                         pool.items)
-            for term in terms_needed - {"ralm"}:
-                if term in self.rankers:
-                    user_id, profile = who[b]
-                    terms[term] = self.rankers[term].score(
-                        user_id, profile.to_json() if profile else None, pool.items)
-                else:
-                    terms[term] = self._term(term, pool.items, rows.get(term), b)
-            out.append(rank_user(p, pool, ks[b] or cfg.top_k, terms, explain, att, counts))
-        return out
-
-    def _term(self, term: str, items: list[int], rows: np.ndarray | None, b: int) -> np.ndarray:
-        """A source's score of each pooled item (NaN where it has none)."""
-        if term == "popular":
-            slots = np.array([self.table.slot_of.get(i, -1) for i in items], np.int64)
-            n = self.table.n_seeds[np.maximum(slots, 0)].astype(np.float64)
-            return np.where(slots >= 0, np.log1p(n), np.nan)
-        assert rows is not None
-        index = self.zoo[term]._item_index
-        cols = np.array([index.get(i, -1) for i in items], np.int64)
-        return np.where(cols >= 0, rows[b][np.maximum(cols, 0)], np.nan)
-
-    def _sample_recall(self, users: np.ndarray, found: np.ndarray, n: int) -> None:
-        """Now and then, the approximate index's recall on a live request (real data's
-        geometry, not the bench's) into ``lookalike_index_recall``."""
-        every = self.settings.scoring.recall_sample_every
-        self._searches += 1
-        if not every or self._searches % every or not self.table.approximate:
-            return
-        exact = self.table.search_exact(users[:1], n)[0]
-        got = set(found[0].tolist())
-        self.metrics.index_recall.labels(self.name).observe(
-            sum(int(x) in got for x in exact) / max(len(exact), 1))
-
-    def _unseen(self, slots: np.ndarray, seen: list[np.ndarray], want: int) -> np.ndarray:
-        """[B, <= want] the first ``want`` slots of each row that are no item the user
-        clicked (-1 pads): seen items are dropped before the re-rank, not after it.
-
-        One ``np.isin`` over (item, row) keys for the whole batch: a Python set per
-        row cost ~50 µs per user at 220 candidates, a quarter of a batched
-        request's non-Faiss time.
-        """
-        ok = slots >= 0
-        lens = np.fromiter((len(s) for s in seen), np.int64, len(seen))
-        if lens.any():
-            items = self.table.item_ids[np.maximum(slots, 0)]
-            clicked = np.concatenate(seen)
-            if len(slots) < 1 << 16 and max(items.max(initial=0), clicked.max()) < 1 << 47:
-                rows = np.arange(len(slots), dtype=np.int64)
-                keys = (items << 16) | rows[:, None]
-                ok &= ~np.isin(keys, (clicked << 16) | np.repeat(rows, lens))
-            else:  # ids too large to pack with the row: a set per row
-                for b, s in enumerate(seen):
-                    mine = set(s.tolist())
-                    ok[b] &= ~np.fromiter((i in mine for i in items[b].tolist()), bool,
-                                          items.shape[1])
-        width = min(want, slots.shape[1])
-        first = np.argsort(~ok, axis=1, kind="stable")[:, :width]  # kept slots, in order
-        return np.where(np.take_along_axis(ok, first, 1), np.take_along_axis(slots, first, 1), -1)
-
     def _emit(self, r: ScoreRequest, s: UserState | None, ranked: Ranked, seen_at: float,
               pipeline: str) -> None:
         items = [{"item_id": i, "score": round(sc, 6)} for i, sc in ranked.items]
@@ -569,81 +433,6 @@ class ScoringStage(Stage):
                 self.users.applied.pop(p, None)
                 self._seeded.pop(p, None)
 
-    def restore(self, tp: TopicPartition, snap: Snapshot | None,
-                committed: int | None) -> int | None:
-        """A clicks partition's users: from its snapshot, then the clicks after the
-        snapshot's offset (or all, without one) up to the committed offset, applied
-        without emitting (their seeds were sent before) a chunk per poll
-        (:meth:`catch_up`); polling goes on from there."""
-        start = 0
-        if snap is not None:
-            try:
-                n = self.users.restore(snap.arrays, tp.partition)
-                start = snap.offset
-                log.info("%s: %d users from a snapshot at offset %d", tp, n, start)
-            except (ValueError, KeyError) as e:
-                log.warning("snapshot of %s not used (%s): rebuilding from the log", tp, e)
-        self.users.applied[tp.partition] = start
-        if committed and committed > start:  # applied a chunk per poll (catch_up)
-            self._replays[tp] = ClickReplay(self.settings, tp, start, committed)
-        self._seeded[tp.partition] = committed or 0  # seeds before the commit were sent
-        return None
-
-    def snapshot(self, tp: TopicPartition, offset: int) -> Snapshot:
-        arrays = self.users.export(tp.partition)
-        return Snapshot(offset, arrays, {"users": len(arrays["user"])})
-
-    def catching_up(self, tp: TopicPartition) -> bool:
-        return tp in self._replays
-
-    def catch_up(self, tp: TopicPartition, deadline: float) -> bool:
-        """Apply the partition's replayed clicks until ``deadline`` (monotonic); whether
-        its replay is done. A chunk at a time between polls, so that a long restore
-        never holds the loop past ``max_poll_interval_ms`` (the member would be dropped
-        from its group and the restore start over)."""
-        replay = self._replays[tp]
-        while time.monotonic() < deadline and not replay.done():
-            recs = replay.next_chunk()
-            clicks, offsets = [], []
-            for rec in recs:
-                try:
-                    clicks.append(self.decode(T.CLICKS, rec))
-                    offsets.append(rec.offset)
-                except BadEvent:
-                    pass  # dead-lettered the first time round
-            if clicks:  # misrouted ones were forwarded: their user's partition has them
-                ok = self._user_partitions_of.of(np.fromiter(
-                    (c.user_id for c in clicks), np.int64, len(clicks)), replay.partitions
-                ) == tp.partition
-                keep = ok.tolist()
-                clicks = [c for c, k in zip(clicks, keep, strict=True) if k]
-                offsets = [o for o, k in zip(offsets, keep, strict=True) if k]
-                self._apply_clicks(clicks, [tp.partition] * len(clicks), offsets)
-                replay.applied += len(clicks)
-        if not replay.done():
-            return False
-        self._end_replay(tp)
-        return True
-
-    def refresh_stale(self) -> int:
-        """Re-embed up to ``REFRESH_PER_TICK`` users whose stored embedding is stale (after
-        a swap or a restore), once per poll: the whole store in one go would hold the loop
-        past ``max_poll_interval_ms`` at a million users. How many were embedded."""
-        if not self._stale_users:
-            return 0
-        done = refresh_vectors(self.users, lambda sts: self._embed(
-            sts, [s.profile for s in sts]), limit=REFRESH_PER_TICK)
-        self._stale_users = done == REFRESH_PER_TICK
-        return done
-
-    def _end_replay(self, tp: TopicPartition) -> None:
-        self._stale_users = True  # restored users carry no embedding yet
-        replay = self._replays.pop(tp)
-        replay.close()
-        if replay.timed_out():
-            log.error("user state of %s not fully restored in %.0f s", tp, REPLAY_LIMIT_S)
-        log.info("replayed %d clicks of %s into user state", replay.applied, tp)
-
     def tick(self, now: float) -> None:
         self.refresh_stale()
         self.prioritise_requests()
@@ -707,113 +496,7 @@ class ScoringStage(Stage):
             self.reloader.close()
 
     # ------------------------------------------------------------- hot reload
-    def begin_swap(self, new: RalmModel, now: float) -> None:
-        """A new model: it serves once the centroid table has its version's centroids
-        for ``scoring.reload_min_coverage`` of the items the serving model serves now
-        (or after ``scoring.reload_max_wait_s``); meanwhile the serving model goes on
-        with its own centroids, and the new one sends the seeds: every held user's
-        recent clicks again (a slice per poll), then every new click's, so the
-        clustering workers' windows move to the new version in seconds.
 
-        Why not at once: centroids are averages of one model's user embeddings;
-        scoring a user of one model against another's centroids mixes two spaces. One
-        model version per score (``CentroidTable.servable``)."""
-        if new.version in (self.model.version, getattr(self.pending, "version", None)):
-            log.info("model %s is already serving or pending", new.version)
-            return
-        covered = self.table.coverage(self.model.version)
-        share = self.settings.scoring.reload_min_coverage
-        if share <= 0 or covered == 0:
-            self.swap_model(new)  # nothing served that the new model would have to cover
-            return
-        self.pending, self._pending_since = new, now
-        self._cover_target = max(1, int(np.ceil(share * covered)))
-        self._reseed = list(self.users.users)
-        log.info("model %s loaded; it serves once %d items have its centroids (%s: %d), "
-                 "re-sending the seeds of %d users", new.version, self._cover_target,
-                 self.model.version, covered, len(self._reseed))
-
-    def _advance_swap(self, now: float) -> None:
-        """One poll's share of a pending swap: re-send some users' seeds, then swap if the
-        new version covers enough items or the wait is over."""
-        assert self.pending is not None
-        self._reseed_some(REFRESH_PER_TICK)
-        covered = self.table.coverage(self.pending.version)
-        waited = now - self._pending_since
-        if covered >= self._cover_target or waited >= self.settings.scoring.reload_max_wait_s:
-            if covered < self._cover_target:
-                log.warning("model %s serves after %.0f s with %d of %d items covered",
-                            self.pending.version, waited, covered, self._cover_target)
-            self.swap_coverage_s = waited
-            self.metrics.swap_wait.labels(self.name).set(waited)
-            new, self.pending, self._reseed = self.pending, None, []
-            self.swap_model(new)
-
-    def _reseed_some(self, n: int) -> None:
-        """The pending model's seeds of up to ``n`` held users' recent clicks (their ids
-        ring), at the user's last click time (per-click times are not kept: spaced a
-        millisecond apart, oldest first, so each user's order holds)."""
-        assert self.pending is not None
-        batch, self._reseed = self._reseed[:n], self._reseed[n:]
-        states = [st for u in batch if (st := self.users.get(u)) is not None]
-        if not states:
-            return
-        vecs = self._embed_with(self.pending, states)
-        items: list[int] = []
-        users: list[int] = []
-        ts: list[float] = []
-        lens = []
-        for st in states:
-            ids = self.users.recent_ids(st, self.users.id_len)
-            items += ids
-            users += [int(self.users.user_of[st.slot])] * len(ids)
-            ts += (st.last_ts - 1e-3 * np.arange(len(ids))[::-1]).tolist()
-            lens.append(len(ids))
-        if not items:
-            return
-        at = np.repeat(np.arange(len(states)), lens)
-        self._emit_seeds(np.array(items, np.int64), np.array(users, np.int64),
-                         np.array(ts, np.float64), vecs[at],
-                         np.full(len(items), int(time.time() * 1000), np.int64),
-                         self.pending.version)
-
-    def _embed_with(self, model: RalmModel, states: list[UserState]) -> np.ndarray:
-        """[B, h] ``model``'s embeddings of held users, from their item ids (their
-        catalogue rows are the serving model's)."""
-        if model is self.model:
-            return self._embed(states, [s.profile for s in states])
-        return model.embed_users([s.profile for s in states],
-                                 [self.users.recent_ids(s, self.users.history_len)
-                                  for s in states], [s.clicks for s in states])
-
-    def swap_model(self, new: RalmModel) -> None:
-        """Serve ``new`` from the next request on (called between polls: no request
-        sees two models). Items' global vectors are recomputed with it now, users'
-        stored embeddings when an audience next needs them; outputs carry its version.
-        """
-        old = self.model
-        if new.version == old.version:
-            log.info("model %s is already serving", new.version)
-            return
-        t0 = time.perf_counter()
-        self.model = new
-        self._field_index = ({}, {}, {})  # profile field indices are the model's
-        self.users.remap_rows(new.features.catalog_rows)  # so are the catalogue rows
-        self.users.fresh[:] = False
-        self._stale_users = True
-        self.table.serve_version(new.version)  # invalidates every item's global vector
-        self.table.refresh(new.item_global)
-        self.metrics.build_info.labels(self.name).info(
-            {"model_version": new.version, "version": __import__("engine").__version__})
-        self.metrics.model_reloads.labels(self.name, "loaded").inc()
-        log.info("model %s -> %s swapped in (%.2f s, %d items re-embedded)", old.version,
-                 new.version, time.perf_counter() - t0, len(self.table))
-
-    def _dead_letter_model(self, rec: ConsumerRecord, err: BadEvent) -> None:
-        assert self.loop is not None
-        self.loop.dead_letter(T.MODELS, rec, err)
-
-    # ------------------------------------------------------------- audiences
     def _audiences(self, now: float) -> None:
         """Answer audience requests; in periodic mode, publish changed items' audiences."""
         if self.audience_reader is not None:
@@ -925,47 +608,6 @@ class ScoringStage(Stage):
         mine = sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
         parts = consumer.partitions_for_topic(topic)
         return mine, None if parts is None else len(parts)
-
-
-#: stale user embeddings re-embedded per poll (after a swap or a restore): ~30 ms here
-REFRESH_PER_TICK = 1024
-#: a restore's replay of the clicks log gives up after this long (logged as an error)
-REPLAY_LIMIT_S = 300.0
-
-
-class ClickReplay:
-    """The clicks [start, end) of one partition, read by a group-less consumer a chunk at
-    a time (``ScoringStage.catch_up``)."""
-
-    chunk = 2000  # records per read: a few milliseconds of work each
-
-    def __init__(self, settings: Settings, tp: TopicPartition, start: int, end: int):
-        self.tp, self.end, self.applied = tp, end, 0
-        self.started = time.monotonic()
-        self.reader = make_consumer(settings.kafka, None, fetch_max_wait_ms=50,
-                                    max_poll_records=self.chunk)
-        self.reader.assign([tp])
-        if start:
-            self.reader.seek(tp, start)
-        else:
-            self.reader.seek_to_beginning(tp)
-        self.partitions = len(self.reader.partitions_for_topic(tp.topic) or ())
-        self._at = start
-
-    def next_chunk(self) -> list[ConsumerRecord]:
-        recs = [r for r in self.reader.poll(timeout_ms=100).get(self.tp, [])
-                if r.offset < self.end]
-        self._at = self.reader.position(self.tp)
-        return recs
-
-    def timed_out(self) -> bool:
-        return time.monotonic() - self.started > REPLAY_LIMIT_S
-
-    def done(self) -> bool:
-        return self._at >= self.end or self.timed_out()
-
-    def close(self) -> None:
-        self.reader.close(autocommit=False)
 
 
 def _chunks(item_starts: np.ndarray, end: int, max_seeds: int) -> list[tuple[int, int]]:

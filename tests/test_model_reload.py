@@ -192,12 +192,12 @@ def test_users_catalogue_rows_are_rebuilt_from_their_item_ids(features):
 
 def test_a_swap_re_embeds_users_a_slice_per_poll(features, monkeypatch):
     """After a swap every held user's stored embedding is the old model's; each poll's
-    tick (``refresh_stale``) re-embeds at most ``REFRESH_PER_TICK`` of them (a million
+    tick (``refresh_stale``) re-embeds at most ``ScoringStage.refresh_per_tick`` of them (a million
     users in one go would hold the loop for minutes), until all are the new model's."""
     from consumers import scoring
     from engine.codec import Click
 
-    monkeypatch.setattr(scoring, "REFRESH_PER_TICK", 40)
+    monkeypatch.setattr(scoring.ScoringStage, "refresh_per_tick", 40)
     stage = ScoringStage(load_settings(None), _model(features, "v1"))
     items = list(features.item_ids[:5])
     clicks = [Click(u, items[u % 5], 1.0) for u in range(100)]
