@@ -134,7 +134,7 @@ def test_unfitted_model_refuses_to_score(name):
 
 
 def test_cli_lists_every_registered_model():
-    from lookalike.cli import ZOO_MODELS
+    from lookalike.cli_models import ZOO_MODELS
 
     assert sorted(ZOO_MODELS) == model_names()
 
