@@ -51,6 +51,10 @@ rebalance listener on its IO thread, where a blocking commit is refused: this
 order is what makes committing there unnecessary.) Assigned partitions are
 announced to the stage before their first record. Transient broker faults are
 retried with backoff, never dead-lettered.
+
+Why one module of this size: the seven steps and their failure paths (hold, re-send,
+seek back, restore, rejoin) interlock; the order of flush, check, commit and snapshot
+is the delivery guarantee, and it is read in one place.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ and its clicks from the snapshot's offset (or the beginning, without one) up to
 the group's committed offset are read again (decode and ``UserStore.click``
 only: no seeds are re-emitted, no request is answered twice) before the
 partition's first new record is handled.
+
+Why this module is still long: it is the stage's own work (decoding, routing, clicks
+into state and seeds, requests into answers, the centroid table reader, audiences
+and request priority); ranking, model swaps and restores are already its parts in
+``consumers/ranking.py``, ``consumers/model_swap.py`` and ``consumers/user_restore.py``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ seed records are decoded into columns at once (``SeedColumns``), and the
 per-seed work left in Python is the window's bookkeeping (one dict
 operation) and a vector copy. Window vectors are the biggest part of the
 state: their dtype is ``WindowConfig.vector_dtype``.
+
+Why one module of this size: the window, the k-means step and the refresh share one
+table of rows per item, and the worker's hot path (``apply_columns``) updates all
+three per seed; decoding seed records into columns sits beside it because it feeds
+that path without a copy.
 """
 
 from __future__ import annotations

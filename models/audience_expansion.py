@@ -22,6 +22,9 @@ the later raters without a history before it (docs/ralm.md).
 
 A model is a :class:`Scorer`: ``fit(fold)`` on the fold's training data, then
 ``scores(items, seeds)`` [I, n_users] for fold items and their seed users.
+
+Why one module of this size: the protocol, its baselines' adapters, the per-fold
+RALM runs and the report are one experiment, read top to bottom.
 """
 
 from __future__ import annotations

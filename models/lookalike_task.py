@@ -20,6 +20,9 @@ the settings), ``lookalike-task.md`` (mean ± std over seeds, the paper's
 WeChat numbers beside them), ``prec-vs-k.png`` and ``audience-by-seeds.png``
 (per-item audience prec@10 by the item's seed count: the offline view of
 cold start). Test numbers are reported, never tuned on.
+
+Why one module of this size: the task, the ablations and the multi-seed report are
+one experiment, read top to bottom.
 """
 
 from __future__ import annotations

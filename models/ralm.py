@@ -22,6 +22,10 @@ m universal dimension, h look-alike dimension, a attention dimension.
 References:
     Yudan Liu, Kaikai Ge, Xu Zhang, Leyu Lin. Real-time Attention Based
     Look-alike Model for Recommender System. KDD 2019. arXiv:1906.05022.
+
+Why one module of this size: the configuration, both towers, the attention and the
+checkpoint format are one model; training and the numpy serving path are apart
+(``models/train_ralm.py``, ``models/ralm_serving.py``).
 """
 
 from __future__ import annotations

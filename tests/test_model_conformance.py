@@ -15,10 +15,10 @@ import torch
 
 from engine.data import Dataset, Items, Users, build_dataset
 from models.evaluator import Protocol, evaluate
+from models.popularity import PopularityScores
 from models.recommender import NotFittedError, Recommender, get_model, model_names
 from models.splits import Split, leave_one_out, random_split
 from models.trainer import TrainResult
-from models.youtube_dnn import PopularityScores
 
 N_USERS, N_ITEMS = 60, 30
 

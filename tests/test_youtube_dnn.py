@@ -11,26 +11,23 @@ import torch
 
 from engine.data import Items, Users, build_dataset
 from models.evaluator import Protocol, evaluate
+from models.popularity import PopularityScores
 from models.recommender import Recommender
 from models.splits import Ragged, leave_one_out
 from models.youtube_dnn import (
     Bags,
     CandidateIndex,
-    PopularityScores,
     YouTubeDNN,
     YouTubeDNNConfig,
     YouTubeDNNNet,
     age_features,
     ann_vs_exact,
-    context_features,
     encode_profiles,
     mean_bags,
-    row_weights,
-    running_rate,
     sampled_softmax_loss,
     training_examples,
-    weighted_bce,
 )
+from models.youtube_dnn_ranking import context_features, row_weights, running_rate, weighted_bce
 from tests.test_model_conformance import tiny_dataset
 
 SMALL = {"dim": 16, "hidden": 32, "max_history": 4, "negatives": 10, "batch_size": 64}
