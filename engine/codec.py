@@ -1,6 +1,6 @@
 """Wire formats: JSON on external topics, compact binary on internal ones.
 
-External topics (documented in the README):
+External topics (documented in docs/topics.md):
 
 ``clicks`` (key = user id)::
 

@@ -50,8 +50,8 @@ class KafkaConfig(BaseModel):
         "acks=all); unset: the broker's default")
     retention_ms: dict[str, int] = Field(
         default_factory=dict, description="retention.ms by base topic name (-1: keep all); "
-        "unset: the broker's default. Recovery re-reads clicks and seed-events (README, "
-        "Recovery)")
+        "unset: the broker's default. Recovery re-reads clicks and seed-events "
+        "(docs/operations.md, Recovery)")
     max_poll_interval_ms: int = Field(
         10_000, ge=1_000, description="a worker that does not poll for this long leaves its "
         "group; long work (a restore from the log) is spread over polls to stay within it. "

@@ -58,3 +58,16 @@ def test_a_long_module_says_why_it_is_long():
                 if "Why one module" not in doc and "Why this module" not in doc:
                     long.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
     assert not long, long
+
+
+def test_relative_links_in_the_docs_resolve():
+    """README sections moved to docs/ pages: every relative link still lands on a file."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for m in re.finditer(r"\]\(([^)#\s]+)(#[^)]*)?\)", doc.read_text()):
+            target = m.group(1)
+            if re.match(r"^[a-z]+://", target):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
