@@ -56,7 +56,7 @@ def evaluate_lookalike_task_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """RALM vs its baselines and ablations on the look-alike task: table, JSON, plots."""
-    from models.lookalike_task import run_lookalike_task
+    from lookalike.experiments.lookalike_task import run_lookalike_task
 
     if seeds < 1:
         raise typer.BadParameter("--seeds must be at least 1")
@@ -91,8 +91,8 @@ def evaluate_audience_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Cold-item audience expansion: N seeds of a held-out item -> rank every other user."""
-    from models.audience_expansion import MODELS, run
-    from models.lookalike_task import quick_config
+    from lookalike.experiments.audience_expansion import MODELS, run
+    from lookalike.experiments.lookalike_task import quick_config
     from models.ralm import RalmConfig
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -123,7 +123,7 @@ def evaluate_default_pipeline_cmd(
 ) -> None:
     """RALM alone or blended with popularity: which serves requests naming no pipeline
     (time-split user view; the weight chosen on a validation split)."""
-    from lookalike.default_pipeline import choose
+    from lookalike.experiments.default_pipeline import choose
     from models.ralm import RalmConfig
 
     s = _settings(config, cache_dir=cache_dir)
@@ -150,7 +150,7 @@ def evaluate_cold_start_cmd(
 
     from consumers.runner import NoCheckpointError, resolve_checkpoint
     from engine.data import load_dataset
-    from models.cold_start import cold_start_curve, plot_curve
+    from lookalike.experiments.cold_start import cold_start_curve, plot_curve
     from models.ralm import RalmModel
 
     s = _settings(config, cache_dir=cache_dir)

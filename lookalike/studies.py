@@ -46,7 +46,7 @@ def youtube_dnn(
 
     from engine.config import Settings
     from engine.data import load_dataset
-    from lookalike import youtube_dnn_study as yt
+    from lookalike.experiments import youtube_dnn_study as yt
 
     if task is YoutubeTask.summary:
         typer.echo(yt.summarise(out))
@@ -93,7 +93,7 @@ def lfm_compare(
     lr: Annotated[float | None, typer.Option()] = None,
 ) -> None:
     """LFM against Mult-VAE under strong generalization (docs/lfm.md)."""
-    from models import lfm_compare as lc
+    from lookalike.experiments import lfm_compare as lc
 
     if report:
         rows = [orjson.loads(line) for path in report
@@ -138,7 +138,7 @@ def zoo_table(
         help="FOLDER holds SASRec runs (docs/models/run_sasrec.sh)")] = False,
 ) -> None:
     """The general-CF table of docs/models.md; every run's figures to --json."""
-    from models import zoo_results as zr
+    from lookalike.experiments import zoo_results as zr
 
     if sasrec:
         typer.echo(zr.sasrec_table(folder))

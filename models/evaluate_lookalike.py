@@ -22,7 +22,7 @@ The same numbers for a popularity ranking (seed count) are reported as
 
 :class:`Protocol` computes the split once (test users, candidates, seeds,
 seen/clicked masks) and :func:`protocol_metrics` scores any [U, C] matrix on
-it: the baselines and ablations of ``models.lookalike_task`` go through the
+it: the baselines and ablations of ``lookalike.experiments.lookalike_task`` go through the
 same code as RALM.
 """
 

@@ -1,11 +1,12 @@
-"""The cold-item audience-expansion protocol (models/audience_expansion.py) on ml-100k."""
+"""The cold-item audience-expansion protocol (lookalike/experiments/audience_expansion.py)
+on ml-100k."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from models.audience_expansion import (
+from lookalike.experiments.audience_expansion import (
     MIN_RATERS,
     ActivityScorer,
     Fold,
@@ -91,7 +92,7 @@ def test_ralm_scores_are_the_served_score_on_worker_centroids(folds):
     over centroids the worker's clustering makes of the seeds; the family shares one
     training per fold."""
     from engine.clustering import ItemClusters, SeedColumns
-    from models.audience_expansion import scorers
+    from lookalike.experiments.audience_expansion import scorers
     from models.ralm import RalmConfig
     from models.seed_clusters import window_config
 
@@ -127,7 +128,7 @@ def test_default_ralm_finds_cold_item_audiences(folds):
     """The default RALM, trained without a fold's items, ranks their later raters well from
     20 seeds: AUC far from chance (the paper's stage 2 gave 0.52) and prec@10 above the
     most active users and the seed mean of click vectors on the same fold."""
-    from models.audience_expansion import scorers
+    from lookalike.experiments.audience_expansion import scorers
     from models.ralm import RalmConfig
 
     fold = folds[0]
@@ -143,7 +144,7 @@ def test_default_ralm_finds_cold_item_audiences(folds):
 def test_inner_folds_never_hold_a_folds_test_items(folds):
     """Tuning folds come from each fold's training items: its test items are in none of
     them, and they too are new to the models trained on them."""
-    from models.audience_expansion import inner_folds
+    from lookalike.experiments.audience_expansion import inner_folds
 
     for outer, inner in zip(folds, inner_folds(folds), strict=True):
         assert inner.index == outer.index

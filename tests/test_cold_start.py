@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.synthetic import SyntheticSpec, generate
-from models.cold_start import cold_start_curve
+from lookalike.experiments.cold_start import cold_start_curve
 from models.ralm import RalmConfig
 from models.train_ralm import fit_ralm
 

@@ -5,7 +5,7 @@ import pytest
 
 from consumers.pipelines import Pool, rank_user, top_unseen
 from engine.config import PipelineConfig
-from lookalike.default_pipeline import served_scores
+from lookalike.experiments.default_pipeline import served_scores
 
 
 @pytest.mark.parametrize("w", [0.0, 0.5, 2.0])

@@ -138,7 +138,7 @@ def test_unseen_user_is_scored_without_retraining(trained):
 
 
 def test_comparison_runner_parses_runs_and_tabulates():
-    from models.lfm_compare import parse_run, report
+    from lookalike.experiments.lfm_compare import parse_run, report
 
     assert parse_run("lfm:clusters=128,batch_size=32") == (
         "lfm", {"clusters": "128", "batch_size": "32"})

@@ -13,6 +13,14 @@ from typer.testing import CliRunner
 from engine.data import Dataset
 from engine.synthetic import SyntheticSpec, generate
 from lookalike.cli import app
+from lookalike.experiments.lookalike_task import (
+    MAIN_ROWS,
+    METRICS,
+    _bucket_of,
+    ablation_rows,
+    bucket_labels,
+    run_lookalike_task,
+)
 from models.baselines import (
     fit_item_lr,
     popularity_scores,
@@ -31,14 +39,6 @@ from models.evaluate_lookalike import (
     user_view,
 )
 from models.features import FeatureSpace
-from models.lookalike_task import (
-    MAIN_ROWS,
-    METRICS,
-    _bucket_of,
-    ablation_rows,
-    bucket_labels,
-    run_lookalike_task,
-)
 from models.ralm import RalmConfig, RalmModel
 from models.train_ralm import fit_ralm
 

@@ -2,7 +2,7 @@
 
 import json
 
-from models.zoo_results import load_runs, recbole_rows, sasrec_table, table
+from lookalike.experiments.zoo_results import load_runs, recbole_rows, sasrec_table, table
 
 
 def _run(root, model, seed, recall, seconds):
