@@ -73,10 +73,11 @@ from kafka.errors import CommitFailedError, KafkaError
 
 from consumers.kafka import make_consumer, make_producer, on_rebalance, poll
 from consumers.snapshots import Snapshot, SnapshotStore
+from consumers.topics_admin import create_topics
 from engine.codec import BadEvent
 from engine.config import Settings
 from engine.metrics import WorkerMetrics
-from engine.topics import ALL, Topics, create_topics
+from engine.topics import ALL, Topics
 
 log = logging.getLogger(__name__)
 

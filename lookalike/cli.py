@@ -80,7 +80,7 @@ def broker(
     config: ConfigOpt = None,
 ) -> None:
     """Run the embedded Kafka-compatible broker (memory storage) until Ctrl-C/SIGTERM."""
-    from engine.topics import create_topics as create
+    from consumers.topics_admin import create_topics as create
     from lookalike.broker import BrokerError, EmbeddedBroker, output_tail
 
     _logging()
@@ -112,7 +112,7 @@ def topics_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create every topic of the dataflow (existing ones are kept)."""
-    from engine.topics import create_topics
+    from consumers.topics_admin import create_topics
 
     _logging()
     s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,

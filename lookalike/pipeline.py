@@ -25,10 +25,11 @@ from kafka import TopicPartition
 
 from consumers.kafka import make_consumer, make_producer
 from consumers.replay import replay
+from consumers.topics_admin import create_topics
 from engine.codec import Click, Profile, encode_click, encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.broker import EmbeddedBroker, free_port
 from lookalike.processes import terminate
 from lookalike.scrape import scrape, total

@@ -17,8 +17,9 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.kafka import make_consumer, make_producer
+from consumers.topics_admin import create_topics
 from engine.config import Settings, load_settings
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.broker import EmbeddedBroker
 
 _counter = itertools.count()

@@ -13,9 +13,10 @@ from kafka import KafkaAdminClient
 from consumers.clustering import ClusteringStage
 from consumers.loop import ConsumerLoop, TopologyLost
 from consumers.runner import start_worker
+from consumers.topics_admin import create_topics
 from engine.codec import SeedBatch, encode_seeds, key_of
 from engine.config import Settings, load_settings
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.broker import EmbeddedBroker
 from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import produce, wait_until

@@ -16,10 +16,11 @@ from consumers.clustering import ClusteringStage
 from consumers.kafka import make_consumer
 from consumers.runner import start_worker
 from consumers.scoring import ScoringStage
+from consumers.topics_admin import create_topics
 from engine.clustering import ItemClusters, decode_records
 from engine.codec import PACK_MAGIC, SeedBatch, decode_centroids, decode_key, encode_seeds, key_of
 from engine.config import Settings, load_settings
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.broker import EmbeddedBroker
 from lookalike.scrape import scrape, total
 from models.ralm import RalmConfig, RalmModel

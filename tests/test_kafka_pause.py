@@ -12,7 +12,7 @@ import time
 from kafka import TopicPartition
 
 from consumers.kafka import make_consumer, make_producer, poll
-from engine.topics import create_topic
+from consumers.topics_admin import create_topic
 
 
 def test_a_partition_paused_mid_batch_delivers_everything_after_resume(settings):

@@ -6,8 +6,9 @@ import pytest
 from kafka import KafkaAdminClient
 from pydantic import ValidationError
 
+from consumers.topics_admin import create_topics, topic_specs
 from engine.config import KafkaConfig, load_settings
-from engine.topics import ALL, Topics, create_topics, topic_specs
+from engine.topics import ALL, Topics
 
 
 def test_topics_carry_the_configured_replication_and_retention():

@@ -165,7 +165,8 @@ def worker_loop(opts: BenchOptions, polls: list[list[Record]],
     from consumers.clustering import ClusteringStage
     from consumers.kafka import make_producer
     from consumers.loop import ConsumerLoop
-    from engine.topics import Topics, create_topics
+    from consumers.topics_admin import create_topics
+    from engine.topics import Topics
 
     records = [r for p in polls for r in p]
     with bench_broker(opts) as bootstrap:

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.pipelines import load_zoo, top_unseen
 from consumers.replay import replay
+from consumers.topics_admin import create_topic, create_topics
 from engine.codec import (
     Click,
     Profile,
@@ -67,7 +68,7 @@ from engine.codec import (
 )
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
-from engine.topics import Topics, create_topic, create_topics
+from engine.topics import Topics
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
 from lookalike.pipeline import (

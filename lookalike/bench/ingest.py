@@ -36,12 +36,13 @@ from consumers.kafka import assign_all, make_consumer, make_producer
 from consumers.loop import ConsumerLoop, Event
 from consumers.replay import replay
 from consumers.scoring import ScoringStage
+from consumers.topics_admin import create_topics
 from engine import topics as T
 from engine.codec import Click
 from engine.config import Settings
 from engine.data import Dataset, profiles_of
 from engine.synthetic import SyntheticSpec, generate
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
 from models.features import FeatureSpace

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from consumers.replay import replay
+from consumers.topics_admin import create_topics
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
 from engine.synthetic import SyntheticSpec, generate
-from engine.topics import create_topics
 from lookalike.bench.freshness import _checkpoint
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker

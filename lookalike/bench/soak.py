@@ -31,10 +31,11 @@ import orjson
 
 from consumers.kafka import make_producer
 from consumers.replay import replay
+from consumers.topics_admin import create_topics
 from engine.codec import encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
-from engine.topics import Topics, create_topics
+from engine.topics import Topics
 from lookalike.bench.freshness import _checkpoint, _tail
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
