@@ -225,6 +225,43 @@ def audience(
 
 
 @app.command()
+def recommend(
+    user: Annotated[int, typer.Argument(help="user id to recommend items to")],
+    k: Annotated[int | None, typer.Option("-k", help="items (default scoring.top_k)")] = None,
+    pipeline: Annotated[str | None, typer.Option(
+        help="a scoring.pipelines name (default: the default pipeline)")] = None,
+    explain: Annotated[bool, typer.Option(help="say which source proposed each item")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 10.0,
+    bootstrap_servers: BootstrapOpt = None,
+    topic_prefix: PrefixOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Ask the running scoring workers for a user's recommendations, as any client does
+    (a record on `score-requests`, the answer on `recommendations`). Prints JSON; exit 3
+    if no answer came in time."""
+    import uuid
+
+    import orjson
+
+    from consumers.recommend import request_recommendations
+
+    s = _settings(config, **{"kafka.bootstrap_servers": bootstrap_servers,
+                             "kafka.topic_prefix": topic_prefix})
+    req = {"user_id": user, "request_id": f"cli-{uuid.uuid4().hex[:12]}", "explain": explain}
+    if k is not None:
+        req["k"] = k
+    if pipeline is not None:
+        req["pipeline"] = pipeline
+    got = request_recommendations(s, [req], timeout).get(req["request_id"])
+    if got is None:
+        typer.echo(f"error: no answer within {timeout} s (are the workers running on "
+                   f"{s.kafka.bootstrap_servers}?)", err=True)
+        raise typer.Exit(3)
+    got.pop("received_at", None)
+    typer.echo(orjson.dumps(got, option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
 def announce(
     checkpoint: Annotated[Path, typer.Argument(help="RALM checkpoint every scoring worker "
                                                "should load (a path they can read)")],

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
-from kafka import TopicPartition
 
-from consumers.kafka import make_consumer, make_producer
+from consumers.kafka import make_producer
+from consumers.recommend import request_recommendations
 from consumers.replay import replay
 from consumers.topics_admin import create_topics
-from engine.codec import Click, Profile, encode_click, encode_json, key_of
+from engine.codec import Click, Profile, encode_click, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import Topics
@@ -158,35 +157,6 @@ def _find_items(ds: Dataset, titles: tuple[str, ...]) -> list[int]:
     return out
 
 
-def ask(s: Settings, requests: list[dict], timeout_s: float = 60.0) -> dict[str, dict]:
-    """Send score requests and collect the matching recommendation records."""
-    names = Topics(s.kafka.topic_prefix)
-    reader = make_consumer(s.kafka, None, fetch_max_wait_ms=10)
-    parts = reader.partitions_for_topic(names.recommendations) or {0}
-    tps = [TopicPartition(names.recommendations, p) for p in parts]
-    reader.assign(tps)
-    reader.seek_to_end(*tps)
-    for tp in tps:
-        reader.position(tp)
-    producer = make_producer(s.kafka, linger_ms=0)
-    for r in requests:
-        producer.send(names.score_requests, key=key_of(r["user_id"]), value=encode_json(r))
-    producer.flush()
-    producer.close()
-    wanted = {r["request_id"] for r in requests}
-    got: dict[str, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    while wanted - got.keys() and time.monotonic() < deadline:
-        for records in reader.poll(timeout_ms=200).values():
-            for rec in records:
-                obj = orjson.loads(rec.value)
-                obj["received_at"] = time.time()
-                if obj.get("request_id") in wanted:
-                    got[obj["request_id"]] = obj
-    reader.close()
-    return got
-
-
 def _describe(p: Profile) -> str:
     bits = [f"{p.age:.0f}" if p.age is not None else "", p.gender or "", p.occupation or ""]
     return " ".join(b for b in bits if b)
@@ -271,7 +241,7 @@ def show_recommendations(s: Settings, ds: Dataset, n_users: int) -> dict[str, di
                  "sent_at": time.time()} for i, u in enumerate(known)]
     requests.append({"user_id": NEW_USER_ID, "k": 5, "request_id": "demo-new",
                      "sent_at": time.time()})
-    got = ask(s, requests)
+    got = request_recommendations(s, requests)
     for r in requests:
         rec = got.get(r["request_id"])
         if r["user_id"] == NEW_USER_ID:

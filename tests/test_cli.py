@@ -107,3 +107,12 @@ def test_study_tables_are_built_from_the_committed_runs():
     r = subprocess.run(CLI + ["study", "lfm-compare"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "--run and --out" in r.stderr
+
+
+def test_recommend_without_workers_says_so_and_exits_3(settings):
+    """No scoring worker answers: a clear error naming the broker, exit 3, no traceback."""
+    r = subprocess.run(CLI + ["recommend", "196", "-b", settings.kafka.bootstrap_servers,
+                              "--topic-prefix", settings.kafka.topic_prefix, "--timeout", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert "no answer within 1.0 s" in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,8 @@ centroid table -> score request -> recommendations; bad events dead-lettered
 on the way while the good ones around them go through.
 """
 
+import subprocess
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -154,6 +156,15 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
         mc = [scrape(w.metrics_url) for w in workers[1:]]
         assert sum(total(x, "lookalike_seed_window_seeds") for x in mc) == n_seeds
         assert sum(total(x, "lookalike_centroids_published_total") for x in mc) >= len(expected)
+
+        # `lookalike recommend` asks as any client would, and gets the same answer
+        r = subprocess.run([sys.executable, "-m", "lookalike.cli", "recommend", str(user),
+                            "-k", "3", "--pipeline", "ralm", "-b", s.kafka.bootstrap_servers,
+                            "--topic-prefix", s.kafka.topic_prefix, "--timeout", "30"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        answer = orjson.loads(r.stdout)
+        assert answer["user_id"] == user and [it["item_id"] for it in answer["items"]] == got[:3]
     finally:
         for w in workers:
             w.stop()
