@@ -1,5 +1,5 @@
 """The batch-1 user tower alone, and right after a producer send + flush as the scoring loop
-does after every poll (docs/bench.md, "Why the batch-1 user tower costs twice as much").
+does after every poll (CHANGELOG.md, 2026-11-30: "Why the batch-1 user tower costs twice as much").
 Starts and stops its own embedded broker.
 
     .venv/bin/python docs/bench/tower_after_flush.py
