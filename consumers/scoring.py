@@ -35,7 +35,7 @@ from kafka.errors import KafkaError
 from threadpoolctl import threadpool_limits
 
 from consumers.audience import look_alike_users, refresh_vectors
-from consumers.kafka import make_consumer, record_time
+from consumers.kafka import make_consumer, reader_start, record_time
 from consumers.loop import Event, Stage
 from consumers.model_swap import ModelSwap
 from consumers.pipelines import (
@@ -128,6 +128,7 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
         self.table.serve_version(model.version)
         self.table_reader: KafkaConsumer | None = None
         self.audience_reader: KafkaConsumer | None = None
+        self._audience_since = 0.0  # audience requests created before it are not answered
         #: a loaded model waiting for its centroids before it serves (``begin_swap``)
         self.pending: RalmModel | None = None
         self._pending_since = 0.0
@@ -423,6 +424,7 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
             return
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.audience_reader.assign(tps)
+        self._audience_since = reader_start()  # what seek_to_end may re-read is older
         self.audience_reader.seek_to_end(*tps)
         for tp in tps:  # resolve the end now, not lazily at the first poll
             self.audience_reader.position(tp)
@@ -507,6 +509,9 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
         if self.audience_reader is not None:
             for records in self.audience_reader.poll(timeout_ms=0).values():
                 for rec in records:
+                    created = record_time(rec)
+                    if created is not None and created < self._audience_since:
+                        continue  # from before this worker: not its to answer (docstring)
                     self.metrics.consumed.labels(self.name, T.AUDIENCE_REQUESTS).inc()
                     try:
                         req = decode_audience_request(
