@@ -108,8 +108,10 @@ def test_packed_seed_events_land_in_their_items_windows(settings):
         wait_until(lambda: stage.state.seeds_held() == 7, what="seeds in windows")
         want = {3: {10, 11, 15}, 5: {10}, 8: {12, 13, 14}}
         assert {i: set(st.window.users()) for i, st in stage.state.items.items()} == want
+        # the last record per item (an item whose seeds came in two polls is published
+        # twice: the pack and the single batch need not share a poll)
         latest = {int(r.key): decode_centroids(r.value)
-                  for r in read_all(settings, "seed-centroids", expect=3)}
+                  for r in read_all(settings, "seed-centroids")}
         assert {i: c.n_seeds for i, c in latest.items()} == {i: len(u) for i, u in want.items()}
         dlq = read_all(settings, "seed-events.dlq", expect=1)
         assert [dict(r.headers)["reason"] for r in dlq] == [b"bad_binary"]
