@@ -65,8 +65,8 @@ def make_consumer(
         # auto-created would get the broker's partition count and break co-partitioning
         allow_auto_create_topics=False,
         isolation_level="read_uncommitted",
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000,
+        session_timeout_ms=cfg.session_timeout_ms,
+        heartbeat_interval_ms=max(cfg.session_timeout_ms // 10, 100),
         max_poll_interval_ms=cfg.max_poll_interval_ms,
         max_poll_records=max_poll_records,
         fetch_max_wait_ms=fetch_max_wait_ms,

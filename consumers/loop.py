@@ -223,6 +223,12 @@ class ConsumerLoop:
         self._next_dlq_log: dict[str, float] = {}
         self._restoring: set[TopicPartition] = set()  # assigned, paused, not yet restored
         self._catching_up: set[TopicPartition] = set()  # restoring a slice per poll
+        # stateful partitions: the offset their state reflects (the next to apply)
+        self._next: dict[TopicPartition, int | None] = {}
+        # revoked by a rebalance, state kept until the assignment says whether they return
+        self._kept: dict[TopicPartition, int | None] = {}
+        # returned to this member: their state stands if the group's commit is unchanged
+        self._verify: dict[TopicPartition, int | None] = {}
         snap = self.settings.snapshots
         self.snapshots = SnapshotStore(snap.dir or self.settings.cache_dir / "snapshots",
                                        self.group_id, snap.every_s)
@@ -424,6 +430,9 @@ class ConsumerLoop:
         self.metrics.restoring.labels(self.stage.name).set(len(self._restoring))
         n = sum(len(v) for v in polled.values())
         if n:
+            for tp, records in polled.items():
+                if records and tp in self._next:
+                    self._next[tp] = records[-1].offset + 1
             events = self._decode(polled)
             try:
                 if events:
@@ -468,6 +477,8 @@ class ConsumerLoop:
             # one at a time: a broker error here (raised to the loop, retried next poll)
             # leaves the partitions not yet restored paused and queued, never lost
             committed = self.consumer.committed(tp)
+            if tp in self._verify and self._kept_state_stands(tp, committed):
+                continue
             snap = self.snapshots.load(tp, committed) if self.snapshots.enabled else None
             start = self.stage.restore(tp, snap, committed)
             if start == 0:
@@ -476,6 +487,7 @@ class ConsumerLoop:
                 self.consumer.seek(tp, start)
             log.info("%s: %s restored %s", self.stage.name, tp,
                      f"from a snapshot at offset {snap.offset}" if snap else "from the log")
+            self._next[tp] = committed
             if self.stage.catching_up(tp):
                 self._catching_up.add(tp)
             else:
@@ -487,6 +499,25 @@ class ConsumerLoop:
                 self._restoring.discard(tp)
                 self.consumer.resume(tp)
                 log.info("%s: %s caught up with its log", self.stage.name, tp)
+
+    def _kept_state_stands(self, tp: TopicPartition, committed: int | None) -> bool:
+        """A partition this member held before the rebalance and got back: its state is
+        used as it is when it reflects exactly the group's committed offset (nobody
+        committed it since, and this member applied nothing uncommitted); otherwise
+        dropped, and the partition restored as any new one."""
+        assert self.consumer is not None
+        if self._verify.pop(tp) != committed:
+            self.stage.on_revoked({tp})
+            return False
+        if committed is not None:
+            self.consumer.seek(tp, committed)
+        self._next[tp] = committed
+        self._restoring.discard(tp)
+        self.consumer.resume(tp)
+        self.metrics.kept_partitions.labels(self.stage.name).inc()
+        log.info("%s: %s kept its state through the rebalance (offset %s)", self.stage.name,
+                 tp, committed)
+        return True
 
     def write_snapshots(self, wait: bool = False) -> int:
         """Step 7: outputs flushed and offsets committed first, then each assigned
@@ -609,6 +640,12 @@ class ConsumerLoop:
             log.warning("closing the old consumer: %s", e)
         self._restoring.clear()  # paused on the old client; the new one assigns afresh
         self._catching_up.clear()
+        self._verify.clear()
+        held = set(self._next) | set(self._kept)
+        if held:  # the new member restores whatever it is assigned
+            self.stage.on_revoked(held)
+        self._next.clear()
+        self._kept.clear()
         self.metrics.assigned.labels(self.stage.name).set(0)
         self._subscribe()
 
@@ -661,9 +698,20 @@ class ConsumerLoop:
                 "recreate the topics (`lookalike topics create`), then start the workers again")
 
     def _on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """The range assignor is eager: every rebalance revokes every partition, the
+        member's own included. Restored partitions keep their state until the new
+        assignment (``_on_assigned``) says which come back; partitions still being
+        restored and stateless ones are dropped at once."""
+        partial = partitions & (self._restoring | set(self._verify))
         self._restoring -= partitions
         self._catching_up -= partitions
-        self.stage.on_revoked(partitions)
+        for tp in partitions & self._next.keys():
+            at = self._next.pop(tp)
+            if tp not in partial:
+                self._kept[tp] = at
+        for tp in partial:
+            self._verify.pop(tp, None)
+        self.stage.on_revoked(partitions - self._kept.keys())
         for tp in partitions:  # another member reports these now
             try:
                 self.metrics.lag.remove(self.stage.name, self.names.base(tp.topic),
@@ -673,7 +721,11 @@ class ConsumerLoop:
         self.metrics.assigned.labels(self.stage.name).set(0)
 
     def _on_assigned(self, partitions: set[TopicPartition]) -> None:
+        kept, self._kept = self._kept, {}
+        if kept.keys() - partitions:
+            self.stage.on_revoked(kept.keys() - partitions)
         mine = self._snapshotted(partitions)
+        self._verify.update({tp: kept[tp] for tp in mine & kept.keys()})
         if mine:  # restored on the loop's thread after this poll (``_restore``)
             assert self.consumer is not None
             self.consumer.pause(*mine)

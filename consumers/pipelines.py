@@ -16,8 +16,10 @@ and its ranker:
   a weighted sum of each term standardised over the user's candidates (a term
   that cannot score an item gives it its lowest standardised value).
 
-The default pipeline, ``ralm`` → ``ralm``, keeps its batched fast path in
-``ScoringStage.rank``; the others run here, a user at a time.
+Pipelines whose sources and terms are all the table's (``ralm``, ``popular``:
+the default blend, ``ralm`` alone) run batched over table slots
+(``consumers/ranking.py``); the others run here, a user at a time. The batched
+path is tested equal to this one (``tests/test_table_pipelines.py``).
 """
 
 from __future__ import annotations
@@ -87,9 +89,7 @@ def load_rankers(paths: dict[str, Path]) -> dict[str, CTRRanker]:
 
 def popular_items(table: CentroidTable) -> np.ndarray:
     """Item ids of the servable items, most seeds first (ties: lower slot first)."""
-    live = table.live_slots()
-    order = np.argsort(-table.n_seeds[live], kind="stable")
-    return table.item_ids[live[order]]
+    return table.item_ids[table.popular_slots()]
 
 
 def top_unseen(items: np.ndarray, scores: np.ndarray | None, seen: set[int], n: int) -> list[int]:
@@ -122,15 +122,21 @@ def ralm_scores(model: RalmModel, table: CentroidTable, user: np.ndarray,
     return out, att, counts
 
 
-def standardised(x: np.ndarray) -> np.ndarray:
-    """(x - mean) / std over the finite entries; the others get the lowest value."""
-    ok = np.isfinite(x)
-    out = np.zeros(len(x), np.float64)
-    if ok.any():
-        v = x[ok].astype(np.float64)
-        out[ok] = (v - v.mean()) / (v.std() or 1.0)
-        out[~ok] = out[ok].min()
-    return out
+def standardised(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Row by row of ``x`` [..., C]: (x - mean) / std over the finite entries among
+    ``valid`` (default: all); the other valid entries get the row's lowest value, a
+    row with no finite entry zeros. Entries outside ``valid`` are left 0."""
+    x = np.asarray(x, np.float64)
+    valid = np.ones(x.shape, bool) if valid is None else valid
+    ok = np.isfinite(x) & valid
+    n = np.maximum(ok.sum(-1, keepdims=True), 1)
+    v = np.where(ok, x, 0.0)
+    mean = v.sum(-1, keepdims=True) / n
+    std = np.sqrt((np.where(ok, v - mean, 0.0) ** 2).sum(-1, keepdims=True) / n)
+    z = (v - mean) / np.where(std > 0, std, 1.0)
+    low = np.where(ok, z, np.inf).min(-1, keepdims=True)
+    low = np.where(np.isfinite(low), low, 0.0)
+    return np.where(ok, z, np.where(valid, low, 0.0))
 
 
 def rank_user(p: PipelineConfig, pool: Pool, k: int, terms: dict[str, np.ndarray],

@@ -15,6 +15,7 @@ from consumers.pipelines import (
     popular_items,
     ralm_scores,
     rank_user,
+    standardised,
     top_unseen,
 )
 from engine.codec import Profile
@@ -23,6 +24,37 @@ from engine.user_store import UserState
 
 #: the items never recommended to a user without state
 _NONE_SEEN = np.zeros(0, np.int64)
+#: the sources and terms the centroid table alone provides
+TABLE_TERMS = frozenset({"ralm", "popular"})
+
+
+def table_only(p: PipelineConfig) -> bool:
+    """Whether every source and term of ``p`` is the table's (``Ranking._rank_table``)."""
+    terms = set(p.blend) if p.ranker == "blend" else {p.ranker}
+    return set(p.sources) <= TABLE_TERMS and terms <= TABLE_TERMS
+
+
+def _first_occurrences(slots: np.ndarray) -> np.ndarray:
+    """Each row's slots (>= 0) at their first occurrence, in order, then -1 pads: a
+    user's pool when several sources propose the same item."""
+    order = np.argsort(slots, axis=1, kind="stable")
+    sorted_ = np.take_along_axis(slots, order, 1)
+    again = np.zeros(slots.shape, bool)
+    again[:, 1:] = sorted_[:, 1:] == sorted_[:, :-1]
+    dup = np.empty_like(again)
+    np.put_along_axis(dup, order, again, 1)
+    keep = (slots >= 0) & ~dup
+    first = np.argsort(~keep, axis=1, kind="stable")[:, :int(keep.sum(1).max(initial=0))]
+    return np.where(np.take_along_axis(keep, first, 1), np.take_along_axis(slots, first, 1), -1)
+
+
+def _best(score: np.ndarray, ks: list[int | None], top_k: int) -> list[np.ndarray]:
+    """Each row's positions of its finite scores, best first (ties: first position),
+    the first ``k`` of them."""
+    key = np.where(np.isfinite(score), -score, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    n = np.isfinite(score).sum(1)
+    return [order[b, :min(int(n[b]), k or top_k)] for b, k in enumerate(ks)]
 
 
 class Ranking:
@@ -35,43 +67,116 @@ class Ranking:
 
     def _rank_fast(self, users: np.ndarray, states: list[UserState | None],
                    ks: list[int | None], explain: bool) -> list[Ranked]:
-        """Faiss candidates by cos(global), re-ranked by the full RALM score.
-
-        One index search for the whole batch, the user's own clicks dropped,
-        then RALM over ``score_chunk`` users at a time: centroids dotted with the
-        users in place (``CentroidTable.project``), the rest through the
-        centroids' Gram matrices (``RalmModel.score_projected``, equal to
-        ``RalmModel.score``).
-        """
+        """Faiss candidates by cos(global), re-ranked by the full RALM score (the
+        ``ralm`` pipeline): one index search for the whole batch, the user's own
+        clicks dropped, then RALM over the shortlist (:meth:`_ralm_over`)."""
         cfg = self.settings.scoring
         seen = [s.seen if s else _NONE_SEEN for s in states]
         want = max(cfg.candidates, *(k or cfg.top_k for k in ks))  # a large K widens the shortlist
+        cands = self._ralm_candidates(users, seen, want)
+        if cands.shape[1] == 0:
+            return [Ranked([], [] if explain else None) for _ in states]
+        scores, att = self._ralm_over(users, cands, explain)
+        order = _best(scores, ks, cfg.top_k)
+        return [self._ranked(cands[b], scores[b], o, [["ralm"]] * len(o) if explain else None,
+                             "ralm", scores[b], None if att is None else att[b])
+                for b, o in enumerate(order)]
+
+    def _rank_table(self, p: PipelineConfig, users: np.ndarray,
+                    states: list[UserState | None], ks: list[int | None],
+                    explain: bool) -> list[Ranked]:
+        """A pipeline whose sources and terms are all the table's (``table_only``),
+        batched over table slots: what :meth:`rank_pipeline` computes for it, a user at
+        a time over item ids (the reference it is tested equal to)."""
+        cfg = self.settings.scoring
+        seen = [s.seen if s else _NONE_SEEN for s in states]
+        cols = []
+        for src in p.sources:
+            if src == "ralm":
+                cols.append(self._ralm_candidates(users, seen, p.per_source))
+            else:  # popular
+                head = self.table.popular_slots()[:p.per_source + max(len(x) for x in seen)]
+                cols.append(self._unseen(np.broadcast_to(head, (len(users), len(head))),
+                                         seen, p.per_source))
+        cands = _first_occurrences(np.concatenate(cols, axis=1))
+        if cands.shape[1] == 0:
+            return [Ranked([], [] if explain else None) for _ in states]
+        valid = cands >= 0
+        needed = set(p.blend) if p.ranker == "blend" else {p.ranker}
+        terms: dict[str, np.ndarray] = {}
+        ralm = att = None
+        if "ralm" in needed or explain:
+            ralm, att = self._ralm_over(users, cands, explain)
+            terms["ralm"] = ralm
+        if "popular" in needed:
+            n = self.table.n_seeds[np.maximum(cands, 0)].astype(np.float64)
+            terms["popular"] = np.where(valid, np.log1p(n), np.nan)
+        if p.ranker == "blend":
+            score = sum(w * standardised(terms[t], valid) for t, w in p.blend.items())
+            score = np.where(valid, np.asarray(score, np.float64), np.nan)
+        else:
+            score = terms[p.ranker].astype(np.float64)
+        order = _best(score, ks, cfg.top_k)
+        out = []
+        for b, o in enumerate(order):
+            by = None
+            if explain:
+                slots = cands[b, o]
+                by = [[src for src, col in zip(p.sources, cols, strict=True)
+                       if s in col[b]] for s in slots.tolist()]
+            out.append(self._ranked(cands[b], score[b], o, by, p.ranker,
+                                    None if ralm is None else ralm[b],
+                                    None if att is None else att[b]))
+        return out
+
+    def _ralm_candidates(self, users: np.ndarray, seen: list[np.ndarray],
+                         want: int) -> np.ndarray:
+        """[B, <= want] the index's best unclicked slots (-1 pads)."""
         n = want + max(len(s) for s in seen)
         found = self.table.search(users, n)
         self._sample_recall(users, found, n)
-        cands = self._unseen(found, seen, want)
-        if cands.shape[1] == 0:
-            return [Ranked([], [] if explain else None) for _ in states]
-        t, out = self.table, []
-        for lo in range(0, len(states), self.score_chunk):
+        return self._unseen(found, seen, want)
+
+    def _ralm_over(self, users: np.ndarray, cands: np.ndarray,
+                   explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """RALM's score of every candidate slot [B, C] (NaN: -1 or not servable) and,
+        if ``explain``, its local attention [B, C, k].
+
+        ``score_chunk`` users at a time: centroids dotted with the users in place
+        (``CentroidTable.project``), the rest through the centroids' Gram matrices
+        (``RalmModel.score_projected``, equal to ``RalmModel.score``).
+        """
+        t = self.table
+        ok = t.servable(cands)
+        scores = np.full(cands.shape, np.nan, np.float32)
+        att = np.zeros((*cands.shape, t.k), np.float32) if explain else None
+        for lo in range(0, len(cands), self.score_chunk):
             hi = lo + self.score_chunk
             safe = np.maximum(cands[lo:hi], 0)
             d = t.project(cands[lo:hi], self.model.attention_queries(users[lo:hi]))
-            att: list[np.ndarray] | None = [] if explain else None
-            counts = t.counts[safe]
-            scores = self.model.score_projected(users[lo:hi], d, counts, t.global_vec[safe],
-                                                t.gram[safe], att)
-            for b in range(lo, min(hi, len(states))):
-                keep = np.flatnonzero(cands[b] >= 0)
-                sc = scores[b - lo, keep]
-                order = keep[np.argsort(-sc, kind="stable")][:ks[b] or cfg.top_k]
-                items = list(zip(t.item_ids[safe[b - lo, order]].tolist(),
-                                 scores[b - lo, order].tolist(), strict=True))
-                why = None if att is None else [
-                    explanation(["ralm"], "ralm", att[0][b - lo, j], counts[b - lo, j])
-                    for j in order.tolist()]
-                out.append(Ranked(items, why))
-        return out
+            w: list[np.ndarray] | None = [] if explain else None
+            sc = self.model.score_projected(users[lo:hi], d, t.counts[safe], t.global_vec[safe],
+                                            t.gram[safe], w)
+            scores[lo:hi] = np.where(ok[lo:hi], sc, np.nan)
+            if att is not None and w:
+                att[lo:hi] = w[0]
+        return scores, att
+
+    def _ranked(self, slots: np.ndarray, score: np.ndarray, order: np.ndarray,
+                by: list[list[str]] | None, ranker: str, ralm: np.ndarray | None,
+                att: np.ndarray | None) -> Ranked:
+        """One user's answer: the items at ``order`` of ``slots`` with their scores and,
+        where ``by`` (each item's proposing sources) is given, why."""
+        t = self.table
+        chosen = slots[order]
+        items = list(zip(t.item_ids[chosen].tolist(), score[order].tolist(), strict=True))
+        if by is None:
+            return Ranked(items)
+        why = [explanation(src, ranker,
+                           None if att is None or ralm is None or not np.isfinite(ralm[j])
+                           else att[j], t.counts[slots[j]])
+               for src, j in zip(by, order.tolist(), strict=True)]
+        return Ranked(items, why)
 
     def rank_pipeline(self, p: PipelineConfig, users: np.ndarray,
                       states: list[UserState | None], ks: list[int | None],

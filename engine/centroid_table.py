@@ -65,6 +65,7 @@ class CentroidTable:
         self._index_slots = np.zeros(0, np.int64)
         self._index_vecs = np.zeros((0, dim), np.float32)
         self._lock = threading.Lock()
+        self._popular: np.ndarray | None = None  # popular_slots(), until the table changes
 
     def __len__(self) -> int:
         return len(self.live_slots())
@@ -84,6 +85,7 @@ class CentroidTable:
         """Score only centroids of ``version`` from now on (a model swap); the index is
         rebuilt at the next refresh."""
         self.serving_version = version
+        self._popular = None
         self.version_ok[:] = False
         for slot, v in self.versions.items():
             self.version_ok[slot] = self._accepts(v)
@@ -107,6 +109,7 @@ class CentroidTable:
         """Apply one record; ``None`` (tombstone) deletes the item: it leaves the index
         at the next refresh and its slot is reused (item ids are open-ended)."""
         slot = self.slot_of.get(item)
+        self._popular = None
         if rec is None:
             if slot is not None:
                 self.n_seeds[slot] = 0
@@ -184,6 +187,15 @@ class CentroidTable:
     def live_slots(self) -> np.ndarray:
         """Slots of the items that may be recommended (``servable``)."""
         return np.flatnonzero(self.servable(np.arange(self._next)))
+
+    def popular_slots(self) -> np.ndarray:
+        """Servable slots, most seeds first (ties: lower slot first): the ``popular``
+        source. Kept until the table changes: sorting the whole table per request was
+        a third of a default-pipeline request's time (bench score)."""
+        if self._popular is None:
+            live = self.live_slots()
+            self._popular = live[np.argsort(-self.n_seeds[live], kind="stable")]
+        return self._popular
 
     def _refresh_ann(self, rows: np.ndarray, live: np.ndarray) -> None:
         """Changed rows out of the IVF index and back in; a new index when it outgrew its lists."""

@@ -56,6 +56,11 @@ class KafkaConfig(BaseModel):
         10_000, ge=1_000, description="a worker that does not poll for this long leaves its "
         "group; long work (a restore from the log) is spread over polls to stay within it. "
         "Also the join's rebalance timeout on the embedded broker")
+    session_timeout_ms: int = Field(
+        10_000, ge=1_000, description="a worker killed without leaving its group is "
+        "evicted after this long, and its partitions move to the others (a broker may "
+        "bound it: Kafka's group.min/max.session.timeout.ms, 6 s to 30 min by default). "
+        "Heartbeats go every tenth of it")
     delivery_timeout_ms: int = Field(
         120_000, ge=1_000, description="a record the broker has not acknowledged by then "
         "fails; the worker sends its batch's outputs again and commits nothing meanwhile")

@@ -86,6 +86,10 @@ class WorkerMetrics:
             "restored (snapshot or log replay): not yet polled, so their lag is not yet known",
             s, registry=r,
         )
+        self.kept_partitions = Counter(
+            "lookalike_partitions_kept_total", "Partitions a rebalance revoked and gave back "
+            "to this member whose state was used as it was (no restore)", s, registry=r,
+        )
         self.batch_seconds = Histogram(
             "lookalike_batch_seconds", "Time to process one poll batch", s,
             buckets=LATENCY_BUCKETS, registry=r,

@@ -46,6 +46,8 @@ def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
         wait_until(lambda: len(w1.loop.consumer.assignment()) == 1
                    and len(w2.loop.consumer.assignment()) == 1, timeout_s=60,
                    what="the partitions spread over both")
+        # the first worker got back one of its partitions: its state stood, no restore
+        assert total(scrape(w1.metrics_url), "lookalike_partitions_kept_total") >= 1
         produce(s, "seed-events", [(k, v) for k, v, *_ in phases[1]])
 
         w1.stop()  # a worker leaves: its partition moves to the second one
@@ -81,6 +83,7 @@ def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
             np.testing.assert_allclose(latest[i].centroids, st.centroids, atol=2e-3)  # float16
         m = scrape(w2.metrics_url)
         assert total(m, "lookalike_errors_total", kind="CommitFailedError") == 0
+        assert total(m, "lookalike_partitions_kept_total") >= 1  # its own, as w1 left
         assert w2.thread.is_alive() and w2.loop.failure is None
     finally:
         for w in (w1, w2):
