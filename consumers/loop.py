@@ -69,7 +69,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
 from consumers.kafka import make_consumer, make_producer, on_rebalance, poll
 from consumers.snapshots import Snapshot, SnapshotStore
@@ -276,8 +276,10 @@ class ConsumerLoop:
             return False
         try:
             self.consumer.commit()
-        except CommitFailedError as e:
-            # the group moved on (rebalance): the records will be replayed, state is idempotent
+        except (CommitFailedError, RebalanceInProgressError) as e:
+            # the group moves on (a rebalance, joined at the next poll, at once: not a
+            # broker fault to back off from): whoever owns the partitions next re-reads
+            # the batch, and state updates are idempotent
             self.metrics.errors.labels(self.stage.name, "commit").inc()
             log.warning("offset commit failed, batch will be replayed: %s", e)
         return True
@@ -502,11 +504,16 @@ class ConsumerLoop:
 
     def _kept_state_stands(self, tp: TopicPartition, committed: int | None) -> bool:
         """A partition this member held before the rebalance and got back: its state is
-        used as it is when it reflects exactly the group's committed offset (nobody
-        committed it since, and this member applied nothing uncommitted); otherwise
-        dropped, and the partition restored as any new one."""
+        used as it is when it covers the group's committed offset (everything before it
+        was applied here: nobody committed past what this member applied); polling
+        resumes at the committed offset, and the records between it and what was
+        applied come again, which state updates ignore (they are idempotent: a commit
+        refused by the rebalance leaves such records). Otherwise the state is dropped
+        and the partition restored as any new one."""
         assert self.consumer is not None
-        if self._verify.pop(tp) != committed:
+        applied = self._verify.pop(tp)
+        if not (committed == applied or (committed is not None and applied is not None
+                                          and committed <= applied)):
             self.stage.on_revoked({tp})
             return False
         if committed is not None:

@@ -62,8 +62,23 @@ class Ranking:
 
     def rank(self, users: np.ndarray, states: list[UserState | None],
              ks: list[int | None]) -> list[list[tuple[int, float]]]:
-        """The default pipeline's (item, score) lists: see :meth:`_rank_fast`."""
-        return [r.items for r in self._rank_fast(users, states, ks, False)]
+        """The default pipeline's (item, score) lists: what a request naming none gets."""
+        cfg = self.settings.scoring
+        p = cfg.pipelines[cfg.default_pipeline]
+        who: list[tuple[int, Profile | None]] = [(-1, None)] * len(states)
+        return [r.items for r in self.ranked(p, users, states, ks, False, who)]
+
+    def ranked(self, p: PipelineConfig, users: np.ndarray, states: list[UserState | None],
+               ks: list[int | None], explain: bool,
+               who: list[tuple[int, Profile | None]]) -> list[Ranked]:
+        """Pipeline ``p``'s answers: RALM alone and the pipelines over the table's own
+        sources batched over table slots; the others a user at a time. ``who``: each
+        user's id and profile, for CTR rankers."""
+        if p.sources == ["ralm"] and p.ranker == "ralm":
+            return self._rank_fast(users, states, ks, explain)
+        if table_only(p):
+            return self._rank_table(p, users, states, ks, explain)
+        return self.rank_pipeline(p, users, states, ks, explain, who)
 
     def _rank_fast(self, users: np.ndarray, states: list[UserState | None],
                    ks: list[int | None], explain: bool) -> list[Ranked]:

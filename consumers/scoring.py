@@ -43,7 +43,7 @@ from consumers.pipelines import (
     load_rankers,
     load_zoo,
 )
-from consumers.ranking import Ranking, table_only
+from consumers.ranking import Ranking
 from consumers.user_restore import REFRESH_PER_TICK, ClickReplay, UserRestore
 from engine import topics as T
 from engine.centroid_table import CentroidTable
@@ -356,13 +356,8 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
             p = cfg.pipelines[name]
             sub = [states[i] for i in idx]
             ks, explain = [reqs[i].k for i in idx], any(reqs[i].explain for i in idx)
-            if p.sources == ["ralm"] and p.ranker == "ralm":
-                ranked = self._rank_fast(vecs[idx], sub, ks, explain)
-            elif table_only(p):
-                ranked = self._rank_table(p, vecs[idx], sub, ks, explain)
-            else:
-                who = [(reqs[i].user_id, profiles[i]) for i in idx]
-                ranked = self.rank_pipeline(p, vecs[idx], sub, ks, explain, who)
+            who = [(reqs[i].user_id, profiles[i]) for i in idx]
+            ranked = self.ranked(p, vecs[idx], sub, ks, explain, who)
             for i, got in zip(idx, ranked, strict=True):
                 self._emit(reqs[i], states[i], got, seen_at, name)
 

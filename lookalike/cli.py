@@ -290,7 +290,8 @@ def announce(
 def bench(
     name: Annotated[str, typer.Argument(
         help="ingest, cluster, score, freshness, train, scale, all (these six), soak "
-        "(ten minutes of steady load) or recovery (1M clicks, workers killed 20 times)")] = "all",
+        "(ten minutes of steady load), recovery (1M clicks, workers killed 20 times, then "
+        "failover) or failover (scoring workers killed under requests)")] = "all",
     quick: Annotated[bool, typer.Option(help="small sizes: a smoke run")] = False,
     out: Annotated[Path | None, typer.Option(
         help="output folder (default <cache_dir>/reports/bench)")] = None,

@@ -19,3 +19,9 @@ def test_score_bench_reports_finite_positive_figures(broker, tmp_path, settings)
             "batch-1 p50, 2 threads / 1, one core busy",
             "batched time per user, 2 threads / 1, one core busy"} <= set(figures)
     assert report.settings["items"] > 0 and report.machine["cores"] >= 1
+    # the integrator rows: both clients, their defaults and the recommended settings;
+    # the recommended fetch wait answers faster than the default's (500 ms) wait
+    rows = {n: f.value for n, f in figures.items() if n.startswith("client round trip")}
+    assert len(rows) == 4
+    assert rows["client round trip p50, kafka-python: fetch_max_wait_ms=10"] < rows[
+        "client round trip p50, kafka-python: defaults"]

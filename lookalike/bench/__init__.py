@@ -16,8 +16,9 @@ from lookalike.bench.report import BenchOptions, BenchReport
 #: every bench, in the order ``lookalike bench all`` runs them
 NAMES = ("ingest", "cluster", "score", "freshness", "train", "scale")
 #: benches ``all`` leaves out (``soak`` takes ten minutes by design, ``recovery`` about as
-#: long: two passes of 1M clicks, one with 30 kill events)
-EXTRA = ("soak", "recovery")
+#: long: two passes of 1M clicks, one with 30 kill events, then ``failover``: scoring
+#: workers killed under a request stream, a few minutes)
+EXTRA = ("soak", "recovery", "failover")
 
 
 def runner(name: str) -> Callable[[BenchOptions], BenchReport]:

@@ -8,6 +8,9 @@ nothing counted twice). Both runs use the same broker (their own topic prefix), 
 same RALM checkpoint and snapshots every ``Size.snapshot_s`` (``consumers/snapshots``),
 so a restarted worker starts from its snapshot and replays what came after it.
 
+Then the failover bench (``lookalike/bench/failover.py``) measures the other side of
+a kill: how long the killed scoring worker's users wait for answers.
+
 The final state of each run is read from the snapshots its workers write on the clean
 stop at the end, and checked three ways:
 
@@ -41,6 +44,7 @@ from consumers.topics_admin import create_topics
 from engine.config import Settings
 from engine.data import Dataset, load_dataset
 from engine.synthetic import SyntheticSpec, generate
+from lookalike.bench import failover
 from lookalike.bench.freshness import _checkpoint
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
@@ -99,7 +103,10 @@ def run(opts: BenchOptions) -> BenchReport:
     finally:
         if broker is not None:
             broker.stop()
-    return _report(size, ds, clean, crash)
+    report = _report(size, ds, clean, crash)
+    for f in failover.run(opts).figures:  # the gap a kill leaves in the answers
+        report.add(f"failover: {f.name}", f.value, f.unit, f.target, f.note)
+    return report
 
 
 def _clicks(size: Size, seed: int) -> Dataset:
