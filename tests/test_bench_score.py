@@ -11,7 +11,7 @@ def test_score_bench_reports_finite_positive_figures(broker, tmp_path, settings)
     report = runner("score")(opts)
     figures = {f.name: f for f in report.figures}
     assert figures["worker-side p99, batch 1"].target == "<= 2"
-    assert figures["end-to-end p99 / raw round-trip p99"].target == "<= 2"
+    assert figures["end-to-end p99 / relay round-trip p99"].target == "<= 2"
     assert any(f.unit == "users/s" and f.target == ">= 2000" for f in report.figures)
     assert all(math.isfinite(f.value) and f.value > 0 for f in report.figures)
     assert "index recall@200 vs exact search" in figures

@@ -87,16 +87,20 @@ def _request(user: int, i: int) -> bytes:
 
 
 def kafka_python_round_trips(s: Settings, setting: Setting, users: list[int],
-                             progress: bool) -> np.ndarray:
+                             progress: bool, topics: tuple[str, str] | None = None
+                             ) -> np.ndarray:
+    """Round trips with a kafka-python client; ``topics``: (requests, answers), full
+    names (default: the dataflow's score-requests and recommendations)."""
     names = Topics(s.kafka.topic_prefix)
+    requests, answers = topics or (names.score_requests, names.recommendations)
     producer = make_producer(s.kafka, **setting.producer)
     consumer = make_consumer(s.kafka, None, **setting.consumer)
     seen: set[str] = set()
     try:
-        assign_all(consumer, names.recommendations)
+        assign_all(consumer, answers)
 
         def ask(user: int, i: int) -> None:
-            producer.send(names.score_requests, key=key_of(user), value=_request(user, i))
+            producer.send(requests, key=key_of(user), value=_request(user, i))
             producer.flush()
 
         def wait(rid: str) -> bool:
