@@ -349,6 +349,12 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
         profiles = [r.profile or (s.profile if s else None) for r, s in zip(reqs, states)]
         vecs = self._embed(states, profiles)
         cfg = self.settings.scoring
+        # each answer's partition, once per batch: kafka-python's own choice per send
+        # (the topic's available partitions, every time) cost 0.1 ms an answer
+        assert self.loop is not None and self.loop.producer is not None
+        n = len(self.loop.producer.partitions_for(self.names.recommendations))
+        homes = self._user_partitions_of.of(np.fromiter(
+            (r.user_id for r in reqs), np.int64, len(reqs)), n).tolist()
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.pipeline or cfg.default_pipeline, []).append(i)
@@ -359,10 +365,10 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
             who = [(reqs[i].user_id, profiles[i]) for i in idx]
             ranked = self.ranked(p, vecs[idx], sub, ks, explain, who)
             for i, got in zip(idx, ranked, strict=True):
-                self._emit(reqs[i], states[i], got, seen_at, name)
+                self._emit(reqs[i], states[i], got, seen_at, name, homes[i])
 
     def _emit(self, r: ScoreRequest, s: UserState | None, ranked: Ranked, seen_at: float,
-              pipeline: str) -> None:
+              pipeline: str, partition: int | None = None) -> None:
         items = [{"item_id": i, "score": round(sc, 6)} for i, sc in ranked.items]
         if r.explain and ranked.why is not None:
             for it, why in zip(items, ranked.why, strict=True):
@@ -377,7 +383,7 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
             "emitted_at": time.time(),
             "cold": s is None,
         }
-        self.send(T.RECOMMENDATIONS, key_of(r.user_id), encode_json(rec))
+        self.send(T.RECOMMENDATIONS, key_of(r.user_id), encode_json(rec), partition=partition)
         self.metrics.recommendations.labels(self.name).inc()
         self.metrics.score_seconds.labels(self.name).observe(rec["emitted_at"] - seen_at)
 

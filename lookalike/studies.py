@@ -152,3 +152,27 @@ def zoo_table(
                "note": "per-seed test metrics @10 of docs/models/run.sh's runs "
                        "(lookalike study zoo-table)", "runs": found}
         json_out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+@study_app.command("capacity")
+def capacity(
+    items: Annotated[int, typer.Option(help="catalogue size")] = 200_000,
+    shards: Annotated[list[int] | None, typer.Option("--shards", help="repeatable")] = None,
+    requests: Annotated[int, typer.Option(help="requests timed per shard count")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option()] = Path("docs/capacity"),
+) -> None:
+    """The centroid table whole or sharded by item: memory and request cost per shard
+    (docs/capacity.md)."""
+    import torch
+
+    from lookalike.experiments import capacity as cap
+
+    torch.set_num_threads(1)
+    t0 = time.time()
+    result = cap.run(items, tuple(shards or [1, 2, 4, 8]), requests, seed=seed)
+    result["seconds"] = time.time() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2
+                                                     | orjson.OPT_NON_STR_KEYS))
+    typer.echo(json.dumps(result, indent=1))

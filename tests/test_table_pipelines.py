@@ -19,6 +19,7 @@ from engine.codec import Click, ItemCentroids, ScoreRequest, key_of
 from engine.config import DEFAULT_PIPELINE, PipelineConfig, load_settings
 from engine.data import profiles_of
 from engine.synthetic import SyntheticSpec, generate
+from engine.topics import KeyPartitions
 from models.features import FeatureSpace
 from models.ralm import RalmConfig, RalmModel
 
@@ -35,17 +36,17 @@ PIPELINES = {
 
 
 class _Sink:
-    """Stands in for the consumer loop (one partition): keeps what the stage sends."""
+    """Stands in for the consumer loop (three partitions): keeps what the stage sends."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes | None]] = []
+        self.sent: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         self.producer = self
 
     def partitions_for(self, topic):
-        return {0}
+        return {0, 1, 2}
 
     def send(self, topic, key, value, headers=None, timestamp_ms=None, partition=None):
-        self.sent.append((topic, key, value))
+        self.sent.append((topic, key, value, partition))
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +117,17 @@ def test_requests_are_answered_from_servable_items_by_the_batched_path(stage, mo
     original = stage._rank_table
     monkeypatch.setattr(stage, "_rank_table", lambda *a: calls.append(a[0]) or original(*a))
     users, states, _ = _users(stage, 10)
+    homes = KeyPartitions().of(np.array(users), 3).tolist()  # murmur2, as Kafka's clients
     events = [Event(T.SCORE_REQUESTS, SimpleNamespace(
-        topic=T.SCORE_REQUESTS, partition=0, offset=n, key=key_of(u), timestamp=0, headers=[]),
-        ScoreRequest(u, 20, f"r{u}")) for n, u in enumerate(users)]
+        topic=T.SCORE_REQUESTS, partition=h, offset=n, key=key_of(u), timestamp=0, headers=[]),
+        ScoreRequest(u, 20, f"r{u}")) for n, (u, h) in enumerate(zip(users, homes))]
     stage.loop.sent.clear()
     stage.handle(events)
     assert calls == [DEFAULT_PIPELINE]
-    answers = [orjson.loads(v) for t, _, v in stage.loop.sent if t == T.RECOMMENDATIONS]
+    sent = [(orjson.loads(v), p) for t, _, v, p in stage.loop.sent if t == T.RECOMMENDATIONS]
+    answers = [a for a, _ in sent]
     assert len(answers) == len(users)
+    assert [p for _, p in sent] == homes  # each answer on its user's partition
     t = stage.table
     for a, st in zip(answers, states, strict=True):
         items = [x["item_id"] for x in a["items"]]
@@ -132,4 +136,4 @@ def test_requests_are_answered_from_servable_items_by_the_batched_path(stage, mo
         assert t.servable(slots).all()
         if st is not None:
             assert not set(items) & set(st.seen.tolist())
-    assert key_of(users[0]) == stage.loop.sent[0][1]
+    assert [k for _, k, _, _ in stage.loop.sent] == [key_of(u) for u in users]
