@@ -24,7 +24,7 @@ def test_quick_recovery_loses_and_double_counts_nothing(quick_bench) -> None:
     # then the failover part: a killed scoring worker's users are answered again by the
     # survivor within two session timeouts, and the survivor's own users were not
     # stalled for a whole session timeout (it kept their state through the rebalance)
-    killed = f["failover: killed worker's partition: no answers, max"]
+    killed = f["failover: killed worker's partition: kill -> first answer, max"]
     assert 0 < killed <= 12.0  # quick: session timeout 6 s
     assert f["failover: survivor's own partition: longest gap, max"] < 6.0
     assert f["failover: normal gap between answers, p50"] < 0.5
