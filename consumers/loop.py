@@ -229,6 +229,7 @@ class ConsumerLoop:
         self._kept: dict[TopicPartition, int | None] = {}
         # returned to this member: their state stands if the group's commit is unchanged
         self._verify: dict[TopicPartition, int | None] = {}
+        self._lag_labels: set[TopicPartition] = set()  # partitions whose lag is exported
         snap = self.settings.snapshots
         self.snapshots = SnapshotStore(snap.dir or self.settings.cache_dir / "snapshots",
                                        self.group_id, snap.every_s)
@@ -572,7 +573,10 @@ class ConsumerLoop:
         self._next_lag = now + self.lag_interval_s
         if not self._check_broker(now):
             return
-        for tp in self.consumer.assignment():
+        mine = self.consumer.assignment()
+        for tp in self._lag_labels - mine:  # revoked while a report was being made (the
+            self._drop_lag(tp)  # rebalance listener runs on kafka-python's IO thread)
+        for tp in mine:
             hw = self.consumer.highwater(tp)
             if hw is None:
                 continue
@@ -584,6 +588,16 @@ class ConsumerLoop:
                 self.metrics.lag.labels(
                     self.stage.name, self.names.base(tp.topic), str(tp.partition)
                 ).set(max(0, hw - pos))
+                self._lag_labels.add(tp)
+
+    def _drop_lag(self, tp: TopicPartition) -> None:
+        """Another member reports this partition's lag now."""
+        self._lag_labels.discard(tp)
+        try:
+            self.metrics.lag.remove(self.stage.name, self.names.base(tp.topic),
+                                    str(tp.partition))
+        except KeyError:
+            pass
 
     def _check_broker(self, now: float) -> bool:
         """Whether a broker answers; after an outage, the topics checked (module doc)."""
@@ -719,12 +733,8 @@ class ConsumerLoop:
         for tp in partial:
             self._verify.pop(tp, None)
         self.stage.on_revoked(partitions - self._kept.keys())
-        for tp in partitions:  # another member reports these now
-            try:
-                self.metrics.lag.remove(self.stage.name, self.names.base(tp.topic),
-                                        str(tp.partition))
-            except KeyError:
-                pass
+        for tp in partitions:
+            self._drop_lag(tp)
         self.metrics.assigned.labels(self.stage.name).set(0)
 
     def _on_assigned(self, partitions: set[TopicPartition]) -> None:

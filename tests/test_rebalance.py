@@ -28,6 +28,11 @@ def _phase(seed: int, n: int, t0: float) -> list[tuple[bytes, bytes, int, int, n
     return out
 
 
+def _lag_partitions(w) -> set[int]:
+    return {int(dict(labels)["partition"]) for (name, labels) in scrape(w.metrics_url)
+            if name == "lookalike_consumer_lag_messages"}
+
+
 @pytest.mark.slow
 def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
     s = settings.model_copy(update={"window": settings.window.model_copy(  # windows fill:
@@ -48,6 +53,10 @@ def test_a_worker_joins_and_one_leaves_mid_stream_and_no_seed_is_lost(settings):
                    what="the partitions spread over both")
         # the first worker got back one of its partitions: its state stood, no restore
         assert total(scrape(w1.metrics_url), "lookalike_partitions_kept_total") >= 1
+        # and it exports the lag of that partition only (the other's is the second's)
+        wait_until(lambda: _lag_partitions(w1) == {tp.partition for tp in
+                                                    w1.loop.consumer.assignment()},
+                   what="the lag gauge follows the assignment")
         produce(s, "seed-events", [(k, v) for k, v, *_ in phases[1]])
 
         w1.stop()  # a worker leaves: its partition moves to the second one

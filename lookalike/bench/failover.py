@@ -44,7 +44,6 @@ from lookalike.bench.freshness import _checkpoint
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
 from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready
-from lookalike.scrape import scrape
 
 PROBE_S = 0.05  # one request per partition every 50 ms
 
@@ -200,16 +199,18 @@ def _kills(s: Settings, ckpt: Path, size: Size, out: Path, seed: int
 
 def _kill_and_restart(scoring: list[WorkerProcess], v: int, prober: Prober, spawn,
                       size: Size) -> Kill:
-    """Kill worker ``v``, wait until its partition answers again, start it again."""
-    part = _requests_partition(scoring[v])
+    """Kill worker ``v``, wait until both partitions answer again, start it again. The
+    killed worker's partition is the one answered last (its lag gauge says the same
+    but may lag a rebalance by a report interval)."""
     killed_at = time.monotonic()
     scoring[v].proc.kill()  # SIGKILL: no leave-group, no commit
     scoring[v].proc.wait(10)
     deadline = killed_at + 6 * size.session_timeout_ms / 1e3 + 60
-    while prober.first_answer_asked_after(part, killed_at) is None:
+    while any(prober.first_answer_asked_after(p, killed_at) is None for p in (0, 1)):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"partition {part} got no answer after the kill")
+            raise TimeoutError("a partition got no answer after the kill")
         time.sleep(0.1)
+    part = max((0, 1), key=lambda p: prober.first_answer_asked_after(p, killed_at) or 0.0)
     time.sleep(3.0)
     restarted_at = time.monotonic()
     scoring[v] = spawn("scoring")
@@ -219,17 +220,6 @@ def _kill_and_restart(scoring: list[WorkerProcess], v: int, prober: Prober, spaw
     first = prober.first_answer_asked_after(part, killed_at)
     assert first is not None
     return Kill(part, killed_at, first, restarted_at, rejoined_at)
-
-
-def _requests_partition(w: WorkerProcess) -> int:
-    """The score-requests partition a scoring worker owns (its lag gauge's label)."""
-    for _ in range(100):
-        for (name, labels), _v in scrape(w.metrics_url).items():
-            ls = dict(labels)
-            if name == "lookalike_consumer_lag_messages" and ls.get("topic") == "score-requests":
-                return int(ls["partition"])
-        time.sleep(0.2)
-    raise RuntimeError(f"{w.kind} worker reports no score-requests partition: {w.log_path}")
 
 
 def _gap(times: list[float], start: float, end: float) -> float:
