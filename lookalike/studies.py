@@ -176,3 +176,53 @@ def capacity(
     (out / "capacity.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2
                                                      | orjson.OPT_NON_STR_KEYS))
     typer.echo(json.dumps(result, indent=1))
+
+
+@study_app.command("ctr-tune")
+def ctr_tune(
+    protocol: Annotated[str, typer.Option(help="ctx or time")],
+    model: Annotated[str, typer.Option()] = "dlrm",
+    weight_seeds: Annotated[list[int] | None, typer.Option("--weight-seed",
+                                                           help="repeatable")] = None,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    lr_decay: Annotated[float, typer.Option()] = 1.0,
+    optimiser: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
+    user_dropout: Annotated[float, typer.Option()] = 0.0,
+    batch_size: Annotated[int, typer.Option()] = 2048,
+    patience: Annotated[int, typer.Option()] = 5,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="model KEY=VALUE")] = None,
+    log: Annotated[Path, typer.Option()] = Path("docs/ctr/tuning.jsonl"),
+) -> None:
+    """One CTR setting's validation AUC on seed 0's split, over weight seeds
+    (docs/ctr.md, Tuning); appends to the log."""
+    if protocol not in ("ctx", "time") or optimiser not in ("adam", "sgd"):
+        raise typer.BadParameter("--protocol is ctx or time; --optimiser adam or sgd")
+    from lookalike.experiments.ctr_tune import tune
+
+    settings = dict(s.split("=", 1) for s in sets or [])
+    trainer = {"lr": lr, "weight_decay": weight_decay, "lr_decay": lr_decay,
+               "optimiser": optimiser, "user_dropout": user_dropout,
+               "batch_size": batch_size, "patience": patience}
+    tune(model, protocol, weight_seeds or [0, 1, 2, 3, 4], settings, trainer, log,
+         say=typer.echo)
+
+
+@study_app.command("zoo-tune")
+def zoo_tune(
+    model: Annotated[str, typer.Argument(help="a zoo model's name")],
+    base: Annotated[str, typer.Argument(help="base settings, JSON")] = "{}",
+    variants: Annotated[list[str] | None, typer.Argument(help="one JSON per variant")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="repeatable")] = None,
+    log: Annotated[Path, typer.Option()] = Path("docs/models/tuning.jsonl"),
+) -> None:
+    """Validation-only tuning of a general-CF model over split seeds (docs/models.md);
+    appends to the log."""
+    from lookalike.experiments.zoo_tune import tune
+
+    try:
+        parsed = [json.loads(v) for v in variants or ["{}"]]
+        base_opts = json.loads(base)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"settings must be JSON objects: {e}") from e
+    tune(model, base_opts, parsed, seeds or [0, 1, 2, 3, 4], log, say=typer.echo)

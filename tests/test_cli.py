@@ -116,3 +116,16 @@ def test_recommend_without_workers_says_so_and_exits_3(settings):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r.stderr
     assert "no answer within 1.0 s" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tuning_studies_refuse_bad_settings_before_training(tmp_path):
+    """The tuners are `lookalike study` commands (no scripts under docs/): a setting that
+    is not JSON, or an unknown protocol, is a usage error before any training."""
+    log = str(tmp_path / "tuning.jsonl")
+    r = subprocess.run(CLI + ["study", "zoo-tune", "multvae", "{not json", "--log", log],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "JSON" in r.stderr
+    r = subprocess.run(CLI + ["study", "ctr-tune", "--protocol", "later", "--log", log],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "ctx or time" in " ".join(r.stderr.split())
+    assert not (tmp_path / "tuning.jsonl").exists()
