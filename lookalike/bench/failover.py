@@ -41,8 +41,8 @@ from engine.data import load_dataset
 from engine.synthetic import SyntheticSpec, generate
 from engine.topics import KeyPartitions, Topics
 from lookalike.bench.freshness import _checkpoint
+from lookalike.bench.ingest import bench_broker
 from lookalike.bench.report import BenchOptions, BenchReport
-from lookalike.broker import EmbeddedBroker
 from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready
 
 PROBE_S = 0.05  # one request per partition every 50 ms
@@ -143,21 +143,13 @@ def run(opts: BenchOptions) -> BenchReport:
     out = opts.out_dir / "failover-run"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    broker = None
-    try:
-        bootstrap = opts.bootstrap_servers
-        if bootstrap is None:
-            broker = EmbeddedBroker(log_file=out / "broker.log").start()
-            bootstrap = broker.bootstrap_servers
+    with bench_broker(opts, out / "broker.log") as bootstrap:
         s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
             "bootstrap_servers": bootstrap, "partitions": 2,
             "session_timeout_ms": size.session_timeout_ms,
             "topic_prefix": f"bench-failover-{uuid.uuid4().hex[:6]}-"})})
         create_topics(s.kafka)
         kills, answers = _kills(s, ckpt, size, out, opts.seed)
-    finally:
-        if broker is not None:
-            broker.stop()
     return _report(size, kills, answers)
 
 

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -86,12 +87,13 @@ def bench_model(ds: Dataset, seed: int) -> RalmModel:
 
 
 @contextmanager
-def bench_broker(opts: BenchOptions) -> Iterator[str]:
-    """The given bootstrap servers, or an embedded broker we start and stop ourselves."""
+def bench_broker(opts: BenchOptions, log_file: Path | None = None) -> Iterator[str]:
+    """The given bootstrap servers, or an embedded broker we start and stop ourselves
+    (its output in ``log_file``, if given)."""
     if opts.bootstrap_servers:
         yield opts.bootstrap_servers
         return
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker(log_file=log_file) as broker:
         yield broker.bootstrap_servers
 
 

@@ -46,8 +46,8 @@ from engine.data import Dataset, load_dataset
 from engine.synthetic import SyntheticSpec, generate
 from lookalike.bench import failover
 from lookalike.bench.freshness import _checkpoint
+from lookalike.bench.ingest import bench_broker
 from lookalike.bench.report import BenchOptions, BenchReport
-from lookalike.broker import EmbeddedBroker
 from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
 
 KINDS = ("scoring", "clustering")
@@ -90,19 +90,11 @@ def run(opts: BenchOptions) -> BenchReport:
     ds = _clicks(size, opts.seed)
     out = opts.out_dir / "recovery-run"
     out.mkdir(parents=True, exist_ok=True)
-    broker = None
-    try:
-        bootstrap = opts.bootstrap_servers
-        if bootstrap is None:
-            broker = EmbeddedBroker(log_file=out / "broker.log").start()
-            bootstrap = broker.bootstrap_servers
+    with bench_broker(opts, out / "broker.log") as bootstrap:
         s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
             "bootstrap_servers": bootstrap})})
         clean = _pass(s, ds, ckpt, size, out / "clean", kills=0, seed=opts.seed)
         crash = _pass(s, ds, ckpt, size, out / "crash", kills=size.kills, seed=opts.seed)
-    finally:
-        if broker is not None:
-            broker.stop()
     report = _report(size, ds, clean, crash)
     for f in failover.run(opts).figures:  # the gap a kill leaves in the answers
         report.add(f"failover: {f.name}", f.value, f.unit, f.target, f.note)
