@@ -46,7 +46,10 @@ stops with :class:`TopologyLost`, and ``lookalike worker`` exits with status 3.
 
 Rebalances happen inside step 1 (``poll``), so by then the previous batch has
 been through 5 and 6 and nothing processed is uncommitted; the stage is told
-which partitions it lost and drops their state. (kafka-python 3 runs the
+which partitions it lost and drops their state. The range assignor is eager
+(every rebalance revokes every partition): restored partitions keep their state
+until the new assignment is known, and those that come back are used as they are
+(``_kept_state_stands``). (kafka-python 3 runs the
 rebalance listener on its IO thread, where a blocking commit is refused: this
 order is what makes committing there unnecessary.) Assigned partitions are
 announced to the stage before their first record. Transient broker faults are
@@ -227,7 +230,7 @@ class ConsumerLoop:
         self._next: dict[TopicPartition, int | None] = {}
         # revoked by a rebalance, state kept until the assignment says whether they return
         self._kept: dict[TopicPartition, int | None] = {}
-        # returned to this member: their state stands if the group's commit is unchanged
+        # returned to this member: their state stands if it covers the group's commit
         self._verify: dict[TopicPartition, int | None] = {}
         self._lag_labels: set[TopicPartition] = set()  # partitions whose lag is exported
         snap = self.settings.snapshots
