@@ -92,6 +92,13 @@ def popular_items(table: CentroidTable) -> np.ndarray:
     return table.item_ids[table.popular_slots()]
 
 
+def popularity(table: CentroidTable, slots: np.ndarray) -> np.ndarray:
+    """The ``popular`` term of table ``slots`` (any shape; -1: no item): log(1 + seeds),
+    NaN where there is no item."""
+    n = table.n_seeds[np.maximum(slots, 0)].astype(np.float64)
+    return np.where(slots >= 0, np.log1p(n), np.nan)
+
+
 def top_unseen(items: np.ndarray, scores: np.ndarray | None, seen: set[int], n: int) -> list[int]:
     """The first ``n`` of ``items`` (ordered by ``scores`` if given) the user did not click."""
     order = items if scores is None else items[np.argsort(-scores, kind="stable")]

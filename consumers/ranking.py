@@ -13,6 +13,7 @@ from consumers.pipelines import (
     Ranked,
     explanation,
     popular_items,
+    popularity,
     ralm_scores,
     rank_user,
     standardised,
@@ -124,8 +125,7 @@ class Ranking:
             ralm, att = self._ralm_over(users, cands, explain)
             terms["ralm"] = ralm
         if "popular" in needed:
-            n = self.table.n_seeds[np.maximum(cands, 0)].astype(np.float64)
-            terms["popular"] = np.where(valid, np.log1p(n), np.nan)
+            terms["popular"] = popularity(self.table, cands)
         if p.ranker == "blend":
             score = sum(w * standardised(terms[t], valid) for t, w in p.blend.items())
             score = np.where(valid, np.asarray(score, np.float64), np.nan)
@@ -241,9 +241,8 @@ class Ranking:
     def _term(self, term: str, items: list[int], rows: np.ndarray | None, b: int) -> np.ndarray:
         """A source's score of each pooled item (NaN where it has none)."""
         if term == "popular":
-            slots = np.array([self.table.slot_of.get(i, -1) for i in items], np.int64)
-            n = self.table.n_seeds[np.maximum(slots, 0)].astype(np.float64)
-            return np.where(slots >= 0, np.log1p(n), np.nan)
+            return popularity(self.table, np.array([self.table.slot_of.get(i, -1)
+                                                    for i in items], np.int64))
         assert rows is not None
         index = self.zoo[term]._item_index
         cols = np.array([index.get(i, -1) for i in items], np.int64)

@@ -198,22 +198,15 @@ def breakdown(stage: ScoringStage, users: list[int]) -> dict[str, float]:
 
 
 def raw_round_trips(s: Settings, n: int, progress: bool) -> np.ndarray:
-    """Seconds from produce to consume of one small message, one at a time."""
+    """Seconds from produce to consume of one small message, one at a time: the
+    request itself, read back from a topic of its own."""
     name = s.kafka.topic_prefix + "bench-round-trip"
     admin = KafkaAdminClient(**s.kafka.client_options())
     try:
         admin.create_topics([NewTopic(name, 1, 1)])
     finally:
         admin.close()
-    producer = make_producer(s.kafka, linger_ms=0)
-    consumer = make_consumer(s.kafka, None, fetch_max_wait_ms=ScoringStage.fetch_max_wait_ms)
-    try:
-        assign_all(consumer, name)
-        return _ping(producer, consumer, lambda i: (name, b"1", request(1, i)), n, progress,
-                     "raw rtt")
-    finally:
-        consumer.close(autocommit=False)
-        producer.close(timeout=5)
+    return kafka_python_round_trips(s, _setting("raw"), [1] * n, progress, topics=(name, name))
 
 
 def relay_round_trips(s: Settings, users: list[int], progress: bool) -> np.ndarray:
@@ -244,11 +237,8 @@ def relay_round_trips(s: Settings, users: list[int], progress: bool) -> np.ndarr
 
     thread = threading.Thread(target=forward, daemon=True)
     thread.start()
-    setting = Setting("kafka-python", "relay", {"linger_ms": 0},
-                      {"fetch_max_wait_ms": ScoringStage.fetch_max_wait_ms})
     try:
-        return kafka_python_round_trips(s, setting, users, progress,
-                                        topics=(a, b))
+        return kafka_python_round_trips(s, _setting("relay"), users, progress, topics=(a, b))
     finally:
         stop.set()
         thread.join(10)
@@ -256,32 +246,18 @@ def relay_round_trips(s: Settings, users: list[int], progress: bool) -> np.ndarr
         relay_out.close(timeout=5)
 
 
-def _ping(producer, consumer, make, n: int, progress: bool, desc: str,
-          timeout_s: float = 30.0) -> np.ndarray:
-    """Send one message, wait for the next record on ``consumer``; n times, one in flight."""
-    out = []
-    for i in tqdm(range(n), desc=desc, unit="req", disable=not progress, mininterval=0.5):
-        topic, key, value = make(i)
-        t0 = time.perf_counter()
-        producer.send(topic, key=key, value=value)
-        producer.flush()
-        got = False
-        while not got:
-            got = any(consumer.poll(timeout_ms=100, max_records=1).values())
-            if time.perf_counter() - t0 > timeout_s:
-                raise TimeoutError(f"{desc}: no reply to message {i} in {timeout_s:.0f} s")
-        out.append(time.perf_counter() - t0)
-    return np.asarray(out)
-
-
 def end_to_end(s: Settings, users: list[int], progress: bool) -> np.ndarray:
     """Seconds from a score request produced to its own recommendation consumed (by
     request id: a reader placed at the end of ``recommendations`` on the embedded broker
     also gets the last batch written before it, and counting any record as the answer
     once timed those instead), with the worker's own client settings."""
-    setting = Setting("kafka-python", "the worker's", {"linger_ms": 0},
-                      {"fetch_max_wait_ms": ScoringStage.fetch_max_wait_ms})
-    return kafka_python_round_trips(s, setting, users, progress)
+    return kafka_python_round_trips(s, _setting("the worker's"), users, progress)
+
+
+def _setting(label: str) -> Setting:
+    """kafka-python with the scoring worker's own fetch wait, no linger."""
+    return Setting("kafka-python", label, {"linger_ms": 0},
+                   {"fetch_max_wait_ms": ScoringStage.fetch_max_wait_ms})
 
 
 def _pcts(x: np.ndarray) -> tuple[float, float]:
