@@ -41,6 +41,32 @@ def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> Kafk
     return KafkaProducer(**settings)
 
 
+class BatchCounter:
+    """Counts the record batches a producer sent, by topic.
+
+    Records of one batch share kafka-python's per-batch future
+    (``FutureRecordMetadata._produce_future``), and a partition's batches are filled one
+    after another, so a record starts a new batch when its batch is not the one the
+    previous record of its partition went in (the last one is held: identity stays
+    meaningful). Without that attribute each record counts as a batch."""
+
+    def __init__(self) -> None:
+        self._last: dict[Any, object] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, topic: str, future: Any) -> None:
+        batch = getattr(future, "_produce_future", None) or future
+        tp = getattr(batch, "topic_partition", None) or (topic, id(batch))
+        if self._last.get(tp) is not batch:
+            self._last[tp] = batch
+            self.counts[topic] = self.counts.get(topic, 0) + 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last ``take``."""
+        counts, self.counts = self.counts, {}
+        return counts
+
+
 def make_consumer(
     cfg: KafkaConfig,
     group_id: str | None,

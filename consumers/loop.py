@@ -74,7 +74,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
-from consumers.kafka import make_consumer, make_producer, on_rebalance, poll
+from consumers.kafka import BatchCounter, make_consumer, make_producer, on_rebalance, poll
 from consumers.snapshots import Snapshot, SnapshotStore
 from consumers.topics_admin import create_topics
 from engine.codec import BadEvent
@@ -240,6 +240,12 @@ class ConsumerLoop:
         self._writing: Future[None] | None = None
         self._unconfirmed: list[Sent] = []  # sent since the last delivered flush, in order
         self._held = False  # outputs undelivered: input paused until they are (_poll_held)
+        # outputs held back by ``kafka.linger_ms``, by topic, in the order sent; sent,
+        # flushed and committed together once the first of them is due
+        self._lingering: dict[str, list[tuple[Any, ...]]] = {}
+        self._linger_s: dict[str, float] = {}  # full topic name -> seconds it may wait
+        self._linger_due = float("inf")
+        self._batches = BatchCounter()
         self._next_delivery_log = 0.0
         stage.loop = self
 
@@ -247,8 +253,42 @@ class ConsumerLoop:
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None,
              timestamp_ms: int | None = None, partition: int | None = None) -> None:
+        """An output: sent now, or held for its topic's ``kafka.linger_ms`` (then sent with
+        everything else held, flushed and committed: ``poll_once``)."""
+        linger = self._linger_s.get(topic)
+        if linger is None:
+            linger = self._linger_s[topic] = self._linger_of(topic)
+        if linger <= 0:
+            self._send(topic, key, value, headers or [], timestamp_ms, partition)
+            return
+        held = self._lingering.get(topic)
+        if held is None:
+            held = self._lingering[topic] = []
+            self._linger_due = min(self._linger_due, time.monotonic() + linger)
+        held.append((key, value, headers or [], timestamp_ms, partition))
+
+    def _linger_of(self, topic: str) -> float:
+        base = self.names.base(topic)
+        key = "dlq" if base.endswith(".dlq") else base
+        return self.settings.kafka.linger_ms.get(key, 0) / 1000.0
+
+    def _release(self) -> None:
+        """Send every held output, topic by topic in the order each was sent."""
+        held = list(self._lingering.items())
+        self._lingering, self._linger_due = {}, float("inf")
+        for t, (topic, records) in enumerate(held):
+            for j, (key, value, headers, ts, partition) in enumerate(records):
+                try:
+                    self._send(topic, key, value, headers, ts, partition)
+                except KafkaError:  # no metadata or buffer yet: the rest wait for the next try
+                    self._lingering = {topic: records[j:], **dict(held[t + 1:])}
+                    self._linger_due = time.monotonic()
+                    raise
+
+    def _send(self, topic: str, key: bytes | None, value: bytes | None,
+              headers: list[tuple[str, bytes]], timestamp_ms: int | None,
+              partition: int | None) -> None:
         assert self.producer is not None
-        headers = headers or []
         future = self.producer.send(topic, key=key, value=value, headers=headers,
                                     timestamp_ms=timestamp_ms, partition=partition)
         self._unconfirmed.append(Sent(topic, key, value, headers, timestamp_ms, partition,
@@ -301,6 +341,7 @@ class ConsumerLoop:
         record that arrives twice is a replay its readers drop (seed windows, the
         centroid table)."""
         assert self.producer is not None
+        self._release()
         try:
             self.producer.flush(timeout=flush_s)
         except KafkaError:  # timed out: records still in flight, not failed
@@ -310,6 +351,7 @@ class ConsumerLoop:
         first = next((i for i, r in enumerate(pending)
                       if r.future.is_done and r.future.failed()), None)
         if first is None and not waiting:
+            self._count_batches(pending)
             self._unconfirmed = []
             self.metrics.undelivered.labels(self.stage.name).set(0)
             return True
@@ -331,12 +373,20 @@ class ConsumerLoop:
         self._unconfirmed = pending[:first]
         for j, r in enumerate(again):
             try:
-                self.send(r.topic, r.key, r.value, r.headers, r.timestamp_ms, r.partition)
+                self._send(r.topic, r.key, r.value, r.headers, r.timestamp_ms, r.partition)
             except KafkaError:  # e.g. no metadata yet: the rest keep their failed futures
                 self._unconfirmed.extend(again[j:])
                 raise
             self.metrics.resent.labels(self.stage.name).inc()
         return False
+
+    def _count_batches(self, sent: list[Sent]) -> None:
+        """``lookalike_batches_produced_total``: the distinct batches the records went in."""
+        counter = self._batches
+        for r in sent:
+            counter.add(r.topic, r.future)
+        for topic, n in counter.take().items():
+            self.metrics.batches.labels(self.stage.name, self.names.base(topic)).inc(n)
 
     def _renew_producer(self) -> None:
         """A new producer for sending failed records again. Why: once a batch expires
@@ -449,11 +499,14 @@ class ConsumerLoop:
                         self.consumer.seek(tp, records[0].offset)
                 raise
         self.stage.tick(time.time())
-        if n:
+        if self._lingering and time.monotonic() < self._linger_due:
+            pass  # outputs held (kafka.linger_ms): sent, flushed and committed when due
+        elif n or self._lingering:
             self._flush_and_commit()
-            self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - t0)
         elif self._unconfirmed and not self._delivered(FLUSH_S):  # an idle poll's outputs
             self._hold()
+        if n:
+            self.metrics.batch_seconds.labels(self.stage.name).observe(time.perf_counter() - t0)
         if self.snapshots.due():
             self.write_snapshots()
         self._report_lag()

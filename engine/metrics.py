@@ -47,6 +47,11 @@ class WorkerMetrics:
             "Logical records written, by topic (internal topics pack several per message)",
             s + ["topic"], registry=r,
         )
+        self.batches = Counter(
+            "lookalike_batches_produced_total", "Record batches the broker acknowledged, by "
+            "topic (rate: batches/s; a broker's cost per request grows with them, "
+            "kafka.linger_ms bounds them)", s + ["topic"], registry=r,
+        )
         self.dead_letters = Counter(
             "lookalike_dead_letters_total", "Records sent to <topic>.dlq, by reason",
             s + ["topic", "reason"], registry=r,

@@ -11,6 +11,7 @@ this command started (by PID).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -95,7 +96,8 @@ def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int,
            "--cache-dir", str(s.cache_dir), "--checkpoint", str(ckpt)]
     if s.kafka.topic_prefix:
         cmd += ["--topic-prefix", s.kafka.topic_prefix]
-    env = {**os.environ, "LOOKALIKE_KAFKA__PARTITIONS": str(s.kafka.partitions), **(env or {})}
+    env = {**os.environ, "LOOKALIKE_KAFKA__PARTITIONS": str(s.kafka.partitions),
+           "LOOKALIKE_KAFKA__LINGER_MS": json.dumps(s.kafka.linger_ms), **(env or {})}
     with log_path.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     return WorkerProcess(kind, proc, f"http://127.0.0.1:{port}/metrics", log_path)

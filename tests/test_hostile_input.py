@@ -143,7 +143,9 @@ def _settings(**window) -> Settings:
     s = load_settings(None)
     return s.model_copy(update={
         "window": s.window.model_copy(update={"size": 16, "k": 3, **window}),
-        "kafka": s.kafka.model_copy(update={"partitions": 2, "topic_prefix": "h-"}),
+        # outputs go at once: the harness reads what a stage sent without the loop's flush
+        "kafka": s.kafka.model_copy(update={"partitions": 2, "topic_prefix": "h-",
+                                            "linger_ms": {}}),
     })
 
 

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from consumers.kafka import make_producer
+from consumers.kafka import BatchCounter, make_producer
 from consumers.replay import replay
 from consumers.topics_admin import create_topics
 from engine.codec import encode_json, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
-from engine.topics import Topics
+from engine.topics import CLICKS, SCORE_REQUESTS, Topics
 from lookalike.bench.freshness import _checkpoint, _tail
 from lookalike.bench.report import BenchOptions, BenchReport
 from lookalike.broker import EmbeddedBroker
@@ -57,12 +57,13 @@ class SoakSize:
     trial_s: float = 45.0  # each steady trial of `_sustained`
 
 
-#: the load generators batch their sends (latency counts from before the send, so it
-#: includes this). Why: the embedded broker's memory storage costs every produce and
-#: fetch of a partition time in proportion to the batches it holds (a round trip went
-#: from 4.6 to 15.8 ms after 20k one-record batches), and one request per batch at
-#: 500/s stalled the third soak's broker after two minutes (docs/bench.md)
-PUMP_LINGER_MS = 20
+#: the load generators batch their sends, by topic (latency counts from before the send,
+#: so it includes this). Why: the embedded broker's memory storage costs every produce
+#: and fetch of a partition time in proportion to the batches it holds (a round trip
+#: went from 4.6 to 15.8 ms after 20k one-record batches), and one request per batch at
+#: 500/s stalled the third soak's broker after two minutes (docs/bench.md). Clicks may
+#: wait inside the freshness budget; requests wait less
+PUMP_LINGER_MS = {"clicks": 100, "score-requests": 20}
 
 FULL = SoakSize(600, 500, 10, 30_000, 60)
 QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8, trial_s=4)
@@ -78,6 +79,7 @@ class Window:
     lag: float
     clicks_sent: int
     cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used in the window
+    batches: dict[str, float] = field(default_factory=dict)  # topic -> batches/s, all producers
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Pumps:
     bad_sent: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     drain_until: float = float("inf")  # after stop: how long answers are still awaited
+    batches: BatchCounter = field(default_factory=BatchCounter)  # the pumps' own
 
     def start(self) -> list[threading.Thread]:
         threads = [threading.Thread(target=f, daemon=True, name=f"soak-{f.__name__}")
@@ -115,14 +118,16 @@ class Pumps:
 
     def run_clicks(self) -> None:
         names = Topics(self.s.kafka.topic_prefix)
-        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS)
+        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS[CLICKS])
         t0, n = time.monotonic(), len(self.clicks)
         try:
             while not self.stop.is_set():
                 due = int((time.monotonic() - t0) * self.click_rate)
                 while self.clicks_sent < due:
                     j = self.clicks_sent % n
-                    producer.send(names.clicks, key=self.keys[j], value=self.clicks[j])
+                    f = producer.send(names.clicks, key=self.keys[j], value=self.clicks[j])
+                    with self.lock:
+                        self.batches.add(CLICKS, f)
                     self.clicks_sent += 1
                 time.sleep(0.005)
             producer.flush()
@@ -131,7 +136,7 @@ class Pumps:
 
     def run_requests(self) -> None:
         names = Topics(self.s.kafka.topic_prefix)
-        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS)
+        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS[SCORE_REQUESTS])
         rng = np.random.default_rng(1)
         t0 = time.monotonic()
         try:
@@ -142,8 +147,10 @@ class Pumps:
                     rid = f"soak-{self.requests_sent}"
                     with self.lock:
                         self.sent_at[rid] = time.monotonic()
-                    producer.send(names.score_requests, key=key_of(user),
-                                  value=encode_json({"user_id": user, "request_id": rid}))
+                    f = producer.send(names.score_requests, key=key_of(user),
+                                      value=encode_json({"user_id": user, "request_id": rid}))
+                    with self.lock:
+                        self.batches.add(SCORE_REQUESTS, f)
                     self.requests_sent += 1
                 time.sleep(0.002)
             producer.flush()
@@ -218,12 +225,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _counters(workers: list[WorkerProcess]) -> dict[str, float]:
+    """Summed over the workers; ``batches:<topic>``: the batches they produced so far."""
     out = {"dead_letters": 0.0, "errors": 0.0, "lag": 0.0}
     for w in workers:
         m = scrape(w.metrics_url)
         out["dead_letters"] += total(m, "lookalike_dead_letters_total")
         out["errors"] += total(m, "lookalike_errors_total")
         out["lag"] += total(m, "lookalike_consumer_lag_messages")
+        for (name, labels), value in m.items():
+            if name == "lookalike_batches_produced_total":
+                key = f"batches:{dict(labels)['topic']}"
+                out[key] = out.get(key, 0.0) + value
     return out
 
 
@@ -263,6 +275,10 @@ def run(opts: BenchOptions) -> BenchReport:
     report = _report(size, burst, ingest, windows, pumps, before, after)
     plot(windows, opts.out_dir / "soak.png")
     return report
+
+
+def _batches(counters: dict[str, float]) -> dict[str, float]:
+    return {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("batches:")}
 
 
 def _settle(workers: list[WorkerProcess], timeout_s: float) -> None:
@@ -372,6 +388,8 @@ def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize
     threads = pumps.start()
     t0, windows, seen = time.monotonic(), [], 0
     cpu_was, t_was = {k: cpu_seconds(pid) for k, pid in watched.items()}, t0
+    batches_was = _batches(_counters(workers))
+    pumps.batches.take()
     next_bad = t0 + size.bad_every_s
     try:
         while (now := time.monotonic()) - t0 < size.seconds:
@@ -384,12 +402,18 @@ def _soak(s: Settings, ds: Dataset, workers: list[WorkerProcess], size: SoakSize
             c = _counters(workers)
             cpu_now, t_now = {k: cpu_seconds(pid) for k, pid in watched.items()}, time.monotonic()
             cpu = {k: (cpu_now[k] - cpu_was[k]) / (t_now - t_was) for k in watched}
-            cpu_was, t_was = cpu_now, t_now
+            batches_now = _batches(c)
+            with pumps.lock:
+                pumped = pumps.batches.take()
+            made = {t: batches_now.get(t, 0.0) - batches_was.get(t, 0.0) + pumped.get(t, 0)
+                    for t in batches_now.keys() | pumped.keys()}
+            batches = {t: n / (t_now - t_was) for t, n in sorted(made.items())}
+            cpu_was, t_was, batches_was = cpu_now, t_now, batches_now
             windows.append(Window(
                 time.monotonic() - t0, {w.kind: rss_bytes(w.proc.pid) for w in workers},
                 float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                 float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                len(lat), c["lag"], pumps.clicks_sent, cpu))
+                len(lat), c["lag"], pumps.clicks_sent, cpu, batches))
     finally:
         pumps.finish(threads, drain_s=30)
     return windows, pumps
@@ -422,10 +446,22 @@ def _report(size: SoakSize, burst: float, ingest: float, windows: list[Window], 
     report.add("request p99, first minute", lat_first, "ms")
     report.add("request p99, last minute", lat_last, "ms")
     report.add("p99 last minute / first minute", lat_last / lat_first, "x", "<= 1.2")
+    second = [w for w in windows if size.first_s < w.t <= 2 * size.first_s + 1e-9] or first
     for proc in windows[0].cpu:
         report.add(f"{proc} CPU, first minute / last minute",
                    float(np.mean([w.cpu[proc] for w in first])), "cores",
                    note=f"last minute {np.mean([w.cpu[proc] for w in last]):.2f}")
+    if "broker" in windows[0].cpu:
+        cpu2 = float(np.mean([w.cpu["broker"] for w in second]))
+        cpu_last = float(np.mean([w.cpu["broker"] for w in last]))
+        report.add("broker CPU last minute / second minute", cpu_last / max(cpu2, 1e-9), "x",
+                   "<= 1.2", f"flat: {cpu2:.3f} -> {cpu_last:.3f} cores (its cost grows with "
+                   "the batches it holds)")
+    topics = sorted({t for w in windows for t in w.batches})
+    for t in topics:
+        rates = [w.batches.get(t, 0.0) for w in windows]
+        report.add(f"batches/s produced to {t}", float(np.mean(rates)), "batches/s",
+                   note=f"max window {max(rates):.1f}; every producer: workers and load")
     report.add("consumer lag at the end", windows[-1].lag, "messages")
     report.add("bad clicks injected", pumps.bad_sent, "records")
     dead = after["dead_letters"] - before["dead_letters"]
@@ -451,7 +487,7 @@ def plot(windows: list[Window], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     t = [w.t for w in windows]
-    fig, (a, b, c, d) = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
+    fig, (a, b, c, d, e) = plt.subplots(5, 1, figsize=(8, 12), sharex=True)
     for kind in windows[0].rss:
         a.plot(t, [w.rss[kind] / 2**20 for w in windows], label=f"{kind} worker")
     a.set_ylabel("RSS (MiB)")
@@ -468,10 +504,16 @@ def plot(windows: list[Window], path: Path) -> Path:
     for proc in windows[0].cpu:
         d.plot(t, [w.cpu[proc] for w in windows], label=proc)
     d.set_ylabel("CPU (cores)")
-    d.set_xlabel("seconds into the soak")
     d.set_ylim(bottom=0)
     if windows[0].cpu:
         d.legend()
+    for topic in sorted({t for w in windows for t in w.batches}):
+        e.plot(t, [w.batches.get(topic, 0.0) for w in windows], label=topic)
+    e.set_ylabel("batches/s produced")
+    e.set_xlabel("seconds into the soak")
+    e.set_ylim(bottom=0)
+    if any(w.batches for w in windows):
+        e.legend(fontsize="small")
     fig.suptitle("lookalike bench soak")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

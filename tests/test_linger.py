@@ -1,0 +1,100 @@
+"""``kafka.linger_ms`` on the embedded broker: a worker holds a topic's outputs for its
+linger, so the broker gets one batch per partition per linger instead of one per poll,
+and the inputs are still committed only once those outputs are acknowledged."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kafka import TopicPartition
+
+from consumers.clustering import ClusteringStage
+from consumers.kafka import make_consumer, make_producer
+from consumers.runner import start_worker
+from consumers.topics_admin import create_topics
+from engine.config import KafkaConfig, Settings
+from engine.topics import SEED_EVENTS, Topics
+from lookalike.scrape import scrape, total
+from tests.kafka_fixtures import read_all, wait_until
+
+BAD = 40  # records a worker must dead-letter, produced one poll apart
+GAP_S = 0.025
+
+
+def _trickle_bad_seeds(s: Settings) -> float:
+    """``BAD`` undecodable seed-event records, each in its own batch, ``GAP_S`` apart:
+    the clustering worker reads most of them in polls of their own. How long it took."""
+    t0 = time.monotonic()
+    p = make_producer(s.kafka, linger_ms=0)
+    topic = Topics(s.kafka.topic_prefix).seed_events
+    try:
+        for j in range(BAD):
+            p.send(topic, key=b"k", value=b"\x00not a seed %d" % j, partition=j % 2)
+            p.flush()
+            time.sleep(GAP_S)
+    finally:
+        p.close()
+    return time.monotonic() - t0
+
+
+def _committed(s: Settings, stage: str, topic: str) -> dict[int, int]:
+    name = Topics(s.kafka.topic_prefix).name(topic)
+    c = make_consumer(s.kafka, f"{s.kafka.topic_prefix}lookalike-{stage}")
+    try:
+        tps = [TopicPartition(name, p) for p in range(s.kafka.partitions)]
+        return {tp.partition: c.committed(tp) or 0 for tp in tps}
+    finally:
+        c.close(autocommit=False)
+
+
+def _dead_letter_batches(s: Settings, linger_ms: int
+                         ) -> tuple[float, float, dict[int, int], list]:
+    """Run a clustering worker over the trickle; its dlq batches, the trickle's length,
+    the group's commits read while it runs, and the dead letters on the broker after."""
+    s = s.model_copy(update={"kafka": s.kafka.model_copy(
+        update={"linger_ms": {"dlq": linger_ms}})})
+    w = start_worker(ClusteringStage(s))
+    try:
+        wait_until(lambda: w.loop.ready.is_set(), what="partitions assigned")
+        trickle_s = _trickle_bad_seeds(s)
+        committed = _committed(s, "clustering", SEED_EVENTS)  # while it may still hold some
+        dead = read_all(s, "", full_name=Topics(s.kafka.topic_prefix).dlq(SEED_EVENTS),
+                        expect=BAD, timeout_s=20)
+        wait_until(lambda: total(scrape(w.metrics_url), "lookalike_batches_produced_total",
+                                 topic="seed-events.dlq") > 0, what="batches counted")
+        batches = total(scrape(w.metrics_url), "lookalike_batches_produced_total",
+                        topic="seed-events.dlq")
+    finally:
+        w.stop()
+    return batches, trickle_s, committed, dead
+
+
+@pytest.mark.slow
+def test_linger_bounds_batches_and_commits_follow_delivery(settings: Settings) -> None:
+    prefix = settings.kafka.topic_prefix
+    at_once, _, _, dead_now = _dead_letter_batches(settings, 0)
+    held_s = 0.4
+    lingered_settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(
+        update={"topic_prefix": prefix + "l-"})})
+    create_topics(lingered_settings.kafka)
+    held, trickle_s, committed, dead = _dead_letter_batches(lingered_settings,
+                                                            int(held_s * 1000))
+
+    assert len(dead_now) == BAD and len(dead) == BAD  # nothing held is lost
+    assert held <= trickle_s / held_s + 3, (held, at_once)  # one batch per partition per linger
+    assert at_once >= 3 * held, (held, at_once)
+    # every record below the group's commit has its dead letter on the broker: the commit
+    # came after their delivery, however long they were held
+    letters = {(int(dict(r.headers)["source_partition"]), int(dict(r.headers)["source_offset"]))
+               for r in dead}
+    for p, upto in committed.items():
+        assert all((p, o) in letters for o in range(upto)), (p, upto)
+
+
+def test_linger_settings_are_checked() -> None:
+    assert KafkaConfig(linger_ms={"dlq": 100, "seed-events": 0}).linger_ms["dlq"] == 100
+    with pytest.raises(ValueError, match="unknown topics"):
+        KafkaConfig(linger_ms={"seed-event": 50})
+    with pytest.raises(ValueError, match=">= 0"):
+        KafkaConfig(linger_ms={"recommendations": -1})
