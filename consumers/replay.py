@@ -18,7 +18,7 @@ from consumers.kafka import make_producer
 from engine.codec import Click, encode_click, key_of
 from engine.config import KafkaConfig
 from engine.data import Dataset, profiles_of
-from engine.topics import Topics
+from engine.topics import CLICKS, Topics
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def replay(
     users, items, ts = ds.users.ids[ds.user[:n]], ds.items.ids[ds.item[:n]], ds.ts[:n]
     prof_idx = ds.user[:n]
     pacer = Pacer(ts[skip:], rate, speedup)
-    producer = make_producer(kafka, linger_ms=10)
+    producer = make_producer(kafka, linger_ms=kafka.linger_ms.get(CLICKS, 10))
     t0 = time.perf_counter()
     try:
         for i in tqdm(range(skip, n), desc="replay", unit="click", disable=not progress,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from engine.config import DEFAULT_LINGER_MS, Settings
 from lookalike.processes import terminate
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,29 @@ def output_tail(path: Path | None, lines: int = 20) -> str:
     plain = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))  # log colours
     text = plain.strip().splitlines()[-lines:]
     return ("; its output ends:\n  " + "\n  ".join(text)) if text else ""
+
+
+#: ``kafka.linger_ms`` for runs of more than a few minutes on the embedded broker
+#: (``lookalike run``, ``lookalike bench soak``), and the linger of the engine's own load
+#: (replayed clicks, the soak's requests). Why: Tansu 0.6's memory storage keeps every
+#: batch, and a fetch that returns data lists all of a partition's batches: ~0.6 µs of
+#: broker CPU per batch held (36 ms per fetch at 60k batches; produces and empty
+#: fetches do not grow), so each partition costs about t / linger² of CPU after t
+#: seconds. At 250 ms that is 0.6% of a core per partition after ten minutes and 3.5%
+#: after an hour; at the 5 ms of a plain producer the broker saturates in minutes.
+#: Answers wait less (100 ms); everything stays inside the 2 s freshness budget.
+LONG_RUN_LINGER_MS = {"clicks": 250, "seed-events": 250, "seed-centroids": 250,
+                      "score-requests": 100, "recommendations": 100, "audiences": 100,
+                      "audience-requests": 100, "dlq": 1000}
+
+
+def long_run_settings(s: Settings) -> Settings:
+    """``s`` with :data:`LONG_RUN_LINGER_MS` as its ``kafka.linger_ms``, unless the
+    settings name other lingers than the default ones."""
+    if s.kafka.linger_ms != DEFAULT_LINGER_MS:
+        return s
+    return s.model_copy(update={"kafka": s.kafka.model_copy(
+        update={"linger_ms": dict(LONG_RUN_LINGER_MS)})})
 
 
 class EmbeddedBroker:

@@ -30,8 +30,8 @@ from engine.codec import Click, Profile, encode_click, key_of
 from engine.config import Settings
 from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import Topics
-from lookalike.broker import EmbeddedBroker, free_port
-from lookalike.processes import terminate
+from lookalike.broker import EmbeddedBroker, free_port, long_run_settings
+from lookalike.processes import CpuWatch, terminate
 from lookalike.scrape import scrape, total
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
     ckpt = ensure_checkpoint(s, train, o.retrain)
     run_dir = s.cache_dir / "runs" / time.strftime("%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    broker = None
+    broker, watch = None, None
     workers: list[WorkerProcess] = []
     try:
         if o.bootstrap_servers:
@@ -180,9 +180,11 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
                 update={"bootstrap_servers": o.bootstrap_servers})})
         else:
             broker = EmbeddedBroker(log_file=run_dir / "broker.log").start()
-            s = s.model_copy(update={"kafka": s.kafka.model_copy(
-                update={"bootstrap_servers": broker.bootstrap_servers})})
+            s = long_run_settings(s.model_copy(update={"kafka": s.kafka.model_copy(
+                update={"bootstrap_servers": broker.bootstrap_servers})}))
             print(f"embedded broker on {broker.bootstrap_servers}", flush=True)
+            assert broker.proc is not None
+            watch = CpuWatch(broker.proc.pid, every_s=10.0).start()
         create_topics(s.kafka)
         clustering = [spawn_worker("clustering", s, ckpt, run_dir, i)
                       for i in range(o.clustering_workers)]
@@ -213,10 +215,43 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
         )
         return 0
     finally:
+        if watch is not None:
+            broker_curve(watch.stop(), run_dir)
         for w in workers:
             w.stop()
         if broker is not None:
             broker.stop()
+
+
+def broker_curve(samples: list[tuple[float, float]], run_dir: Path) -> None:
+    """The embedded broker's CPU over the run: ``broker_cpu.json`` (and ``.png`` where
+    matplotlib is installed) in the run's folder, and a line comparing its start and end.
+    Why: the broker's cost grows with the batches it holds (docs/operations.md)."""
+    if not samples:
+        return
+    (run_dir / "broker_cpu.json").write_text(json.dumps(
+        [{"t_s": round(t, 1), "cores": round(c, 4)} for t, c in samples]))
+    span = max(1, len(samples) // 6)  # the first and last sixth of the run
+    first = float(np.mean([c for _, c in samples[:span]]))
+    last = float(np.mean([c for _, c in samples[-span:]]))
+    minutes = samples[-1][0] / 60
+    print(f"embedded broker CPU: {first:.3f} cores in the first sixth of the run, {last:.3f} "
+          f"in the last ({minutes:.1f} min; curve: {run_dir / 'broker_cpu.json'})", flush=True)
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot([t / 60 for t, _ in samples], [c for _, c in samples])
+    ax.set_xlabel("minutes into the run")
+    ax.set_ylabel("broker CPU (cores)")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(run_dir / "broker_cpu.png", dpi=100)
+    plt.close(fig)
 
 
 def show_recommendations(s: Settings, ds: Dataset, n_users: int) -> dict[str, dict]:

@@ -19,7 +19,6 @@ letters of the injected bad clicks; no request lost.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -38,8 +37,9 @@ from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import CLICKS, SCORE_REQUESTS, Topics
 from lookalike.bench.freshness import _checkpoint, _tail
 from lookalike.bench.report import BenchOptions, BenchReport
-from lookalike.broker import EmbeddedBroker
+from lookalike.broker import EmbeddedBroker, long_run_settings
 from lookalike.pipeline import WorkerProcess, spawn_worker, wait_ready, worker_metric
+from lookalike.processes import cpu_seconds, rss_bytes
 from lookalike.scrape import scrape, total
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,18 @@ class SoakSize:
     trial_s: float = 45.0  # each steady trial of `_sustained`
 
 
-#: the load generators batch their sends, by topic (latency counts from before the send,
-#: so it includes this). Why: the embedded broker's memory storage costs every produce
-#: and fetch of a partition time in proportion to the batches it holds (a round trip
-#: went from 4.6 to 15.8 ms after 20k one-record batches), and one request per batch at
-#: 500/s stalled the third soak's broker after two minutes (docs/bench.md). Clicks may
-#: wait inside the freshness budget; requests wait less
+#: the load generators' linger by topic where ``kafka.linger_ms`` names none (on the
+#: embedded broker the soak runs with ``broker.LONG_RUN_LINGER_MS``, which does). Latency
+#: counts from before the send, so it includes this. Why they batch: the embedded
+#: broker's memory storage costs every fetch that returns data time in proportion to the
+#: batches the partition holds, and one request per batch at 500/s stalled the third
+#: soak's broker after two minutes (docs/bench.md)
 PUMP_LINGER_MS = {"clicks": 100, "score-requests": 20}
+
+
+def pump_linger(s: Settings, topic: str) -> int:
+    return s.kafka.linger_ms.get(topic, PUMP_LINGER_MS[topic])
+
 
 FULL = SoakSize(600, 500, 10, 30_000, 60)
 QUICK = SoakSize(24, 40, 4, 2_000, 8, bad_every_s=8, trial_s=4)
@@ -118,7 +123,7 @@ class Pumps:
 
     def run_clicks(self) -> None:
         names = Topics(self.s.kafka.topic_prefix)
-        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS[CLICKS])
+        producer = make_producer(self.s.kafka, linger_ms=pump_linger(self.s, CLICKS))
         t0, n = time.monotonic(), len(self.clicks)
         try:
             while not self.stop.is_set():
@@ -136,7 +141,8 @@ class Pumps:
 
     def run_requests(self) -> None:
         names = Topics(self.s.kafka.topic_prefix)
-        producer = make_producer(self.s.kafka, linger_ms=PUMP_LINGER_MS[SCORE_REQUESTS])
+        producer = make_producer(self.s.kafka,
+                                 linger_ms=pump_linger(self.s, SCORE_REQUESTS))
         rng = np.random.default_rng(1)
         t0 = time.monotonic()
         try:
@@ -204,26 +210,6 @@ def click_pool(ds: Dataset, n: int, seed: int = 0) -> tuple[list[bytes], list[by
     return values, keys
 
 
-def rss_bytes(pid: int) -> float:
-    """Resident set size of a process, from ``/proc/<pid>/status`` (Linux)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from ``/proc/<pid>/stat`` (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
 def _counters(workers: list[WorkerProcess]) -> dict[str, float]:
     """Summed over the workers; ``batches:<topic>``: the batches they produced so far."""
     out = {"dead_letters": 0.0, "errors": 0.0, "lag": 0.0}
@@ -252,6 +238,7 @@ def run(opts: BenchOptions) -> BenchReport:
         if bootstrap is None:
             broker = EmbeddedBroker(log_file=run_dir / "broker.log").start()
             bootstrap = broker.bootstrap_servers
+            s = long_run_settings(s)
         prefix = f"bench-soak-{uuid.uuid4().hex[:6]}-"
         s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
             "bootstrap_servers": bootstrap, "topic_prefix": prefix})})
