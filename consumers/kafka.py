@@ -29,9 +29,7 @@ def make_producer(cfg: KafkaConfig, *, linger_ms: int = 5, **extra: Any) -> Kafk
         retries=2**31 - 1,
         max_in_flight_requests_per_connection=5,
         linger_ms=linger_ms,
-        # large batches: a publish of many items' centroids (~5 KB each) makes few of them;
-        # under Kafka's default message.max.bytes (1 MiB)
-        batch_size=960 * 1024,
+        batch_size=cfg.batch_bytes,
         max_request_size=8 * 1024 * 1024,
         # the client requires delivery > linger + request timeout
         request_timeout_ms=min(30_000, (cfg.delivery_timeout_ms - linger_ms) // 2),

@@ -18,7 +18,11 @@ One iteration, in this order — the only place the order is written:
    ``kafka.delivery_timeout_ms``, any error the producer gave up on) is sent
    again with every record sent after it, in order, until all are
    acknowledged; meanwhile nothing is committed;
-6. commit the consumed offsets;
+6. commit the consumed offsets.
+   Outputs to a topic named in ``kafka.linger_ms`` are held that long first
+   (one batch per partition per linger rather than per poll: a broker's cost
+   grows with the batches it gets); while any are held and none is due, 5 and 6
+   wait, and the input of the polls in between is committed with them;
 7. every ``snapshots.every_s``: write each assigned partition's state with
    the offset it reflects (``consumers/snapshots.py`` has the whole order).
 
@@ -45,8 +49,10 @@ memory) gets them again. If a topic came back with another partition count
 stops with :class:`TopologyLost`, and ``lookalike worker`` exits with status 3.
 
 Rebalances happen inside step 1 (``poll``), so by then the previous batch has
-been through 5 and 6 and nothing processed is uncommitted; the stage is told
-which partitions it lost and drops their state. The range assignor is eager
+been through 5 and 6, or its outputs are held (``kafka.linger_ms``): then its
+input is uncommitted and the partitions' next owner reads it again (state
+updates are idempotent), while the held outputs are still sent; the stage is
+told which partitions it lost and drops their state. The range assignor is eager
 (every rebalance revokes every partition): restored partitions keep their state
 until the new assignment is known, and those that come back are used as they are
 (``_kept_state_stands``). (kafka-python 3 runs the

@@ -74,6 +74,10 @@ class KafkaConfig(BaseModel):
         "it holds). Topics not named go at once, with the producer's 5 ms linger. Internal "
         "topics wait inside the 2 s freshness budget; answers (recommendations, audiences) "
         "do not wait")
+    batch_bytes: int = Field(
+        960 * 1024, ge=16 * 1024, description="the workers' largest record batch per "
+        "partition: a publish of many items' centroids (~5 KB each) goes in few batches. "
+        "The default stays under Kafka's default message.max.bytes (1 MiB)")
     delivery_timeout_ms: int = Field(
         120_000, ge=1_000, description="a record the broker has not acknowledged by then "
         "fails; the worker sends its batch's outputs again and commits nothing meanwhile")

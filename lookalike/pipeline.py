@@ -97,7 +97,8 @@ def spawn_worker(kind: str, s: Settings, ckpt: Path, run_dir: Path, i: int,
     if s.kafka.topic_prefix:
         cmd += ["--topic-prefix", s.kafka.topic_prefix]
     env = {**os.environ, "LOOKALIKE_KAFKA__PARTITIONS": str(s.kafka.partitions),
-           "LOOKALIKE_KAFKA__LINGER_MS": json.dumps(s.kafka.linger_ms), **(env or {})}
+           "LOOKALIKE_KAFKA__LINGER_MS": json.dumps(s.kafka.linger_ms),
+           "LOOKALIKE_KAFKA__BATCH_BYTES": str(s.kafka.batch_bytes), **(env or {})}
     with log_path.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     return WorkerProcess(kind, proc, f"http://127.0.0.1:{port}/metrics", log_path)
