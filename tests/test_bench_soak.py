@@ -3,6 +3,7 @@ assertions: the full ten-minute run is the bench)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,8 @@ from lookalike.bench import runner
 @pytest.mark.slow
 def test_quick_soak_answers_every_request_and_counts_only_injected_dead_letters(
         quick_bench) -> None:
-    opts = quick_bench
+    # its own embedded broker, as `lookalike bench soak` runs: long-run lingers, broker CPU
+    opts = dataclasses.replace(quick_bench, bootstrap_servers=None)
     report = runner("soak")(opts)
     f = {x.name: x.value for x in report.figures}
     assert f["requests sent"] > 100 and f["clicks sent"] > 1000
@@ -25,3 +27,9 @@ def test_quick_soak_answers_every_request_and_counts_only_injected_dead_letters(
     for kind in ("scoring", "clustering"):  # CPU of the worker processes was sampled
         assert 0 < f[f"{kind} CPU, first minute / last minute"] < 16
     assert (opts.out_dir / "soak.png").stat().st_size > 10_000
+    assert math.isfinite(f["broker CPU last minute / second minute"])
+    # on the embedded broker every producer lingers (broker.LONG_RUN_LINGER_MS): at most
+    # one batch per partition per linger, the load's own requests included (2 partitions)
+    assert 0 < f["batches/s produced to score-requests"] <= 2 * 1000 / 250 + 1
+    assert 0 < f["batches/s produced to recommendations"] <= 2 * 1000 / 100 + 1
+    assert 0 < f["batches/s produced to seed-events"] <= 2 * 1000 / 250 + 1

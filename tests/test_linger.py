@@ -4,6 +4,7 @@ and the inputs are still committed only once those outputs are acknowledged."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -13,8 +14,10 @@ from consumers.clustering import ClusteringStage
 from consumers.kafka import make_consumer, make_producer
 from consumers.runner import start_worker
 from consumers.topics_admin import create_topics
-from engine.config import KafkaConfig, Settings
+from engine.config import KafkaConfig, Settings, load_settings
 from engine.topics import SEED_EVENTS, Topics
+from lookalike.broker import LONG_RUN_BATCH_BYTES, LONG_RUN_LINGER_MS, long_run_settings
+from lookalike.pipeline import broker_curve
 from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import read_all, wait_until
 
@@ -98,3 +101,25 @@ def test_linger_settings_are_checked() -> None:
         KafkaConfig(linger_ms={"seed-event": 50})
     with pytest.raises(ValueError, match=">= 0"):
         KafkaConfig(linger_ms={"recommendations": -1})
+
+
+def test_long_runs_on_the_embedded_broker_linger_unless_told_otherwise() -> None:
+    s = load_settings(None)
+    long = long_run_settings(s)
+    assert long.kafka.linger_ms == LONG_RUN_LINGER_MS
+    assert long.kafka.batch_bytes == LONG_RUN_BATCH_BYTES
+    assert min(long.kafka.linger_ms.values()) >= 100  # every topic, answers included
+    own = s.model_copy(update={"kafka": s.kafka.model_copy(
+        update={"linger_ms": {"seed-events": 5}, "batch_bytes": 64 * 1024})})
+    kept = long_run_settings(own)
+    assert kept.kafka.linger_ms == {"seed-events": 5} and kept.kafka.batch_bytes == 64 * 1024
+
+
+def test_the_demo_writes_the_broker_cpu_curve(tmp_path, capsys) -> None:
+    samples = [(10.0 * (j + 1), 0.1 + 0.01 * j) for j in range(12)]
+    broker_curve(samples, tmp_path)
+    curve = json.loads((tmp_path / "broker_cpu.json").read_text())
+    assert [c["cores"] for c in curve] == pytest.approx([c for _, c in samples], abs=1e-4)
+    assert (tmp_path / "broker_cpu.png").stat().st_size > 5_000
+    out = capsys.readouterr().out
+    assert "0.105 cores in the first sixth" in out and "0.205 in the last" in out
