@@ -78,10 +78,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-#: items beyond a popular source's ``per_source`` in the table's hot block: a user's
-#: popular candidates are the first ``per_source`` of them that the user has not clicked
-HOT_SLACK = 64
-
 class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
     """The stage itself: decoding, routing, clicks into user state and seeds, requests
     into answers, the table reader, audiences and request priority. Ranking, model
@@ -130,9 +126,6 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
                                    ann_min_items=cfg.ann_min_items, ann_nprobe=cfg.ann_nprobe,
                                    ann_lists=cfg.ann_lists)
         self.table.serve_version(model.version)
-        # the popular source's items are in every pool: projected for a batch at once
-        popular = [p.per_source for p in cfg.pipelines.values() if "popular" in p.sources]
-        self.table.hot_items = max(popular) + HOT_SLACK if popular else 0
         self.table_reader: KafkaConsumer | None = None
         self.audience_reader: KafkaConsumer | None = None
         self._audience_since = 0.0  # audience requests created before it are not answered

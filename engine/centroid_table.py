@@ -19,7 +19,6 @@ vectors and re-trained when the live count has doubled since.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import faiss
@@ -67,12 +66,6 @@ class CentroidTable:
         self._index_vecs = np.zeros((0, dim), np.float32)
         self._lock = threading.Lock()
         self._popular: np.ndarray | None = None  # popular_slots(), until the table changes
-        #: ``project``'s contiguous copy of the most seeded items' centroids (``hot_items``
-        #: of them; 0: none), its slots sorted and each one's row; rows follow ``upsert``
-        self.hot_items = 0
-        self._hot: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._hot_row: dict[int, int] = {}
-        self._hot_until = 0.0  # when its membership is next taken from popular_slots()
 
     def __len__(self) -> int:
         return len(self.live_slots())
@@ -133,9 +126,6 @@ class CentroidTable:
             self.item_ids[slot] = item
         self._deleted.discard(slot)  # deleted, then back before the refresh: it stays
         self.centroids[slot] = rec.centroids
-        row = self._hot_row.get(slot)
-        if row is not None and self._hot is not None:
-            self._hot[2][row * self.k:(row + 1) * self.k] = rec.centroids
         self.counts[slot] = rec.counts
         self.n_seeds[slot] = rec.n_seeds
         self.updated_at[slot] = rec.updated_at
@@ -270,61 +260,7 @@ class CentroidTable:
 
     def project(self, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """[B, C, k, m]: every centroid of the items in ``slots`` [B, C] dotted with
-        that row's ``queries`` [B, h, m] (-1 slots: anything; mask them after).
-
-        The most seeded items (``hot_items``) are in every user's pool (the
-        ``popular`` source): their centroids are kept in one contiguous block and
-        dotted with the whole batch's queries in one matrix product; the others
-        are read in place (:meth:`_project_by_index`).
-        """
-        hot = self._hot_block()
-        if hot is None:
-            return self._project_by_index(slots, queries)
-        sorted_slots, order, block = hot
-        b, c = slots.shape
-        m = queries.shape[2]
-        k, h = self.k, self.dim
-        at = np.minimum(np.searchsorted(sorted_slots, slots), len(sorted_slots) - 1)
-        in_hot = (sorted_slots[at] == slots) & (slots >= 0)
-        out = np.empty((b, c, k, m), np.float32)
-        if in_hot.any():
-            x = np.ascontiguousarray(queries.transpose(0, 2, 1).reshape(b * m, h), np.float32)
-            dots = (x @ block.T).reshape(b, m, -1, k)  # [B, m, hot, k]
-            bi, ci = np.nonzero(in_hot)
-            out[bi, ci] = dots[bi, :, order[at[bi, ci]], :].transpose(0, 2, 1)
-        cold = ~in_hot
-        if cold.any():
-            width = int(cold.sum(1).max())
-            first = np.argsort(in_hot, axis=1, kind="stable")[:, :width]  # cold ones first
-            cols = np.where(np.take_along_axis(cold, first, 1),
-                            np.take_along_axis(slots, first, 1), -1)
-            part = self._project_by_index(cols, queries)
-            keep = np.take_along_axis(cold, first, 1)
-            rows = np.broadcast_to(np.arange(b)[:, None], first.shape)
-            out[rows[keep], first[keep]] = part[keep]
-        return out
-
-    def _hot_block(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(slots sorted, each one's block row, block [hot * k, h]); its members are
-        taken from ``popular_slots`` at most once a second (``upsert`` keeps their rows
-        current meanwhile: a member that is no longer among the most seeded only
-        costs a row of the product)."""
-        if not self.hot_items:
-            return None
-        now = time.monotonic()
-        if self._hot is None or now >= self._hot_until:
-            members = self.popular_slots()[:self.hot_items]
-            if len(members) == 0:
-                return None
-            order = np.argsort(members, kind="stable")  # block row of each sorted slot
-            block = np.ascontiguousarray(self.centroids[members].reshape(-1, self.dim))
-            self._hot = (members[order], order, block)
-            self._hot_row = dict(zip(members.tolist(), range(len(members)), strict=True))
-            self._hot_until = now + 1.0
-        return self._hot
-
-    def _project_by_index(self, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """:meth:`project` reading every centroid in place.
+        that row's ``queries`` [B, h, m], read in place from the table.
 
         Why not ``centroids[slots] @ queries``: a request re-ranks ~200 items of a
         table far larger than the cache, and the gather copied their 2 MB of

@@ -251,39 +251,6 @@ def test_project_equals_gathered_matmul():
     np.testing.assert_allclose(got.reshape(3, 28, 2), want, rtol=1e-5, atol=1e-5)
 
 
-def test_project_with_a_hot_block_equals_reading_in_place():
-    """The most seeded items dotted for the batch in one product, the others read in
-    place: the same as every centroid read in place, through upserts after the block
-    was built (a member's new centroids, a reused slot) and -1 pads."""
-    rng = np.random.default_rng(5)
-    table = CentroidTable(4, 8, min_seeds=1)
-
-    def put(item):
-        table.upsert(item, ItemCentroids(rng.normal(size=(4, 8)).astype(np.float32),
-                                         np.ones(4, np.float32), 1 + item % 7, 0.0))
-
-    for item in range(60):
-        put(item)
-    slots = rng.integers(0, 60, (5, 40))
-    slots[2, 30:] = -1
-    queries = rng.normal(size=(5, 8, 2)).astype(np.float32)
-    want = table.project(slots, queries)
-    table.hot_items = 12
-    got = table.project(slots, queries)
-    assert table._hot is not None and len(table._hot[0]) == 12
-    hot = set(table._hot[0].tolist())
-    assert np.isin(slots, list(hot)).any() and (~np.isin(slots, list(hot))).any()
-    ok = slots >= 0
-    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-5, atol=1e-5)
-    for item in range(60):  # every member changes after the block was built
-        put(item)
-    table.upsert(3, None)
-    put(1000)  # a tombstone and a new item
-    got = table.project(slots, queries)
-    np.testing.assert_allclose(got[ok], table._project_by_index(slots, queries)[ok],
-                               rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("ann_min_items", [10_000, 200])  # exact index, then IVF
 def test_deleted_items_leave_the_index_and_their_slots_are_reused(ann_min_items):
     rng = np.random.default_rng(4)

@@ -294,8 +294,6 @@ def run(opts: BenchOptions) -> BenchReport:
             other = 2 if s.scoring.threads == 1 else 1  # thread settings chosen by measurement
             ratios = thread_ratios(stage, picks[:size.requests // 4], picks[size.requests:],
                                    size.batch, other)
-            ratios += hot_block_ratios(stage, picks[:size.requests // 4],
-                                       picks[size.requests:], size.batch)
         finally:
             loop.producer.close(timeout=10)
         worker = start_worker(stage)
@@ -353,28 +351,6 @@ def thread_ratios(stage: ScoringStage, one_users: list[int], many_users: list[in
                 (f"batched time per user, {other} threads / {own}{suffix}",
                  float(many_alt.mean() / many.mean()), note)]
     return out
-
-
-def hot_block_ratios(stage: ScoringStage, one_users: list[int], many_users: list[int],
-                     batch: int) -> list[tuple[str, float, str]]:
-    """(figure, ratio, note): time with every centroid read in place / with the most
-    seeded items' block (``CentroidTable.hot_items``), batch 1 (p50) and batched
-    (mean), back to back: what the block buys."""
-    table, hot = stage.table, stage.table.hot_items
-    try:
-        table.hot_items = 0
-        one_off = worker_side(stage, one_users, 1, False, "hot block off")
-        many_off = worker_side(stage, many_users, batch, False, "hot block off")
-    finally:
-        table.hot_items = hot
-    one_on = worker_side(stage, one_users, 1, False, "hot block on")
-    many_on = worker_side(stage, many_users, batch, False, "hot block on")
-    note = (f"the {hot} most seeded items' centroids dotted with the batch in one product, "
-            "against all read in place (Faiss by-index products)")
-    return [("batch-1 p50, hot block off / on", float(np.median(one_off) / np.median(one_on)),
-             note),
-            ("batched time per user, hot block off / on",
-             float(many_off.mean() / many_on.mean()), note)]
 
 
 @contextmanager
