@@ -55,9 +55,11 @@ class BatchCounter:
         self.counts: dict[str, int] = {}
 
     def add(self, topic: str, future: Any) -> None:
-        batch = getattr(future, "_produce_future", None) or future
-        tp = getattr(batch, "topic_partition", None) or (topic, id(batch))
-        if self._last.get(tp) is not batch:
+        batch = getattr(future, "_produce_future", None)
+        tp = getattr(batch, "topic_partition", None)
+        if tp is None:  # not kafka-python's: the record is its own batch
+            self.counts[topic] = self.counts.get(topic, 0) + 1
+        elif self._last.get(tp) is not batch:
             self._last[tp] = batch
             self.counts[topic] = self.counts.get(topic, 0) + 1
 
