@@ -144,7 +144,7 @@ def run(opts: BenchOptions) -> BenchReport:
     sasrec = _sasrec_checkpoint(s, ds, run_dir)
     report = BenchReport("freshness", settings={
         "sizes": sizes.__dict__, "checkpoint": ckpt.name, "sasrec": sasrec.name,
-        "pipelines": PIPELINES})
+        "pipelines": PIPELINES, "linger_ms": s.kafka.linger_ms})
     broker = None
     workers: list[WorkerProcess] = []
     try:
@@ -357,6 +357,8 @@ def run_probes(s: Settings, ds: Dataset, sizes: Sizes, sasrec: Recommender) -> P
     seq_items = np.setdiff1d(np.intersect1d(sasrec.item_ids_, ds.items.ids), items)
     profiles = profiles_of(ds)
     producer = make_producer(s.kafka, linger_ms=0)
+    # the probe's own click waits as the engine's replayed clicks do (kafka.linger_ms)
+    clicker = make_producer(s.kafka, linger_ms=s.kafka.linger_ms.get("clicks", 0))
     centroids = _tail(s, names.seed_centroids)
     asker = Asker(producer, names.score_requests, _tail(s, names.recommendations),
                   sizes.ask_every_s)
@@ -373,12 +375,13 @@ def run_probes(s: Settings, ds: Dataset, sizes: Sizes, sasrec: Recommender) -> P
             seq = seq_probe(sasrec, history.tolist(),
                             seq_rng.permutation(seq_items)[:sizes.seq_tries], sizes.seq_k)
             time.sleep(0.5)  # the probe users' histories are in the scoring worker's state
-            out.ralm.append(_probe(producer, names, centroids, asker, a, b, int(item), profile,
+            out.ralm.append(_probe(clicker, names, centroids, asker, a, b, int(item), profile,
                                    sizes))
-            _seq_probe(producer, names, asker, c, seq, profile, sizes)
+            _seq_probe(clicker, names, asker, c, seq, profile, sizes)
             out.seq.append(seq)
     finally:
         producer.close()
+        clicker.close()
         centroids.close()
         asker.recs.close()
     return out
@@ -392,8 +395,7 @@ def _click(producer: KafkaProducer, topic: str, user: int, item: int, profile: P
 
 def _probe(producer: KafkaProducer, names: Topics, centroids: KafkaConsumer, asker: Asker, a: int,
            b: int, item: int, profile: Profile, sizes: Sizes) -> Probe:
-    p = Probe(item, _click(producer, names.clicks, a, item, profile))
-    producer.flush()
+    p = Probe(item, _click(producer, names.clicks, a, item, profile))  # sent after its linger
 
     def published() -> None:
         for rs in centroids.poll(timeout_ms=5).values():
@@ -418,7 +420,6 @@ def _seq_probe(producer: KafkaProducer, names: Topics, asker: Asker, c: int, p: 
     if not p.ready:
         return  # the worker never answered from C's history: no baseline to differ from
     p.clicked_at = _click(producer, names.clicks, c, p.item, profile)
-    producer.flush()
     got = asker.until(c, body, lambda got: frozenset(got) != p.before,
                       p.clicked_at + sizes.timeout_s)
     if got is not None:
