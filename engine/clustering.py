@@ -319,6 +319,19 @@ class _Segment:
         self.total += 1
 
 
+class _Run:
+    """One ``apply_columns`` call's columns as lists, and what its rounds accumulate."""
+
+    def __init__(self, cols: SeedColumns, seg: _Segment, every: int):
+        self.users, self.ts = cols.users.tolist(), cols.ts.tolist()
+        self.starts = cols.starts
+        self.vectors = cols.vectors
+        self.seg, self.every = seg, every
+        self.room: dict[int, int] = {}  # table row -> seeds it may take before its refresh
+        self.changed: dict[int, None] = {}
+        self.held = 0  # seeds the windows grew by
+
+
 class ItemClusters:
     """Seed windows and centroids of many items: the windowed k-means of ``engine.kmeans``.
 
@@ -408,58 +421,91 @@ class ItemClusters:
         Per seed, only the window's bookkeeping and a vector copy run in
         Python; the k-means steps of the accepted seeds run in one compiled
         call (``kmeans.step``), seed by seed in arrival order. An item due for
-        a refresh gets it before its next seed: the seeds before it are
-        stepped first (a segment ends there).
+        a refresh gets it before its next seed. Items are independent, so the
+        poll runs in rounds: every item's seeds up to its refresh point, one
+        step of them all, one batched refresh of the items that stopped there,
+        then the rest. Why: refreshed one at a time, as they fell due, the
+        refresh cost 0.5 ms an item against 0.07 batched (bench cluster).
         Returns the items whose windows or centroids changed (refreshes of
         earlier due items included).
         """
-        dim, ver, vectors = cols.vectors.shape[1], cols.model_version, cols.vectors
-        users, ts, starts = cols.users.tolist(), cols.ts.tolist(), cols.starts
+        dim, vectors = cols.vectors.shape[1], cols.vectors
         table = self._table(dim)
-        every = self.cfg.refresh_every
-        seg = _Segment(len(users), dim)
-        room: dict[int, int] = {}  # table row -> seeds it may take before its refresh
-        changed: dict[int, None] = {}
-        held = 0
+        run = _Run(cols, _Segment(len(cols.users), dim), self.cfg.refresh_every)
+        todo = [(r, int(cols.starts[r]), st) for r, st in self._states(cols)]
+        while todo:
+            stopped: dict[int, ItemState] = {}  # table row -> its item, due before its next seed
+            later: list[tuple[int, int, ItemState]] = []
+            for r, lo, st in todo:
+                if st.row in stopped:  # an earlier run of this item stopped: order holds
+                    later.append((r, lo, st))
+                    continue
+                j = self._admit(run, table, r, lo, st, self.refresh_tokens - len(stopped))
+                if j < run.starts[r + 1]:
+                    stopped[st.row] = st
+                    later.append((r, j, st))
+            self._flush(table, run.seg, vectors)
+            if stopped:
+                states = list(stopped.values())
+                for st in states:
+                    self.due.pop(st, None)
+                    run.room[st.row] = run.every
+                self._refresh(states)
+                self.refresh_tokens -= len(states)
+            todo = later
+        self._held += run.held
+        run.changed.update(dict.fromkeys(self.refresh_due()))
+        return list(run.changed)
+
+    def _states(self, cols: SeedColumns) -> list[tuple[int, ItemState]]:
+        """(run, its item's state) for the runs whose seeds the item's window takes: a new
+        window where the model version or size changed, none for an older version."""
+        dim, ver, starts = cols.vectors.shape[1], cols.model_version, cols.starts
+        out: list[tuple[int, ItemState]] = []
         items = self.items
         for r, item in enumerate(cols.items):
             st = items.get(item)
             if st is None or st.model_version != ver or st.dim != dim:
                 if st is not None and st.model_version != ver and not self.supersedes(
                         ver, st.model_version):
-                    self.stale_seeds += starts[r + 1] - starts[r]
+                    self.stale_seeds += int(starts[r + 1] - starts[r])
                     continue
                 st = self._state(item, dim, ver)
-            win, trow = st.window, st.row
-            rows = win._rows
-            before, newest, first = len(rows), st.last_seed_ts, seg.total
-            for j in range(starts[r], starts[r + 1]):
-                left = room.get(trow)
-                if left is None:
-                    left = room[trow] = every - int(table.since[trow])
-                if left <= 0 and self.refresh_tokens >= 1:  # due: refreshed before this seed
-                    self._flush(table, seg, vectors)  # (other due items wait for the poll's end)
-                    self.due.pop(st, None)
-                    self._refresh([st])
-                    self.refresh_tokens -= 1
-                    left = room[trow] = every
-                n = len(rows)
-                row = win.admit(users[j], ts[j], dim)
-                if row < 0:
-                    continue
+            out.append((r, st))
+        return out
+
+    def _admit(self, run: _Run, table: _Table, r: int, lo: int, st: ItemState,
+               tokens: float) -> int:
+        """Run ``r``'s seeds from ``lo`` into ``st``'s window and the segment, up to the
+        first that must wait for the item's refresh; that seed's index (the run's end if
+        none waits)."""
+        users, ts, seg, room = run.users, run.ts, run.seg, run.room
+        win, trow = st.window, st.row
+        rows = win._rows
+        before, newest, first = len(rows), st.last_seed_ts, seg.total
+        hi = run.starts[r + 1]
+        left = room.get(trow)
+        if left is None:
+            left = room[trow] = run.every - int(table.since[trow])
+        j = lo
+        while j < hi:
+            if left <= 0 and tokens >= 1:  # due: refreshed before this seed
+                break
+            n = len(rows)
+            row = win.admit(users[j], ts[j], st.dim)
+            if row >= 0:
                 seg.add(j, trow, row, win._vecs if len(rows) == n else None)
-                win._vecs[row] = vectors[j]
-                room[trow] = left - 1
+                win._vecs[row] = run.vectors[j]
+                left -= 1
                 if ts[j] > newest:
                     newest = ts[j]
-            if seg.total > first:
-                held += len(rows) - before
-                st.last_seed_ts = newest
-                changed[item] = None
-        self._held += held
-        self._flush(table, seg, vectors)
-        changed.update(dict.fromkeys(self.refresh_due()))
-        return list(changed)
+            j += 1
+        room[trow] = left
+        if seg.total > first:
+            run.held += len(rows) - before
+            st.last_seed_ts = newest
+            run.changed[st.item] = None
+        return j
 
     def _flush(self, table: _Table, seg: _Segment, vectors: np.ndarray) -> None:
         """Step the segment's seeds into the centroids; items now due join ``due``."""
