@@ -138,6 +138,20 @@ def step(centroids: np.ndarray, counts: np.ndarray, sqnorms: np.ndarray, labels:
         labels[r, w] = slot
 
 
+@numba.njit(cache=True, nogil=True)
+def _label_sums(row: np.ndarray, points: np.ndarray, sums: np.ndarray,
+                counts: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """Add each point to its row of ``sums`` and count it, in point order (as torch's
+    index_add_ does, so the sums are the same). Why compiled: 0.13 ms a chunk of 32 x
+    256 x 128 against 0.21 for index_add_ and a bincount (torch 2.13, one thread) and
+    0.55 for a one-hot matrix and a bmm."""
+    for p in range(row.shape[0]):
+        r = row[p]
+        counts[r] += 1.0
+        for e in range(points.shape[1]):
+            sums[r, e] += points[p, e]
+
+
 def lloyd(
     x: np.ndarray, lengths: np.ndarray, centroids: np.ndarray, counts: np.ndarray,
     labels: np.ndarray | None = None, iters: int = 1,
@@ -172,10 +186,12 @@ def lloyd(
     active = torch.ones(b, dtype=torch.bool)  # items not yet at their fixed point
     steps = 0
     for _ in range(iters):
-        # ||c||² - 2 x·c, an empty slot's ||c||² = inf so nothing picks it (no masking pass)
+        # ||c||² - 2 c·x, an empty slot's ||c||² = inf so nothing picks it (no masking pass).
+        # [b, k, s] and min over k: 0.85 ms a chunk of 32 x 256 x 128 against 1.25 for
+        # [b, s, k] and argmin (torch 2.13, one thread; argmin over a short last axis is slow)
         bias = (ct * ct).sum(2).masked_fill_(~used, float("inf"))
-        d2 = torch.baddbmm(bias[:, None, :], xt, ct.transpose(1, 2), alpha=-2.0)
-        new_lab = torch.where(valid, d2.argmin(2), -1)
+        d2 = torch.baddbmm(bias[:, :, None], ct, xt.transpose(1, 2), alpha=-2.0)
+        new_lab = torch.where(valid, d2.min(1).indices, -1)
         if lab is not None:  # an item whose labels stay is done: the others never move it
             active &= (new_lab != lab).any(1)
             if not active.any():
@@ -184,10 +200,9 @@ def lloyd(
         steps += 1
         lab = new_lab
         row = torch.where(valid, lab + base, spare).reshape(-1)
-        # index_add_ over the points: 0.28 ms a chunk of 32 x 256 x 128 here, against
-        # 0.82 ms for a one-hot matrix and a bmm (torch 2.13, one thread)
-        sums = torch.zeros(spare + 1, d).index_add_(0, row, points)[:spare].reshape(b, k, d)
-        new_n = torch.bincount(row, minlength=spare + 1)[:spare].reshape(b, k).to(torch.float32)
+        sums, new_n = torch.zeros(spare + 1, d), torch.zeros(spare + 1)
+        _label_sums(row.numpy(), points.numpy(), sums.numpy(), new_n.numpy())
+        sums, new_n = sums[:spare].reshape(b, k, d), new_n[:spare].reshape(b, k)
         new_c = sums / new_n.clamp(min=1.0)[:, :, None]  # an emptied slot: zero
         ct = torch.where(active[:, None, None], new_c, ct)
         n = torch.where(active[:, None], new_n, n)
