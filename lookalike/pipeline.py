@@ -32,7 +32,7 @@ from engine.data import Dataset, load_dataset, profiles_of
 from engine.topics import Topics
 from lookalike.broker import EmbeddedBroker, free_port, long_run_settings
 from lookalike.processes import CpuWatch, terminate
-from lookalike.scrape import scrape, total
+from lookalike.scrape import quantile_from_histogram, scrape, total
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
         latencies = [r["received_at"] - r["sent_at"] for r in results.values()]
         items = sum(worker_metric(w, "lookalike_centroid_table_items") for w in scoring[:1])
         dlq = sum(worker_metric(w, "lookalike_dead_letters_total") for w in workers)
+        print(freshness_line(scoring), flush=True)
         print(
             f"summary: {rep.events:,} clicks through every stage in {pipeline_s:.1f} s "
             f"({rep.events / pipeline_s:,.0f} clicks/s end to end; replay {rep.rate:,.0f}/s); "
@@ -222,6 +223,25 @@ def run_demo(s: Settings, o: DemoOptions) -> int:
             w.stop()
         if broker is not None:
             broker.stop()
+
+
+def freshness_line(scoring: list[WorkerProcess]) -> str:
+    """Click produced -> its seed in the centroids a scoring worker serves, over the run,
+    from the workers' histogram (the p99 is its bucket's upper bound)."""
+    name = "lookalike_click_to_recommendation_seconds"
+    merged: dict = {}
+    for w in scoring:
+        try:
+            for key, v in scrape(w.metrics_url).items():
+                merged[key] = merged.get(key, 0.0) + v
+        except OSError:
+            continue
+    n = total(merged, f"{name}_count")
+    if not n:
+        return "freshness: no click reached served centroids while the workers counted"
+    return (f"freshness (click -> served centroids, {n:,.0f} clicks): mean "
+            f"{total(merged, f'{name}_sum') / n:.2f} s, p99 <= "
+            f"{quantile_from_histogram(merged, name, 0.99):g} s (histogram bucket)")
 
 
 def broker_curve(samples: list[tuple[float, float]], run_dir: Path) -> None:

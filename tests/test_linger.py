@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from kafka import TopicPartition
@@ -15,9 +16,10 @@ from consumers.kafka import make_consumer, make_producer
 from consumers.runner import start_worker
 from consumers.topics_admin import create_topics
 from engine.config import KafkaConfig, Settings, load_settings
+from engine.metrics import WorkerMetrics
 from engine.topics import SEED_EVENTS, Topics
 from lookalike.broker import LONG_RUN_BATCH_BYTES, LONG_RUN_LINGER_MS, long_run_settings
-from lookalike.pipeline import broker_curve
+from lookalike.pipeline import WorkerProcess, broker_curve, freshness_line
 from lookalike.scrape import scrape, total
 from tests.kafka_fixtures import read_all, wait_until
 
@@ -123,3 +125,25 @@ def test_the_demo_writes_the_broker_cpu_curve(tmp_path, capsys) -> None:
     assert (tmp_path / "broker_cpu.png").stat().st_size > 5_000
     out = capsys.readouterr().out
     assert "0.105 cores in the first sixth" in out and "0.205 in the last" in out
+
+
+def test_the_demo_reports_freshness_scraped_from_its_scoring_workers() -> None:
+    """Two workers' histograms merged: the mean from their sums, p99 as a bucket bound."""
+    servers, workers = [], []
+    try:
+        for seconds in ([0.3] * 60, [0.7] * 39 + [3.0]):
+            m = WorkerMetrics("scoring")
+            for x in seconds:
+                m.freshness.labels("scoring").observe(x)
+            server, port = m.serve(0)
+            servers.append(server)
+            workers.append(WorkerProcess("scoring", None, f"http://127.0.0.1:{port}/metrics",
+                                         Path("unused")))  # type: ignore[arg-type]
+        line = freshness_line(workers)
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    mean = (60 * 0.3 + 39 * 0.7 + 3.0) / 100
+    assert f"100 clicks): mean {mean:.2f} s, p99 <= 1 s" in line
+    assert "no click" in freshness_line(workers[:0])
