@@ -170,6 +170,14 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
             w.stop()
 
 
+def _clicks_applied(stage: ScoringStage) -> int:
+    """Clicks in the stage's user state (-1 while its worker thread changes it)."""
+    try:
+        return sum(st.clicks for st in list(stage.users.users.values()))
+    except RuntimeError:  # the dict changed size while it was copied
+        return -1
+
+
 def test_a_restarted_scoring_worker_restores_user_state_without_reemitting(
         settings, ml100k, tiny_ralm):
     s = settings.model_copy(update={
@@ -181,6 +189,8 @@ def test_a_restarted_scoring_worker_restores_user_state_without_reemitting(
         replay(ml100k, s.kafka, limit=n, progress=False)
         wait_until(lambda: total(scrape(first.metrics_url), "lookalike_events_consumed_total",
                                  topic="clicks") == n, what="clicks consumed")
+        # consumed counts a poll as it is read; its clicks are applied after that
+        wait_until(lambda: _clicks_applied(first.loop.stage) == n, what="clicks applied")
         held = first.loop.stage.users.users
         before = {u: (list(st.history), st.clicks) for u, st in held.items()}
     finally:
