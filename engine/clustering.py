@@ -432,7 +432,7 @@ class ItemClusters:
         dim, vectors = cols.vectors.shape[1], cols.vectors
         table = self._table(dim)
         run = _Run(cols, _Segment(len(cols.users), dim), self.cfg.refresh_every)
-        todo = [(r, int(cols.starts[r]), st) for r, st in self._states(cols)]
+        todo = [(r, run.starts[r], st) for r, st in self._states(cols)]
         while todo:
             stopped: dict[int, ItemState] = {}  # table row -> its item, due before its next seed
             later: list[tuple[int, int, ItemState]] = []
@@ -468,7 +468,7 @@ class ItemClusters:
             if st is None or st.model_version != ver or st.dim != dim:
                 if st is not None and st.model_version != ver and not self.supersedes(
                         ver, st.model_version):
-                    self.stale_seeds += int(starts[r + 1] - starts[r])
+                    self.stale_seeds += starts[r + 1] - starts[r]
                     continue
                 st = self._state(item, dim, ver)
             out.append((r, st))

@@ -91,8 +91,9 @@ def output_tail(path: Path | None, lines: int = 20) -> str:
 #: seconds. At 500 ms that is 0.15% of a core per partition after ten minutes and 0.9%
 #: after an hour; at 250 ms the soak's broker CPU still rose 1.5× in ten minutes, and at
 #: the 5 ms of a plain producer the broker saturates in minutes. Answers wait 200 ms.
-#: Worst case a click reaches a served centroid after clicks + seed-events +
-#: seed-centroids lingers (1.5 s), inside the 2 s freshness budget. Batches go up to
+#: Worst case a click reaches a served centroid after the clicks, seed-events and
+#: seed-centroids lingers (1.5 s) plus the publish interval and index refresh: 1.63 s
+#: at p99 measured (docs/bench.md), inside the 2 s freshness budget. Batches go up to
 #: 4 MiB (the broker takes them): at thousands of clicks/s the centroids fill 1 MiB
 #: batches faster than any linger.
 LONG_RUN_LINGER_MS = {"clicks": 500, "seed-events": 500, "seed-centroids": 500,
