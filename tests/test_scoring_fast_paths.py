@@ -96,6 +96,33 @@ def test_embed_from_cached_rows_equals_embed_users(data, model):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_requests_read_the_embedding_the_click_path_stored(data, model):
+    """A known user's request reads the embedding stored when their last click was
+    seeded; a click since, another profile in the request or no state runs the tower."""
+    from engine.codec import Profile
+    from engine.user_store import UserState
+
+    stage = _stage(model)
+    clicks = _clicks(data, 600)
+    stage._apply_clicks(clicks, [0] * len(clicks))
+    states = list(stage.users.users.values())[:4]
+    stage.users.set_vectors(states, stage._embed(states, [s.profile for s in states]))
+    marked = np.full(model.dim, 7.0, np.float32)  # what no tower gives: read, not computed
+    stage.users.vecs[states[0].slot] = marked
+    other = Profile(age=99.0, gender="F", occupation="x", zip_code="0")
+    ask: list[UserState | None] = [*states, None]
+    profiles = [states[0].profile, states[1].profile, other, states[3].profile, None]
+    stage.users.click(Click(list(stage.users.users)[3], 1, 1e12), 0, 0)  # a click since
+    got = stage._user_vectors(ask, profiles)
+    np.testing.assert_array_equal(got[0], marked)
+    np.testing.assert_allclose(got[1], stage._embed([states[1]], [profiles[1]])[0], rtol=1e-5,
+                               atol=1e-6)
+    for i in (2, 3, 4):  # another profile, a click since the store, no state: the tower
+        np.testing.assert_allclose(got[i], stage._embed([ask[i]], [profiles[i]])[0],
+                                   rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[2], stage._embed([states[2]], [states[2].profile])[0])
+
+
 def test_user_slots_are_reused_after_eviction(data, model):
     stage = _stage(model)
     stage.users.max_users = 5
