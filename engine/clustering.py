@@ -9,12 +9,13 @@ k-means of ``engine.kmeans`` (leave, join, and a Lloyd refresh every
 
 Layout, for throughput. All items' centroids, counts and seed labels sit in
 one preallocated table per embedding size ([capacity, k, d], [capacity, k],
-[capacity, longest window]; an item owns a row), so a whole poll's k-means
-steps are one compiled call that updates the touched rows in place. A poll's
-seed records are decoded into columns at once (``SeedColumns``), and the
-per-seed work left in Python is the window's bookkeeping (one dict
-operation) and a vector copy. Window vectors are the biggest part of the
-state: their dtype is ``WindowConfig.vector_dtype``.
+[capacity, longest window]; an item owns a row), beside a store of their
+windows indexed by the same row (``engine.seed_window``). A poll's seed
+records are decoded into columns at once (``SeedColumns``); its admissions
+into the windows are one compiled call, and so are its k-means steps, which
+update the touched rows in place. No per-seed work is left in Python. Window
+vectors are the biggest part of the state: their dtype is
+``WindowConfig.vector_dtype``.
 
 Why one module of this size: the window, the k-means step and the refresh share one
 table of rows per item, and the worker's hot path (``apply_columns``) updates all
@@ -42,7 +43,7 @@ from engine.codec import (
     decode_seeds,
 )
 from engine.config import WindowConfig
-from engine.seed_window import SeedWindow
+from engine.seed_window import SeedWindow, WindowStore, admit
 
 _HEAD = SEED_HEAD_WITH_VERSION
 
@@ -54,7 +55,9 @@ class _Table:
     item accepted since its last refresh.
     """
 
-    def __init__(self, k: int, dim: int, size: int, capacity: int = 64):
+    def __init__(self, k: int, dim: int, size: int, dtype: str = "float32",
+                 capacity: int = 64):
+        self.windows = WindowStore(size, dim, dtype, capacity)
         self.centroids = np.zeros((capacity, k, dim), np.float32)
         self.counts = np.zeros((capacity, k), np.float32)
         self.sqnorms = np.zeros((capacity, k), np.float32)  # |centroid|², kept current
@@ -89,6 +92,7 @@ class _Table:
         self.centroids, self.counts = more(self.centroids, 0.0), more(self.counts, 0.0)
         self.sqnorms, self.since = more(self.sqnorms, 0.0), more(self.since, 0)
         self.labels = more(self.labels, -1)
+        self.windows.grow_rows(len(self.counts))
 
     def widen(self, width: int) -> None:
         """Room for window rows 0..width-1 in ``labels``."""
@@ -104,6 +108,7 @@ class _Table:
         self.sqnorms[row] = 0.0
         self.labels[row] = -1
         self.since[row] = 0
+        self.windows.release(row)
         self.owner.pop(row, None)
         self._free.append(row)
 
@@ -117,20 +122,27 @@ class _Table:
 
 
 class ItemState:
-    """One item: its window and a row of its table (``centroids``/``counts`` are views)."""
+    """One item: a row of its table and of its windows (``centroids``/``counts`` are views)."""
 
-    __slots__ = ("window", "last_seed_ts", "model_version", "row", "dim", "item", "_table")
+    __slots__ = ("window", "model_version", "row", "dim", "item", "_table")
 
-    def __init__(self, window: SeedWindow, table: _Table, row: int, model_version: str = "",
-                 item: int = -1):
-        self.window = window
+    def __init__(self, table: _Table, row: int, model_version: str = "", item: int = -1):
+        self.window = SeedWindow(table.windows, row)
         self.item = item
-        self.last_seed_ts = 0.0
         self.model_version = model_version
         self.row = row
         self.dim = table.centroids.shape[2]
         self._table = table
         table.owner[row] = self
+
+    @property
+    def last_seed_ts(self) -> float:
+        """The newest accepted seed's click time (0: none yet)."""
+        return float(self._table.windows.last_ts[self.row])
+
+    @last_seed_ts.setter
+    def last_seed_ts(self, ts: float) -> None:
+        self._table.windows.last_ts[self.row] = ts
 
     @property
     def centroids(self) -> np.ndarray:  # [k, d]
@@ -142,7 +154,8 @@ class ItemState:
 
     def labels(self) -> np.ndarray:
         """[n] the slot of each seed, in window order (``window.users()``)."""
-        return self._table.labels[self.row][list(self.window._rows.values())].astype(np.int64)
+        return self._table.labels[self.row][self._table.windows.order(self.row)].astype(
+            np.int64)
 
 
 @dataclass
@@ -294,44 +307,6 @@ def _decode_run(
     return cols, [(heads[g][0], err) for g in np.flatnonzero(~rec_ok)]
 
 
-class _Segment:
-    """Seeds accepted into windows but not yet stepped into the centroids."""
-
-    def __init__(self, n: int, dim: int):
-        self.old = np.empty((n, dim), np.float32)  # the vector each seed's window row held
-        self.total = 0  # accepted in the whole poll
-        self.clear()
-
-    def clear(self) -> None:
-        self.acc: list[int] = []  # seed index in the poll, in arrival order
-        self.owner: list[int] = []  # its item's table row
-        self.wrows: list[int] = []  # the window row it went to
-        self.left: list[bool] = []  # True: that row held a seed, which leaves
-
-    def add(self, j: int, trow: int, wrow: int, held: np.ndarray | None) -> None:
-        """``held``: the window's vectors when row ``wrow`` held a seed (it leaves)."""
-        if held is not None:
-            self.old[len(self.acc)] = held[wrow]
-        self.left.append(held is not None)
-        self.acc.append(j)
-        self.owner.append(trow)
-        self.wrows.append(wrow)
-        self.total += 1
-
-
-class _Run:
-    """One ``apply_columns`` call's columns as lists, and what its rounds accumulate."""
-
-    def __init__(self, cols: SeedColumns, seg: _Segment, every: int):
-        self.users, self.ts = cols.users.tolist(), cols.ts.tolist()
-        self.starts = cols.starts
-        self.vectors = cols.vectors
-        self.seg, self.every = seg, every
-        self.room: dict[int, int] = {}  # table row -> seeds it may take before its refresh
-        self.changed: dict[int, None] = {}
-        self.held = 0  # seeds the windows grew by
-
-
 class ItemClusters:
     """Seed windows and centroids of many items: the windowed k-means of ``engine.kmeans``.
 
@@ -365,7 +340,8 @@ class ItemClusters:
     def _table(self, dim: int) -> _Table:
         t = self._tables.get(dim)
         if t is None:
-            t = self._tables[dim] = _Table(self.cfg.k, dim, self.cfg.size)
+            t = self._tables[dim] = _Table(self.cfg.k, dim, self.cfg.size,
+                                           self.cfg.vector_dtype)
         return t
 
     def _state(self, item: int, dim: int, version: str) -> ItemState:
@@ -375,8 +351,7 @@ class ItemClusters:
             if st is not None:
                 self._forget(st)
             table = self._table(dim)
-            st = ItemState(SeedWindow(self.cfg.size, self.cfg.vector_dtype), table, table.take(),
-                           model_version=version, item=item)
+            st = ItemState(table, table.take(), model_version=version, item=item)
             self.items[item] = st
         return st
 
@@ -418,10 +393,10 @@ class ItemClusters:
     def apply_columns(self, cols: SeedColumns) -> list[int]:
         """The worker's path: a poll's decoded records of one dim and model version.
 
-        Per seed, only the window's bookkeeping and a vector copy run in
-        Python; the k-means steps of the accepted seeds run in one compiled
-        call (``kmeans.step``), seed by seed in arrival order. An item due for
-        a refresh gets it before its next seed. Items are independent, so the
+        The seeds' admissions into their windows run in one compiled call
+        (``seed_window.admit``) and their k-means steps in another
+        (``kmeans.step``), seed by seed in arrival order. An item due for a
+        refresh gets it before its next seed. Items are independent, so the
         poll runs in rounds: every item's seeds up to its refresh point, one
         step of them all, one batched refresh of the items that stopped there,
         then the rest. Why: refreshed one at a time, as they fell due, the
@@ -429,33 +404,56 @@ class ItemClusters:
         Returns the items whose windows or centroids changed (refreshes of
         earlier due items included).
         """
-        dim, vectors = cols.vectors.shape[1], cols.vectors
-        table = self._table(dim)
-        run = _Run(cols, _Segment(len(cols.users), dim), self.cfg.refresh_every)
-        todo = [(r, run.starts[r], st) for r, st in self._states(cols)]
-        while todo:
-            stopped: dict[int, ItemState] = {}  # table row -> its item, due before its next seed
-            later: list[tuple[int, int, ItemState]] = []
-            for r, lo, st in todo:
-                if st.row in stopped:  # an earlier run of this item stopped: order holds
-                    later.append((r, lo, st))
-                    continue
-                j = self._admit(run, table, r, lo, st, self.refresh_tokens - len(stopped))
-                if j < run.starts[r + 1]:
-                    stopped[st.row] = st
-                    later.append((r, j, st))
-            self._flush(table, run.seg, vectors)
-            if stopped:
-                states = list(stopped.values())
+        pairs = self._states(cols)  # first: a version change may replace the table
+        changed: dict[int, None] = {}
+        if pairs:
+            table = pairs[0][1]._table
+            win = table.windows
+            rows = np.fromiter((st.row for _, st in pairs), np.int64, len(pairs))
+            starts = np.asarray(cols.starts, np.int64)
+            runs = np.fromiter((r for r, _ in pairs), np.int64, len(pairs))
+            lo, hi = starts[runs], starts[runs + 1]
+            touched, inv = np.unique(rows, return_inverse=True)
+            win.reserve(touched, np.bincount(inv, hi - lo).astype(np.int64))
+            room = np.zeros(len(table.counts), np.int64)
+            room[touched] = self.cfg.refresh_every - table.since[touched]
+            items = np.fromiter((st.item for _, st in pairs), np.int64, len(pairs))
+            self._rounds(table, cols, (rows, lo, hi, items), room, changed)
+        changed.update(dict.fromkeys(self.refresh_due()))
+        return list(changed)
+
+    def _rounds(self, table: _Table, cols: SeedColumns,
+                runs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                room: np.ndarray, changed: dict[int, None]) -> None:
+        """Admit, step and refresh in rounds until every run's seeds are in (see
+        ``apply_columns``); ``runs``: each run's table row, start, end and item."""
+        win = table.windows
+        rows, lo, hi, items = runs
+        stopped = np.zeros(len(table.counts), np.bool_)
+        stops = np.empty(len(rows), np.int64)
+        out = np.empty((int((hi - lo).sum()), 6), np.int64)
+        users = np.ascontiguousarray(cols.users, np.int64)
+        ts = np.ascontiguousarray(cols.ts, np.float64)
+        active = np.arange(len(rows))
+        while len(active):
+            a_lo, got = lo[active], np.zeros(len(active), np.int64)
+            n, win.next_seq, held, n_stopped = admit(
+                rows[active], a_lo, hi[active], users, ts, win.size, win.base, win.length,
+                win.last_ts, win.users, win.ts, win.seq, win.writer, win.next_seq, room,
+                self.refresh_tokens, stopped, stops, out, got)
+            lo[active] = a_lo
+            self._held += held
+            changed.update(dict.fromkeys(items[active[got > 0]].tolist()))
+            self._flush(table, out[:n], cols.vectors)
+            if n_stopped:
+                states = [table.owner[r] for r in stops[:n_stopped].tolist()]
+                stopped[stops[:n_stopped]] = False
+                room[stops[:n_stopped]] = self.cfg.refresh_every
                 for st in states:
                     self.due.pop(st, None)
-                    run.room[st.row] = run.every
                 self._refresh(states)
-                self.refresh_tokens -= len(states)
-            todo = later
-        self._held += run.held
-        run.changed.update(dict.fromkeys(self.refresh_due()))
-        return list(run.changed)
+                self.refresh_tokens -= n_stopped
+            active = active[lo[active] < hi[active]]
 
     def _states(self, cols: SeedColumns) -> list[tuple[int, ItemState]]:
         """(run, its item's state) for the runs whose seeds the item's window takes: a new
@@ -474,57 +472,34 @@ class ItemClusters:
             out.append((r, st))
         return out
 
-    def _admit(self, run: _Run, table: _Table, r: int, lo: int, st: ItemState,
-               tokens: float) -> int:
-        """Run ``r``'s seeds from ``lo`` into ``st``'s window and the segment, up to the
-        first that must wait for the item's refresh; that seed's index (the run's end if
-        none waits)."""
-        users, ts, seg, room = run.users, run.ts, run.seg, run.room
-        win, trow = st.window, st.row
-        rows = win._rows
-        before, newest, first = len(rows), st.last_seed_ts, seg.total
-        hi = run.starts[r + 1]
-        left = room.get(trow)
-        if left is None:
-            left = room[trow] = run.every - int(table.since[trow])
-        j = lo
-        while j < hi:
-            if left <= 0 and tokens >= 1:  # due: refreshed before this seed
-                break
-            n = len(rows)
-            row = win.admit(users[j], ts[j], st.dim)
-            if row >= 0:
-                seg.add(j, trow, row, win._vecs if len(rows) == n else None)
-                win._vecs[row] = run.vectors[j]
-                left -= 1
-                if ts[j] > newest:
-                    newest = ts[j]
-            j += 1
-        room[trow] = left
-        if seg.total > first:
-            run.held += len(rows) - before
-            st.last_seed_ts = newest
-            run.changed[st.item] = None
-        return j
-
-    def _flush(self, table: _Table, seg: _Segment, vectors: np.ndarray) -> None:
-        """Step the segment's seeds into the centroids; items now due join ``due``."""
-        if not seg.acc:
+    def _flush(self, table: _Table, out: np.ndarray, vectors: np.ndarray) -> None:
+        """The admitted seeds' vectors into their window rows, then their k-means steps;
+        items now due join ``due``. ``out``: ``seed_window.admit``'s rows."""
+        if not len(out):
             return
-        x = vectors[seg.acc]
-        if self.cfg.vector_dtype != "float32":  # the centroids average what the window holds
-            x = x.astype(self.cfg.vector_dtype).astype(np.float32)
-        owner = np.asarray(seg.owner, np.int64)
-        table.widen(max(seg.wrows) + 1)
-        kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner,
-                    np.asarray(seg.wrows, np.int64), np.asarray(seg.left, np.bool_),
-                    np.ascontiguousarray(x, np.float32), seg.old[:len(seg.acc)],
-                    self.cfg.seeds_per_centroid)
+        win = table.windows
+        acc, owner, wrows, arow, prev = (np.ascontiguousarray(out[:, c]) for c in (0, 1, 2, 4, 5))
+        left = out[:, 3].astype(np.bool_)
+        x = vectors[acc]
+        if win.dtype != np.float32:  # the centroids average what the window holds
+            x = x.astype(win.dtype).astype(np.float32)
+        # the vector each admission replaced: the window's, or an earlier admission's
+        old = np.zeros_like(x)
+        again = prev >= 0
+        first = left & ~again
+        old[first] = win.gather(arow[first])
+        old[again] = x[prev[again]]
+        last = np.ones(len(out), np.bool_)  # the last admission into each arena row
+        last[prev[again]] = False
+        win.scatter(arow[last], x[last])
+        win.writer[arow] = -1
+        table.widen(int(wrows.max()) + 1)
+        kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner, wrows,
+                    left, np.ascontiguousarray(x, np.float32), old, self.cfg.seeds_per_centroid)
         np.add.at(table.since, owner, 1)
         touched = np.unique(owner)
         for row in touched[table.since[touched] >= self.cfg.refresh_every].tolist():
             self.due[table.owner[row]] = None
-        seg.clear()
 
     def refresh_due(self) -> list[int]:
         """Refresh due items, oldest first, as far as the tokens go; the items."""
@@ -632,11 +607,13 @@ class ItemClusters:
         labels: list[np.ndarray] = [np.zeros(0, np.int16)]
         wrows: list[int] = []
         for st in states:
-            rows = st.window._rows
-            users += rows.keys()
-            ts += map(st.window._ts.__getitem__, rows.values())
-            labels.append(st._table.labels[st.row][list(rows.values())])
-            wrows += rows.values()
+            win = st._table.windows
+            order = win.order(st.row)
+            at = win.base[st.row] + order
+            users += win.users[at].tolist()
+            ts += win.ts[at].tolist()
+            labels.append(st._table.labels[st.row][order])
+            wrows += order.tolist()
         out: dict[str, np.ndarray] = {
             "rows": np.array(wrows, np.int64),  # each seed's storage row: sums come out the same
             "labels": np.concatenate(labels),  # each seed's slot, in window order
@@ -682,9 +659,10 @@ class ItemClusters:
             if old is not None:
                 self._forget(old)
             st = self._state(item, dim, str(arrays["version"][j]))
-            st.window.load(users[lo:lo + n], ts[lo:lo + n],
-                           arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n],
-                           None if labels is None else arrays["rows"][lo:lo + n].tolist())
+            wrows = st._table.windows.load(
+                st.row, users[lo:lo + n], ts[lo:lo + n],
+                arrays[f"vectors_{dim}"][vec_at[dim]:vec_at[dim] + n],
+                None if labels is None else arrays["rows"][lo:lo + n].tolist())
             lo += n
             vec_at[dim] += n
             self._held += len(st.window)
@@ -702,7 +680,7 @@ class ItemClusters:
                 lab = np.zeros(0, np.int64)
             st._table.set(st.row, cent, counts)
             st._table.widen(len(st.window))
-            st._table.labels[st.row, list(st.window._rows.values())] = lab
+            st._table.labels[st.row, wrows] = lab
             at[dim] += 1
             st.last_seed_ts = float(arrays["last_seed_ts"][j])
         return items

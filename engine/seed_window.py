@@ -1,4 +1,4 @@
-"""Rolling window of an item's most recent distinct seed users.
+"""Rolling windows of items' most recent distinct seed users, many items in one store.
 
 A user who clicks again moves to the front with their newest embedding; they
 are never in twice. Updates are idempotent: replaying events already applied
@@ -11,58 +11,330 @@ The window is kept in click-time order, not arrival order. Why: one item's
 seeds come from every click partition (the scoring worker embeds clicks as
 its polls interleave them), so they arrive slightly out of time order, and a
 full window that evicted its first *arrival* held different users in any two
-runs of the same clicks (the recovery bench found it: 2 of 20k items with full
-windows differed between two clean runs). A late seed moves back past the
-newer ones (usually none or a few), so the window is always the ``size``
-users with the newest clicks, whatever the order they arrived in.
+runs of the same clicks (the recovery bench found it). So the window is
+always the ``size`` users with the newest clicks, whatever the order they
+arrived in: a full window evicts its oldest seed by (click time, admission),
+ties going to the seed admitted first.
 
-Memory. Vectors live in one array per window whose rows are reused: an
-evicted seed's row takes the newcomer, so rows stay ``0..len-1`` and the array
-grows by doubling up to ``size`` rows, never beyond. Its dtype is a setting
-(float16 halves the biggest part of a worker's state); ``bytes_bound`` says
-what a full window costs.
+Layout, for throughput. Every window of one embedding size lives in one
+store, indexed by its item's table row: per seed a user id, a click time, an
+admission number and a vector, in blocks of 4, 8, ... ``size`` rows per item
+(a block doubles as its window grows, so a short window costs a short block).
+A seed keeps its window row until it leaves, so the k-means labels of
+``engine.clustering`` index it. A poll's admissions are one compiled call
+(:func:`admit`) instead of a dictionary operation and a row copy per seed in
+Python, which was ~60% of the clustering worker's state path; the window
+order is computed only when asked for (snapshots, tests).
+``tests/window_reference.py`` keeps the per-seed implementation this store is
+tested against.
+
+Memory. ``bytes_bound`` says what a full window costs; the vector dtype is a
+setting (float16 halves the biggest part of a worker's state).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import numba
 import numpy as np
 
-#: Python bookkeeping per held seed (dict entry, int key, row int, float ts),
-#: measured with tracemalloc on CPython 3.11 (the bench re-measures it)
-BOOKKEEPING_BYTES = 150
+#: per held seed besides its vector: user id, click time, admission number
+BOOKKEEPING_BYTES = 24
+#: the smallest block of rows an item's window gets
+MIN_BLOCK = 4
 
 
 def bytes_bound(size: int, dim: int, dtype: str = "float32") -> int:
     """Upper bound of one full window's bytes: vectors, timestamps, bookkeeping."""
-    return size * (dim * np.dtype(dtype).itemsize + 8 + BOOKKEEPING_BYTES)
+    return size * (dim * np.dtype(dtype).itemsize + BOOKKEEPING_BYTES)
+
+
+def block_rows(size: int, n: int) -> int:
+    """Rows of the block that holds a window of ``n`` seeds: a power of two, capped at
+    ``size``."""
+    return int(min(size, max(MIN_BLOCK, 1 << max(int(n) - 1, 0).bit_length())))
+
+
+class WindowStore:
+    """The seed windows of many items of one embedding size, one per table row.
+
+    Vectors sit in chunks of rows (a block never straddles two), so the store grows
+    by a chunk at a time: one array doubling as it filled would copy gigabytes and
+    hold twice the memory for a moment. A new chunk is a quarter of the rows so far
+    (so at most a fifth of the vectors' memory waits unused), at least 1,024 rows and
+    at most ``CHUNK_BYTES``. The per-seed
+    bookkeeping (24 bytes a seed) is one array each, grown by doubling, which the
+    compiled admission indexes directly.
+    """
+
+    #: the largest chunk of vectors
+    CHUNK_BYTES = 32 << 20
+
+    def __init__(self, size: int, dim: int, dtype: str = "float32", rows: int = 64):
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        self.size, self.dim, self.dtype = size, dim, np.dtype(dtype)
+        # per table row: the block's first arena row, its rows, the seeds it holds
+        self.base = np.zeros(rows, np.int64)
+        self.cap = np.zeros(rows, np.int64)
+        self.length = np.zeros(rows, np.int64)
+        self.last_ts = np.zeros(rows, np.float64)  # newest accepted seed's click time
+        # per arena row
+        self.users = np.full(0, -1, np.int64)
+        self.ts = np.zeros(0, np.float64)
+        self.seq = np.zeros(0, np.int64)
+        self.writer = np.full(0, -1, np.int64)  # scratch of ``admit``: -1 between calls
+        self.next_seq = 0
+        self._chunks: list[np.ndarray] = []  # vectors, [rows, dim] each
+        self._chunk_at = np.zeros(0, np.int64)  # each chunk's first arena row
+        self._top = 0  # arena rows handed out
+        self._free: dict[int, list[int]] = {}  # block rows -> free blocks' bases
+
+    # ------------------------------------------------------------- blocks
+    def grow_rows(self, rows: int) -> None:
+        """Room for table rows 0..rows-1."""
+        old = len(self.base)
+        if rows <= old:
+            return
+        for name in ("base", "cap", "length", "last_ts"):
+            a = getattr(self, name)
+            setattr(self, name, np.concatenate([a, np.zeros(rows - old, a.dtype)]))
+
+    def reserve(self, rows: np.ndarray, seeds: np.ndarray) -> None:
+        """Blocks big enough for ``seeds`` more seeds in each of ``rows`` (distinct), capped
+        at ``size``: what a compiled admission may write without growing anything."""
+        need = np.minimum(self.length[rows] + seeds, self.size)
+        short = need > self.cap[rows]
+        for row, n in zip(rows[short].tolist(), need[short].tolist(), strict=True):
+            self._move(row, block_rows(self.size, n))
+
+    def _move(self, row: int, rows: int) -> None:
+        """Row ``row``'s window into a block of ``rows`` rows (its seeds keep their rows)."""
+        base = self._take(rows)
+        old, n = int(self.base[row]), int(self.length[row])
+        for a in (self.users, self.ts, self.seq):
+            a[base:base + n] = a[old:old + n]
+        if n:
+            self.block(base, n)[:] = self.block(old, n)
+        self.users[base + n:base + rows] = -1
+        if self.cap[row]:
+            self._give(old, int(self.cap[row]))
+        self.base[row], self.cap[row] = base, rows
+
+    def _take(self, rows: int) -> int:
+        free = self._free.get(rows)
+        if free:
+            return free.pop()
+        end = int(self._chunk_at[-1]) + len(self._chunks[-1]) if self._chunks else 0
+        if self._top + rows > end:  # a new chunk; what is left of the last one stays unused
+            self._add_chunk(rows)
+        self._top += rows
+        return self._top - rows
+
+    def _add_chunk(self, rows: int) -> None:
+        most = max(self.CHUNK_BYTES // (self.dim * self.dtype.itemsize), 1)
+        last = len(self._chunks[-1]) if self._chunks else 0
+        self._top = int(self._chunk_at[-1]) + last if self._chunks else 0
+        n = max(rows, min(most, max(1024, self._top // 4)))  # at most a fifth unused
+        self._chunk_at = np.r_[self._chunk_at, self._top]
+        self._chunks.append(np.zeros((n, self.dim), self.dtype))
+        total = self._top + n
+        if total > len(self.users):  # bookkeeping: doubling, 24 bytes a row
+            grow = max(total, 2 * len(self.users)) - len(self.users)
+            self.users = np.r_[self.users, np.full(grow, -1, np.int64)]
+            self.ts = np.r_[self.ts, np.zeros(grow)]
+            self.seq = np.r_[self.seq, np.zeros(grow, np.int64)]
+            self.writer = np.r_[self.writer, np.full(grow, -1, np.int64)]
+
+    def _give(self, base: int, rows: int) -> None:
+        self.users[base:base + rows] = -1
+        self._free.setdefault(rows, []).append(base)
+
+    def release(self, row: int) -> None:
+        """Forget row ``row``'s window; its block is reused."""
+        if self.cap[row]:
+            self._give(int(self.base[row]), int(self.cap[row]))
+        self.base[row] = self.cap[row] = self.length[row] = 0
+        self.last_ts[row] = 0.0
+
+    # ------------------------------------------------------------- vectors
+    def block(self, base: int, n: int) -> np.ndarray:
+        """[n, d] the vectors of arena rows base..base+n-1 (one block: a view)."""
+        c = int(np.searchsorted(self._chunk_at, base, "right")) - 1
+        at = base - int(self._chunk_at[c])
+        return self._chunks[c][at:at + n]
+
+    def _by_chunk(self, arow: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(positions, chunk, rows in it) of arena rows ``arow``, chunk by chunk."""
+        if len(self._chunks) == 1:
+            return [(np.arange(len(arow)), self._chunks[0], arow)]
+        c = np.searchsorted(self._chunk_at, arow, "right") - 1
+        out = []
+        for ch in np.unique(c).tolist():
+            pos = np.flatnonzero(c == ch)
+            out.append((pos, self._chunks[ch], arow[pos] - self._chunk_at[ch]))
+        return out
+
+    def gather(self, arow: np.ndarray) -> np.ndarray:
+        """[n, d] float32 vectors of arena rows ``arow``."""
+        out = np.empty((len(arow), self.dim), np.float32)
+        for pos, chunk, at in self._by_chunk(arow):
+            out[pos] = chunk[at]
+        return out
+
+    def scatter(self, arow: np.ndarray, x: np.ndarray) -> None:
+        """Vectors ``x`` into arena rows ``arow`` (distinct)."""
+        for pos, chunk, at in self._by_chunk(arow):
+            chunk[at] = x[pos]
+
+    # ------------------------------------------------------------- reading
+    def order(self, row: int) -> np.ndarray:
+        """Window rows of ``row``'s seeds, oldest first (click time, then admission)."""
+        b, n = int(self.base[row]), int(self.length[row])
+        return np.lexsort((self.seq[b:b + n], self.ts[b:b + n]))
+
+    def stored(self, row: int) -> np.ndarray:
+        """[n, d] ``row``'s vectors by window row, as stored (a view)."""
+        n = int(self.length[row])
+        return self.block(int(self.base[row]), n) if n else np.empty((0, self.dim), self.dtype)
+
+    def load(self, row: int, users: list[int], ts: list[float], vectors: np.ndarray,
+             rows: list[int] | None = None) -> np.ndarray:
+        """Become row ``row``'s window of distinct ``users`` (oldest first) at once, as a
+        snapshot holds it: what admitting them one at a time would build (the last
+        ``size`` when there are more). ``rows``: each seed's window row (a permutation
+        of 0..n-1; default in window order), so a restored window stores its vectors
+        where the original did and sums over them come out the same. Returns the window
+        rows of the seeds kept, oldest first."""
+        users, ts, vectors = users[-self.size:], ts[-self.size:], vectors[-self.size:]
+        n = len(users)
+        at = np.arange(n) if rows is None else np.asarray(rows, np.int64)[-n:]
+        if sorted(at.tolist()) != list(range(n)):
+            raise ValueError("a window's rows must be 0..n-1, each once")
+        if len(set(users)) != n:
+            raise ValueError("a window's users must be distinct")
+        self.release(row)
+        self._move(row, block_rows(self.size, n))
+        b = int(self.base[row])
+        self.users[b + at] = users
+        self.ts[b + at] = ts
+        self.seq[b + at] = self.next_seq + np.arange(n)  # ties keep the snapshot's order
+        self.next_seq += n
+        if n:
+            self.block(b, n)[at] = vectors
+        self.length[row] = n
+        self.last_ts[row] = max(ts, default=0.0)
+        return at
+
+    def nbytes(self, row: int) -> int:
+        """Bytes of ``row``'s block (vectors and bookkeeping)."""
+        return int(self.cap[row]) * (self.dim * self.dtype.itemsize + BOOKKEEPING_BYTES)
+
+
+@numba.njit(cache=True, nogil=True)
+def admit(run_row: np.ndarray, run_lo: np.ndarray, run_hi: np.ndarray, users: np.ndarray,
+          ts: np.ndarray, size: int, base: np.ndarray, length: np.ndarray,
+          last_ts: np.ndarray, w_users: np.ndarray, w_ts: np.ndarray, w_seq: np.ndarray,
+          writer: np.ndarray, seq: int, room: np.ndarray, tokens: float, stopped: np.ndarray,
+          stops: np.ndarray, out: np.ndarray,
+          run_accepted: np.ndarray) -> tuple[int, int, int, int]:
+    """Admit the seeds of runs ``run_lo[r]:run_hi[r]`` (each one item's, at table row
+    ``run_row[r]``) into their windows, in run order, seed by seed.
+
+    A run stops before a seed of an item with no ``room`` left (due for its
+    refresh) while refresh ``tokens`` remain for the items stopped so far; a later
+    run of a stopped item waits whole (``stopped``), so each item's seeds stay in
+    order; ``stops`` lists the stopped items' rows in the order they stopped.
+    ``run_lo`` becomes where each run goes on. Per admitted seed, a row of
+    ``out``: its index, its item's table row, its window row, whether a seed left
+    that row, the arena row and the earlier admission of this call that wrote that
+    arena row (-1: none; the vector that leaves is then that seed's). Blocks must
+    hold every seed admitted (``WindowStore.reserve``). Returns (seeds admitted,
+    the next admission number, seeds the windows grew by, items stopped).
+    """  # pragma: no cover (compiled)
+    k, held, n_stopped = 0, 0, 0
+    for r in range(run_row.shape[0]):
+        row = run_row[r]
+        if stopped[row]:
+            continue
+        b = base[row]
+        left = room[row]
+        j, hi, got = run_lo[r], run_hi[r], 0
+        while j < hi:
+            if left <= 0 and tokens - n_stopped >= 1:  # due: refreshed before this seed
+                break
+            u, t, n = users[j], ts[j], length[row]
+            w = -1
+            for q in range(n):
+                if w_users[b + q] == u:
+                    w = q
+                    break
+            if w >= 0:
+                if w_ts[b + w] >= t:  # a duplicate or a stale replay
+                    j += 1
+                    continue
+                leaves = True
+            elif n >= size:
+                w = 0
+                for q in range(1, n):
+                    if w_ts[b + q] < w_ts[b + w] or (
+                            w_ts[b + q] == w_ts[b + w] and w_seq[b + q] < w_seq[b + w]):
+                        w = q
+                if t <= w_ts[b + w]:  # would be evicted at once: a replay of an evicted seed
+                    j += 1
+                    continue
+                leaves = True
+            else:
+                w = n
+                length[row] = n + 1
+                held += 1
+                leaves = False
+            a = b + w
+            w_users[a], w_ts[a], w_seq[a] = u, t, seq
+            seq += 1
+            out[k, 0], out[k, 1], out[k, 2] = j, row, w
+            out[k, 3], out[k, 4], out[k, 5] = leaves, a, writer[a]
+            writer[a] = k
+            k += 1
+            got += 1
+            left -= 1
+            if t > last_ts[row]:
+                last_ts[row] = t
+            j += 1
+        room[row] = left
+        run_lo[r] = j
+        run_accepted[r] += got
+        if j < hi:
+            stopped[row] = True
+            stops[n_stopped] = row
+            n_stopped += 1
+    return k, seq, held, n_stopped
 
 
 class SeedWindow:
-    """Most recent ``size`` distinct users of one item, oldest first."""
+    """One item's window in its store: what snapshots, metrics and tests read."""
 
-    __slots__ = ("size", "dtype", "_rows", "_ts", "_vecs", "_newest")
+    __slots__ = ("store", "row")
 
-    def __init__(self, size: int, dtype: str = "float32"):
-        if size < 1:
-            raise ValueError(f"window size must be >= 1, got {size}")
-        self.size = size
-        self.dtype = np.dtype(dtype)
-        self._rows: OrderedDict[int, int] = OrderedDict()  # user -> row, oldest first
-        self._ts: list[float] = []  # by row (a list: compared per seed, faster than numpy)
-        self._vecs: np.ndarray | None = None  # [cap, d] by row
-        self._newest = float("-inf")  # the last seed's time (the window's newest)
+    def __init__(self, store: WindowStore, row: int):
+        self.store, self.row = store, row
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return int(self.store.length[self.row])
 
     def __contains__(self, user: int) -> bool:
-        return user in self._rows
+        return user in self.users()
+
+    def _at(self) -> np.ndarray:
+        """Arena rows of the seeds, oldest first."""
+        return self.store.base[self.row] + self.store.order(self.row)
 
     def users(self) -> list[int]:
         """Oldest first, newest last."""
-        return list(self._rows)
+        return self.store.users[self._at()].tolist()
+
+    def times(self) -> list[float]:
+        """Click times, oldest first."""
+        return self.store.ts[self._at()].tolist()
 
     def vectors(self) -> np.ndarray:
         """[n, d] float32 embeddings in window order."""
@@ -70,123 +342,18 @@ class SeedWindow:
 
     def ordered(self) -> np.ndarray:
         """[n, d] embeddings in window order, as stored (a snapshot keeps the dtype)."""
-        if self._vecs is None or not self._rows:
-            return np.empty((0, 0), self.dtype)
-        return self._vecs[list(self._rows.values())]
+        return self.stored()[self.store.order(self.row)]
 
     def stored(self) -> np.ndarray:
-        """[n, d] stored vectors in row order (not window order): k-means needs no order."""
-        n = len(self._rows)
-        return self._vecs[:n] if self._vecs is not None else np.empty((0, 0), self.dtype)
+        """[n, d] stored vectors in window-row order (not window order): k-means needs no
+        order, and a seed's labels are by window row."""
+        return self.store.stored(self.row)
 
     def oldest_ts(self) -> float:
-        return self._ts[next(iter(self._rows.values()))] if self._rows else float("-inf")
+        return min(self.times(), default=float("-inf"))
 
     def newest_ts(self) -> float:
-        return self._newest if self._rows else float("-inf")
-
-    def admit(self, user: int, ts: float, dim: int) -> int:
-        """Bookkeeping of one seed; the row its vector goes to, or -1 if nothing changes.
-
-        The caller writes the vector (``write``), so a poll's vectors can be
-        copied in one call per item.
-        """
-        rows = self._rows
-        row = rows.get(user)
-        if row is not None:
-            if self._ts[row] >= ts:
-                return -1  # duplicate or stale replay
-            rows.move_to_end(user)
-        elif len(rows) >= self.size:
-            oldest = next(iter(rows.values()))
-            if ts <= self._ts[oldest]:
-                return -1  # would be evicted at once: a replay of an evicted seed
-            rows.popitem(last=False)
-            row = oldest
-            rows[user] = row
-        else:
-            row = len(rows)
-            if self._vecs is None or row == len(self._vecs):
-                self._grow(dim)
-            rows[user] = row
-            self._ts.append(ts)
-            self._place(ts)
-            return row
-        self._ts[row] = ts
-        self._place(ts)
-        return row
-
-    def _place(self, ts: float) -> None:
-        """Keep click-time order after the seed just put last. Seeds mostly arrive in
-        time order: then it is newest already and nothing moves (no scan: the scan per
-        seed was 15% of the clustering state path's time)."""
-        if ts >= self._newest:
-            self._newest = ts
-        else:
-            self._back_in_time(ts)
-
-    def _back_in_time(self, ts: float) -> None:
-        """The seed just put last is older than the ones before it: move those after it,
-        so the order stays by click time (ties keep their arrival order)."""
-        rows, times = self._rows, self._ts
-        it = reversed(rows.items())
-        next(it)  # the new seed
-        newer = []
-        for user, row in it:
-            if times[row] <= ts:
-                break
-            newer.append(user)
-        for user in reversed(newer):
-            rows.move_to_end(user)
-
-    def write(self, rows: list[int] | int, vectors: np.ndarray) -> None:
-        """Vectors of admitted seeds (repeated rows: the last one wins)."""
-        assert self._vecs is not None
-        self._vecs[rows] = vectors
-
-    def add(self, user: int, ts: float, vector: np.ndarray) -> bool:
-        """Insert or refresh one seed; False if the event changes nothing.
-
-        Returns True when the window changed (a new seed, or a newer click of a
-        seed already there).
-        """
-        row = self.admit(user, ts, vector.shape[-1])
-        if row < 0:
-            return False
-        self.write(row, vector)
-        return True
-
-    def load(self, users: list[int], ts: list[float], vectors: np.ndarray,
-             rows: list[int] | None = None) -> None:
-        """Become the window of distinct ``users`` (oldest first) at once, as a snapshot
-        holds it: what ``add`` one seed at a time would build, without the per-seed work
-        (the last ``size`` when there are more). ``rows``: the storage row of each seed
-        (a permutation of 0..n-1; default in window order), so a restored window stores
-        its vectors where the original did and sums over them come out the same."""
-        users, ts, vectors = users[-self.size:], ts[-self.size:], vectors[-self.size:]
-        n = len(users)
-        rows = list(range(n)) if rows is None else [int(r) for r in rows][-n:]
-        if sorted(rows) != list(range(n)):
-            raise ValueError("a window's rows must be 0..n-1, each once")
-        self._rows = OrderedDict(zip(users, rows))
-        if len(self._rows) != n:
-            raise ValueError("a window's users must be distinct")
-        self._ts = [0.0] * n
-        for r, t in zip(rows, ts):
-            self._ts[r] = float(t)
-        self._newest = max(self._ts, default=float("-inf"))
-        cap = min(self.size, max(4, 1 << max(n - 1, 0).bit_length()))
-        self._vecs = np.empty((cap, vectors.shape[1]), self.dtype)
-        self._vecs[rows] = vectors
-
-    def _grow(self, dim: int) -> None:
-        """Room for one more row: doubling, capped at ``size``."""
-        old = 0 if self._vecs is None else len(self._vecs)
-        vecs = np.empty((min(self.size, max(4, 2 * old)), dim), self.dtype)
-        if self._vecs is not None:
-            vecs[:old] = self._vecs
-        self._vecs = vecs
+        return max(self.times(), default=float("-inf"))
 
     def nbytes(self) -> int:
-        """Vector bytes allocated, for the memory budget (bookkeeping: ``BOOKKEEPING_BYTES``)."""
-        return 0 if self._vecs is None else self._vecs.nbytes
+        return self.store.nbytes(self.row)

@@ -40,8 +40,8 @@ def _same_clusters(a: ItemClusters, b: ItemClusters, items: list[int]) -> None:
         x, y = a.items[i], b.items[i]
         assert x.window.users() == y.window.users()  # same order, oldest first
         np.testing.assert_array_equal(x.window.vectors(), y.window.vectors())
-        assert [x.window._ts[r] for r in x.window._rows.values()] == \
-            [y.window._ts[r] for r in y.window._rows.values()]
+        assert x.window.times() == y.window.times()
+        np.testing.assert_array_equal(x.window.stored(), y.window.stored())  # same rows
         np.testing.assert_array_equal(x.centroids, y.centroids)
         np.testing.assert_array_equal(x.counts, y.counts)
         assert (x.last_seed_ts, x.model_version, x.dim) == (y.last_seed_ts, y.model_version,

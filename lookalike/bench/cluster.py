@@ -53,7 +53,7 @@ from engine import kmeans
 from engine.clustering import ItemClusters, SeedColumns, decode_records
 from engine.codec import SeedPack, encode_seed_pack, key_of
 from engine.config import Settings, WindowConfig
-from engine.seed_window import SeedWindow, bytes_bound
+from engine.seed_window import WindowStore, bytes_bound
 from engine.synthetic import SyntheticSpec, iter_chunks, planted_clusters
 from engine.token_bucket import TokenBucket
 from lookalike.bench.ingest import bench_broker
@@ -299,18 +299,22 @@ def _load(state: ItemClusters, saved: list[dict[str, np.ndarray]]) -> None:
 
 
 def measured_window_bytes(cfg: WindowConfig, n_items: int) -> float:
-    """Bytes per full window (vectors, timestamps, bookkeeping), by tracemalloc."""
-    vec = np.ones((1, DIM), np.float32)
+    """Bytes per full window (vectors and bookkeeping) by tracemalloc: a store of
+    ``n_items`` full windows, as the clustering worker holds them (the unused end of
+    its last chunk of vectors included)."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((cfg.size, DIM), dtype=np.float32).astype(cfg.vector_dtype)
+    users, ts = list(range(cfg.size)), [float(t) for t in range(cfg.size)]
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        windows = [SeedWindow(cfg.size, cfg.vector_dtype) for _ in range(n_items)]
-        for w in windows:
-            for u in range(cfg.size):
-                w.add(1_000_000 + u, float(u), vec[0])
+        store = WindowStore(cfg.size, DIM, cfg.vector_dtype, n_items)
+        for row in range(n_items):
+            store.load(row, users, ts, vecs)
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+    assert int(store.length.sum()) == n_items * cfg.size
     return used / n_items
 
 
