@@ -150,7 +150,7 @@ class WindowConfig(BaseModel):
     vector_dtype: Literal["float32", "float16"] = Field(
         "float32",
         description="how window vectors are stored; float16 halves the biggest part of a "
-        "clustering worker's memory (a full window: size x dim x 2 bytes, plus 24 bytes "
+        "clustering worker's memory (a full window: size x dim x 2 bytes, plus 32 bytes "
         "of bookkeeping per seed)",
     )
     centroid_wire_dtype: Literal["float32", "float16"] = Field(

@@ -37,15 +37,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-#: per held seed besides its vector: user id, click time, admission number
-BOOKKEEPING_BYTES = 24
+#: per held seed besides its vector: user id, click time, admission number, a scratch index
+BOOKKEEPING_BYTES = 32
 #: the smallest block of rows an item's window gets
 MIN_BLOCK = 4
 
 
 def bytes_bound(size: int, dim: int, dtype: str = "float32") -> int:
-    """Upper bound of one full window's bytes: vectors, timestamps, bookkeeping."""
-    return size * (dim * np.dtype(dtype).itemsize + BOOKKEEPING_BYTES)
+    """Upper bound of one full window's bytes in a store of many: its vectors and
+    bookkeeping, plus the store's slack: up to a quarter more vector rows (the chunk
+    being filled, ``WindowStore``) and twice the bookkeeping (arrays that double)."""
+    return size * (dim * np.dtype(dtype).itemsize * 5 // 4 + 2 * BOOKKEEPING_BYTES)
 
 
 def block_rows(size: int, n: int) -> int:
@@ -64,10 +66,19 @@ class WindowStore:
     at most ``CHUNK_BYTES``. The per-seed
     bookkeeping (24 bytes a seed) is one array each, grown by doubling, which the
     compiled admission indexes directly.
+
+    A window that grows moves to a block twice the size and frees its old one for
+    the next window of that size. Once freed rows outnumber half the rows in use
+    (after a warm-up, say, when most windows grew past the blocks they left),
+    ``reserve`` compacts the store in place: blocks slide down in address order and
+    emptied chunks are let go. Amortised like an array's doubling; no second copy
+    of the store is ever held.
     """
 
     #: the largest chunk of vectors
     CHUNK_BYTES = 32 << 20
+    #: freed rows that never trigger a compaction, however few are in use
+    COMPACT_MIN_ROWS = 1 << 16
 
     def __init__(self, size: int, dim: int, dtype: str = "float32", rows: int = 64):
         if size < 1:
@@ -87,6 +98,7 @@ class WindowStore:
         self._chunks: list[np.ndarray] = []  # vectors, [rows, dim] each
         self._chunk_at = np.zeros(0, np.int64)  # each chunk's first arena row
         self._top = 0  # arena rows handed out
+        self._used = 0  # rows in the blocks windows hold
         self._free: dict[int, list[int]] = {}  # block rows -> free blocks' bases
 
     # ------------------------------------------------------------- blocks
@@ -106,6 +118,35 @@ class WindowStore:
         short = need > self.cap[rows]
         for row, n in zip(rows[short].tolist(), need[short].tolist(), strict=True):
             self._move(row, block_rows(self.size, n))
+        if self._top - self._used > max(self.COMPACT_MIN_ROWS, self._used // 2):
+            self.compact()
+
+    def compact(self) -> None:
+        """Every block slid down to the lowest rows that hold it, in address order (a
+        block never straddles two chunks); the chunks left empty are let go."""
+        held = np.flatnonzero(self.cap > 0)
+        held = held[np.argsort(self.base[held], kind="stable")]
+        dst = 0
+        for row, base, cap in zip(held.tolist(), self.base[held].tolist(),
+                                  self.cap[held].tolist(), strict=True):
+            c = int(np.searchsorted(self._chunk_at, dst, "right")) - 1
+            if dst + cap > int(self._chunk_at[c]) + len(self._chunks[c]):
+                dst = int(self._chunk_at[c + 1])  # no room left in this chunk: the next
+            if dst != base:
+                n = int(self.length[row])
+                for a in (self.users, self.ts, self.seq):
+                    a[dst:dst + n] = a[base:base + n]
+                if n:
+                    self.block(dst, n)[:] = self.block(base, n)
+                self.users[dst + n:dst + cap] = -1
+                self.base[row] = dst
+            dst += cap
+        self.users[dst:] = -1
+        self._free.clear()
+        self._top = self._used = dst
+        keep = int(np.searchsorted(self._chunk_at, max(dst - 1, 0), "right"))
+        del self._chunks[keep:]
+        self._chunk_at = self._chunk_at[:keep]
 
     def _move(self, row: int, rows: int) -> None:
         """Row ``row``'s window into a block of ``rows`` rows (its seeds keep their rows)."""
@@ -121,6 +162,7 @@ class WindowStore:
         self.base[row], self.cap[row] = base, rows
 
     def _take(self, rows: int) -> int:
+        self._used += rows
         free = self._free.get(rows)
         if free:
             return free.pop()
@@ -146,6 +188,7 @@ class WindowStore:
             self.writer = np.r_[self.writer, np.full(grow, -1, np.int64)]
 
     def _give(self, base: int, rows: int) -> None:
+        self._used -= rows
         self.users[base:base + rows] = -1
         self._free.setdefault(rows, []).append(base)
 

@@ -133,7 +133,7 @@ def test_float16_windows_halve_vector_bytes():
     state = ItemClusters(cfg)
     state.apply(1, SeedBatch(np.arange(8), np.arange(8.0), np.ones((8, 16), np.float32)))
     w = state.items[1].window
-    assert w.nbytes() == 8 * (16 * 2 + 24) and w.vectors().dtype == np.float32  # + bookkeeping
+    assert w.nbytes() == 8 * (16 * 2 + 32) and w.vectors().dtype == np.float32  # + bookkeeping
     state.drop({1})
     assert len(state) == 0 and state.seeds_held() == 0
 

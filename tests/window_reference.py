@@ -10,6 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+
 class ReferenceWindow:
     """Most recent ``size`` distinct users of one item, oldest first."""
 
