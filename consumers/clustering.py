@@ -50,11 +50,11 @@ from engine.codec import (
     decode_key,
     decode_model_announcement,
     decode_seed_message,
-    encode_centroids,
     key_of,
 )
 from engine.config import Settings
 from engine.token_bucket import TokenBucket
+from engine.topics import KeyPartitions
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class ClusteringStage(Stage):
         self._refresh_budget = TokenBucket(settings.window.refresh_items_per_s)
         self._refreshes_reported = 0
         self._stale_reported = 0
+        self._key_partitions = KeyPartitions()
         self.models_reader: KafkaConsumer | None = None  # set by ``start``
 
     def decode(self, topic: str, record: ConsumerRecord) -> tuple[int | None, bytes | None]:
@@ -193,10 +194,15 @@ class ClusteringStage(Stage):
             self._tokens = self._publish_budget.fill(self._tokens)
         n = len(self._dirty) if not budget else min(len(self._dirty), int(self._tokens))
         done = list(itertools.islice(self._dirty.items(), n))
-        for item, produced_ms in done:
-            if item in self.state.items:  # not dropped by a rebalance meanwhile
-                record = encode_centroids(self.state.record(item, now), wire)
-                self.send(T.SEED_CENTROIDS, key_of(item), record, timestamp_ms=produced_ms)
+        held = [(item, ms) for item, ms in done if item in self.state.items]  # not dropped
+        if held:  # by a rebalance meanwhile
+            items = [item for item, _ in held]
+            parts = self._partitions_of(items).tolist()
+            for (item, produced_ms), record, p in zip(
+                    held, self.state.records(items, now, wire), parts, strict=True):
+                self.send(T.SEED_CENTROIDS, key_of(item), record, timestamp_ms=produced_ms,
+                          partition=p)
+        for item, _ in done:
             del self._dirty[item]
             self._dirty_since.pop(item, None)
         self._tokens -= len(done)
@@ -204,6 +210,14 @@ class ClusteringStage(Stage):
         self.metrics.centroid_backlog.labels(self.name).set(len(self._dirty))
         oldest = next(iter(self._dirty_since.values()), now)
         self.metrics.centroid_backlog_age.labels(self.name).set(max(0.0, now - oldest))
+
+    def _partitions_of(self, items: list[int]) -> np.ndarray:
+        """The ``seed-centroids`` partition of each item's key, as kafka-python's default
+        partitioner puts it (compaction keeps an item's records in one partition); once
+        per publish, not per record (murmur2 in Python per send)."""
+        assert self.loop is not None and self.loop.producer is not None
+        n = len(self.loop.producer.partitions_for(self.names.seed_centroids))
+        return self._key_partitions.of(np.asarray(items, np.int64), n)
 
     def _report_state(self) -> None:
         done = self.state.refreshes - self._refreshes_reported

@@ -41,6 +41,7 @@ from engine.codec import (
     SeedPack,
     decode_seed_pack,
     decode_seeds,
+    encode_centroid_rows,
 )
 from engine.config import WindowConfig
 from engine.seed_window import SeedWindow, WindowStore, admit
@@ -496,8 +497,8 @@ class ItemClusters:
         table.widen(int(wrows.max()) + 1)
         kmeans.step(table.centroids, table.counts, table.sqnorms, table.labels, owner, wrows,
                     left, np.ascontiguousarray(x, np.float32), old, self.cfg.seeds_per_centroid)
-        np.add.at(table.since, owner, 1)
-        touched = np.unique(owner)
+        touched, seeds = np.unique(owner, return_counts=True)
+        table.since[touched] += seeds
         for row in touched[table.since[touched] >= self.cfg.refresh_every].tolist():
             self.due[table.owner[row]] = None
 
@@ -571,12 +572,30 @@ class ItemClusters:
             st.model_version,
         )
 
+    def records(self, items: list[int], now: float, dtype: str = "float32") -> list[bytes]:
+        """``codec.encode_centroids(self.record(item, now), dtype)`` of each of ``items``
+        (all held), encoded a table at a time."""
+        out: list[bytes] = [b""] * len(items)
+        by_table: dict[int, list[int]] = {}
+        for j, item in enumerate(items):
+            by_table.setdefault(self.items[item].dim, []).append(j)
+        for dim, idx in by_table.items():
+            states = [self.items[items[j]] for j in idx]
+            table = self._tables[dim]
+            rows = np.fromiter((st.row for st in states), np.int64, len(states))
+            for j, raw in zip(idx, encode_centroid_rows(
+                    table.centroids[rows], table.counts[rows], table.windows.length[rows], now,
+                    table.windows.last_ts[rows], [st.model_version for st in states], dtype),
+                    strict=True):
+                out[j] = raw
+        return out
+
     def seeds_held(self) -> int:
         return self._held
 
     def window_bytes(self) -> int:
-        """Array bytes of all windows (vectors and timestamps)."""
-        return sum(st.window.nbytes() for st in self.items.values())
+        """Bytes of all windows' blocks (vectors and bookkeeping)."""
+        return sum(t.windows.used_bytes() for t in self._tables.values())
 
     def evict_over(self, max_items: int) -> list[int]:
         """Forget the least recently seeded items beyond ``max_items``; the ones dropped.

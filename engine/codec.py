@@ -450,6 +450,33 @@ def encode_centroids(c: ItemCentroids, dtype: str = "float32") -> bytes:
     ])
 
 
+def encode_centroid_rows(centroids: np.ndarray, counts: np.ndarray, n_seeds: np.ndarray,
+                         updated_at: float, last_seed_ts: np.ndarray, versions: list[str],
+                         dtype: str = "float32") -> list[bytes]:
+    """``encode_centroids`` of many items at once (centroids [n, k, d], counts [n, k]):
+    the same bytes per item (tested), with the array conversions done once for all.
+    Why: a clustering worker publishes thousands of records a second, and converting
+    them one at a time was most of what a record cost it (bench cluster)."""
+    n, k, dim = centroids.shape
+    if not n:
+        return []
+    half = (np.full(n, False) if dtype != "float16" else
+            np.abs(centroids).max(axis=(1, 2)) < _F16_SAFE)
+    c16 = np.ascontiguousarray(centroids, "<f2").reshape(n, -1).view(np.uint8) if half.any() \
+        else None
+    c32 = np.ascontiguousarray(centroids, "<f4").reshape(n, -1).view(np.uint8) \
+        if not half.all() else None
+    cnt = np.ascontiguousarray(counts, "<f4").reshape(n, -1).view(np.uint8)
+    vers = {v: struct.pack("<H", len(b := v.encode())) + b for v in set(versions)}
+    pack, out = _CENT_HEAD.pack, []
+    for j, (h, seeds, last, ver) in enumerate(zip(half.tolist(), n_seeds.tolist(),
+                                                  last_seed_ts.tolist(), versions, strict=True)):
+        body = c16[j] if h else c32[j]  # type: ignore[index]
+        out.append(b"".join([pack(_CENT16_MAGIC if h else _CENT_MAGIC, k, dim, seeds,
+                                  updated_at, last), vers[ver], cnt[j], body]))
+    return out
+
+
 def decode_centroids(raw: bytes | None) -> ItemCentroids | None:
     """``None`` for a tombstone (the item was deleted)."""
     if raw is None:

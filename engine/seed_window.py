@@ -268,6 +268,10 @@ class WindowStore:
         self.last_ts[row] = max(ts, default=0.0)
         return at
 
+    def used_bytes(self) -> int:
+        """Bytes of the blocks windows hold (vectors and bookkeeping); kept current."""
+        return self._used * (self.dim * self.dtype.itemsize + BOOKKEEPING_BYTES)
+
     def nbytes(self, row: int) -> int:
         """Bytes of ``row``'s block (vectors and bookkeeping)."""
         return int(self.cap[row]) * (self.dim * self.dtype.itemsize + BOOKKEEPING_BYTES)

@@ -18,6 +18,7 @@ from engine.codec import (
     decode_click,
     decode_score_request,
     decode_seeds,
+    encode_centroid_rows,
     encode_centroids,
     encode_click,
     encode_seeds,
@@ -146,3 +147,24 @@ def test_a_click_without_ts_takes_the_records_timestamp_every_time():
                         record_ts=NOW - 100.0).ts == 5.0  # the producer's own ts wins
     with pytest.raises(BadEvent, match="future"):
         decode_click(raw, NOW, record_ts=NOW + 3 * 86400.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_centroid_rows_encode_as_each_record_alone(dtype):
+    """The batch encoder a clustering worker publishes with gives each item the bytes
+    ``encode_centroids`` gives it: float16 where it fits, float32 where it would overflow."""
+    rng = np.random.default_rng(4)
+    n, k, d = 5, 3, 4
+    cent = rng.normal(size=(n, k, d)).astype(np.float32)
+    cent[2, 1, 0] = 1e5  # beyond float16: that item goes out as float32
+    counts = rng.integers(0, 4, (n, k)).astype(np.float32)
+    seeds = rng.integers(0, 100, n)
+    last = rng.random(n) * 1e9
+    versions = ["v1", "v1", "", "v22", "v1"]
+    got = encode_centroid_rows(cent, counts, seeds, NOW, last, versions, dtype)
+    want = [encode_centroids(ItemCentroids(cent[j], counts[j], int(seeds[j]), NOW,
+                                           float(last[j]), versions[j]), dtype)
+            for j in range(n)]
+    assert got == want
+    assert (got[0][:2], got[2][:2]) == ((b"C2", b"C1") if dtype == "float16" else (b"C1", b"C1"))
+    assert encode_centroid_rows(cent[:0], counts[:0], seeds[:0], NOW, last[:0], [], dtype) == []
