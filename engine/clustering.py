@@ -36,7 +36,6 @@ from engine.codec import (
     SEED_HEAD_WITH_VERSION,
     SEED_MAGIC,
     BadEvent,
-    ItemCentroids,
     SeedBatch,
     SeedPack,
     decode_seed_pack,
@@ -565,16 +564,10 @@ class ItemClusters:
         table.since[rows] = 0
         return buf
 
-    def record(self, item: int, now: float) -> ItemCentroids:
-        st = self.items[item]
-        return ItemCentroids(
-            st.centroids.copy(), st.counts.copy(), len(st.window), now, st.last_seed_ts,
-            st.model_version,
-        )
-
     def records(self, items: list[int], now: float, dtype: str = "float32") -> list[bytes]:
-        """``codec.encode_centroids(self.record(item, now), dtype)`` of each of ``items``
-        (all held), encoded a table at a time."""
+        """Each of ``items``' (all held) centroid record as of ``now``: its centroids,
+        counts, seeds held, newest seed time and model version (``codec.encode_centroids``),
+        encoded a table at a time."""
         out: list[bytes] = [b""] * len(items)
         by_table: dict[int, list[int]] = {}
         for j, item in enumerate(items):

@@ -233,3 +233,20 @@ def test_the_announced_current_version_wins_a_rollback():
     state.apply(1, _versioned(range(10, 15), new))
     assert state.items[1].model_version == old and len(state.items[1].window) == 5
     assert state.stale_seeds == 5
+
+
+def test_records_carry_each_items_centroids_as_held():
+    from engine.codec import decode_centroids
+
+    state = ItemClusters(WindowConfig(size=5, k=3))
+    for poll in _polls(n_polls=2):
+        state.apply_many(_group(poll))
+    state.apply(99, SeedBatch(np.array([1]), np.array([7.0]), np.ones((1, 3), np.float32), "v2"))
+    items = sorted(state.items)
+    for dtype in ("float32", "float16"):
+        for item, raw in zip(items, state.records(items, 123.0, dtype), strict=True):
+            st, rec = state.items[item], decode_centroids(raw)
+            np.testing.assert_allclose(rec.centroids, st.centroids, rtol=1e-3, atol=1e-3)
+            np.testing.assert_array_equal(rec.counts, st.counts)
+            assert (rec.n_seeds, rec.updated_at, rec.last_seed_ts, rec.model_version) == (
+                len(st.window), 123.0, st.last_seed_ts, st.model_version)
