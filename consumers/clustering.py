@@ -114,11 +114,9 @@ class ClusteringStage(Stage):
             self.loop.dead_letter(events[i].topic, events[i].record, err)
         for cols, idx in runs:
             self.metrics.seed_events.labels(self.name).inc(len(cols.users))
-            produced = _produced(cols, [events[i] for i in idx])
-            self._changed(self.state.apply_columns(cols),
-                          {i: ms for i, (ms, _) in produced.items()})
-            for item, (_, partition) in produced.items():
-                self._partition_of[item] = partition
+            produced_ms, partitions = _produced(cols, [events[i] for i in idx])
+            self._changed(self.state.apply_columns(cols), produced_ms)
+            self._partition_of.update(partitions)
         self._evict()
         self.metrics.kmeans_seconds.labels(self.name).observe(time.perf_counter() - t0)
         self._report_state()
@@ -132,11 +130,14 @@ class ClusteringStage(Stage):
             self._partition_of.pop(item, None)
 
     def _changed(self, items: list[int], produced_ms: dict[int, int]) -> None:
-        """Items whose centroids changed wait for the next publish."""
-        now = time.time()
+        """Items whose centroids changed wait for the next publish (with the newest produce
+        time of the clicks behind them); one that waits already keeps its place."""
+        dirty, since, ms_of = self._dirty, self._dirty_since, produced_ms.get
         for item in items:
-            self._dirty[item] = max(self._dirty.get(item, 0), produced_ms.get(item, 0))
-            self._dirty_since.setdefault(item, now)
+            ms = ms_of(item, 0)
+            if dirty.get(item, -1) < ms:
+                dirty[item] = ms
+        since.update(dict.fromkeys([i for i in items if i not in since], time.time()))
 
     def _top_up_refresh(self) -> None:
         """Refreshes the budget allows now (``window.refresh_items_per_s``)."""
@@ -301,14 +302,17 @@ def _decode_sane(events: list[Event], horizon: float,
             sorted(bad, key=lambda e: e[0]))
 
 
-def _produced(cols: SeedColumns, evs: list[Event]) -> dict[int, tuple[int, int]]:
-    """Item -> (newest produce time (ms) of the clicks behind its seeds, partition)."""
+def _produced(cols: SeedColumns, evs: list[Event]) -> tuple[dict[int, int], dict[int, int]]:
+    """Item -> newest produce time (ms) of the clicks behind its seeds, and item -> its
+    ``seed-events`` partition."""
     if len(evs) == 1 and evs[0].value[0] is None:  # an S2 pack: one record, many items
         rec = evs[0].record
-        return dict.fromkeys(cols.items, (rec.timestamp, rec.partition))
-    out: dict[int, tuple[int, int]] = {}
+        return (dict.fromkeys(cols.items, rec.timestamp),
+                dict.fromkeys(cols.items, rec.partition))
+    ms: dict[int, int] = {}
+    parts: dict[int, int] = {}
     for ev in evs:
         item = ev.value[0]
-        newest = max(out.get(item, (0, 0))[0], ev.record.timestamp)
-        out[item] = (newest, ev.record.partition)
-    return out
+        ms[item] = max(ms.get(item, 0), ev.record.timestamp)
+        parts[item] = ev.record.partition
+    return ms, parts

@@ -404,21 +404,19 @@ class ItemClusters:
         Returns the items whose windows or centroids changed (refreshes of
         earlier due items included).
         """
-        pairs = self._states(cols)  # first: a version change may replace the table
+        runs, rows = self._states(cols)  # first: a version change may replace the table
         changed: dict[int, None] = {}
-        if pairs:
-            table = pairs[0][1]._table
-            win = table.windows
-            rows = np.fromiter((st.row for _, st in pairs), np.int64, len(pairs))
+        if runs:
+            table = self._tables[cols.vectors.shape[1]]
+            rows_a, runs_a = np.array(rows, np.int64), np.array(runs, np.int64)
             starts = np.asarray(cols.starts, np.int64)
-            runs = np.fromiter((r for r, _ in pairs), np.int64, len(pairs))
-            lo, hi = starts[runs], starts[runs + 1]
-            touched, inv = np.unique(rows, return_inverse=True)
-            win.reserve(touched, np.bincount(inv, hi - lo).astype(np.int64))
+            lo, hi = starts[runs_a], starts[runs_a + 1]
+            touched, inv = np.unique(rows_a, return_inverse=True)
+            table.windows.reserve(touched, np.bincount(inv, hi - lo).astype(np.int64))
             room = np.zeros(len(table.counts), np.int64)
             room[touched] = self.cfg.refresh_every - table.since[touched]
-            items = np.fromiter((st.item for _, st in pairs), np.int64, len(pairs))
-            self._rounds(table, cols, (rows, lo, hi, items), room, changed)
+            items = np.asarray(cols.items, np.int64)[runs_a]
+            self._rounds(table, cols, (rows_a, lo, hi, items), room, changed)
         changed.update(dict.fromkeys(self.refresh_due()))
         return list(changed)
 
@@ -455,22 +453,23 @@ class ItemClusters:
                 self.refresh_tokens -= n_stopped
             active = active[lo[active] < hi[active]]
 
-    def _states(self, cols: SeedColumns) -> list[tuple[int, ItemState]]:
-        """(run, its item's state) for the runs whose seeds the item's window takes: a new
-        window where the model version or size changed, none for an older version."""
+    def _states(self, cols: SeedColumns) -> tuple[list[int], list[int]]:
+        """The runs whose seeds their item's window takes, and each one's table row: a new
+        window where the model version or size changed, none for an older version.
+        (Lists built in one pass: this runs once per run of a poll.)"""
         dim, ver, starts = cols.vectors.shape[1], cols.model_version, cols.starts
-        out: list[tuple[int, ItemState]] = []
-        items = self.items
-        for r, item in enumerate(cols.items):
-            st = items.get(item)
+        runs: list[int] = []
+        rows: list[int] = []
+        for r, (item, st) in enumerate(zip(cols.items, map(self.items.get, cols.items))):
             if st is None or st.model_version != ver or st.dim != dim:
                 if st is not None and st.model_version != ver and not self.supersedes(
                         ver, st.model_version):
                     self.stale_seeds += starts[r + 1] - starts[r]
                     continue
                 st = self._state(item, dim, ver)
-            out.append((r, st))
-        return out
+            runs.append(r)
+            rows.append(st.row)
+        return runs, rows
 
     def _flush(self, table: _Table, out: np.ndarray, vectors: np.ndarray) -> None:
         """The admitted seeds' vectors into their window rows, then their k-means steps;
