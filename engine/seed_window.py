@@ -116,8 +116,8 @@ class WindowStore:
         at ``size``: what a compiled admission may write without growing anything."""
         need = np.minimum(self.length[rows] + seeds, self.size)
         short = need > self.cap[rows]
-        for row, n in zip(rows[short].tolist(), need[short].tolist(), strict=True):
-            self._move(row, block_rows(self.size, n))
+        if short.any():
+            self._move_many(rows[short], need[short])
         if self._top - self._used > max(self.COMPACT_MIN_ROWS, self._used // 2):
             self.compact()
 
@@ -147,6 +147,24 @@ class WindowStore:
         keep = int(np.searchsorted(self._chunk_at, max(dst - 1, 0), "right"))
         del self._chunks[keep:]
         self._chunk_at = self._chunk_at[:keep]
+
+    def _move_many(self, rows: np.ndarray, need: np.ndarray) -> None:
+        """``_move`` of many windows (distinct rows) at once, each into a block for
+        ``need`` seeds: new blocks first, then one copy of all, then the old blocks
+        freed (so no block is both read and written). Why: a warming worker moves
+        thousands of windows a second, and one at a time they were 7% of its loop."""
+        caps = np.array([block_rows(self.size, n) for n in need.tolist()], np.int64)
+        bases = np.array([self._take(c) for c in caps.tolist()], np.int64)
+        old, old_cap, n = self.base[rows], self.cap[rows], self.length[rows]
+        src, dst = _ranges(old, n), _ranges(bases, n)
+        for a in (self.users, self.ts, self.seq):
+            a[dst] = a[src]
+        if len(src):
+            self.scatter(dst, self.gather(src).astype(self.dtype))
+        for base, cap in zip(old[old_cap > 0].tolist(), old_cap[old_cap > 0].tolist(),
+                             strict=True):
+            self._give(base, cap)
+        self.base[rows], self.cap[rows] = bases, caps
 
     def _move(self, row: int, rows: int) -> None:
         """Row ``row``'s window into a block of ``rows`` rows (its seeds keep their rows)."""
@@ -275,6 +293,15 @@ class WindowStore:
     def nbytes(self, row: int) -> int:
         """Bytes of ``row``'s block (vectors and bookkeeping)."""
         return int(self.cap[row]) * (self.dim * self.dtype.itemsize + BOOKKEEPING_BYTES)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """start..start+length-1 of each (start, length), concatenated."""
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(total)
 
 
 @numba.njit(cache=True, nogil=True)
