@@ -344,3 +344,20 @@ def test_unseen_keeps_the_first_unclicked_slots_of_each_row(model, big_ids):
         want = [s for s in row.tolist() if s >= 0 and int(ids[s]) not in clicked][:40]
         assert got[b, :len(want)].tolist() == want
         assert (got[b, len(want):] == -1).all()
+
+
+def test_clicked_items_are_found_per_row_whatever_their_ids():
+    """The compiled membership test of ``Ranking._unseen`` against Python sets: repeats,
+    empty rows, ids past 2**47 (where packing the row into the key would overflow)."""
+    from consumers.ranking import clicked
+
+    rng = np.random.default_rng(5)
+    big = np.int64(1) << np.int64(50)
+    items = rng.integers(0, 60, (7, 30)) + np.where(rng.random((7, 30)) < 0.3, big, 0)
+    seen = [rng.integers(0, 60, int(n)) + np.where(rng.random(int(n)) < 0.3, big, 0)
+            for n in rng.integers(0, 25, 7)]
+    seen[2] = np.zeros(0, np.int64)
+    got = clicked(items, np.concatenate(seen), np.r_[0, np.cumsum([len(x) for x in seen])])
+    want = np.array([[int(i) in set(s.tolist()) for i in row] for row, s in zip(items, seen)])
+    np.testing.assert_array_equal(got, want)
+    assert want.any() and not want.all() and not got[2].any()
