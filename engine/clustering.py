@@ -66,6 +66,18 @@ class _Table:
         self.labels = np.full((capacity, min(size, 64)), -1, np.int16)
         self.since = np.zeros(capacity, np.int64)
         self.owner: dict[int, ItemState] = {}  # row -> the item state holding it
+        # each row's item and model version (interned): a poll's items are looked up in
+        # a sorted copy of ``item_of`` (``find``), not one dictionary lookup per run
+        self.item_of = np.full(capacity, -1, np.int64)
+        self.version_of = np.full(capacity, -1, np.int64)
+        self._sorted_items = np.zeros(0, np.int64)
+        self._sorted_rows = np.zeros(0, np.int64)
+        self._new_rows = 0  # rows taken since the sorted copy was made
+        # scratch of ``apply_columns``, kept (a poll's cost must not grow with the items
+        # held): seeds each row may take before its refresh; rows stopped for one (all
+        # False between calls)
+        self.room = np.zeros(capacity, np.int64)
+        self.stopped = np.zeros(capacity, np.bool_)
         self._free: list[int] = []
         self._next = 0
 
@@ -92,6 +104,8 @@ class _Table:
         self.centroids, self.counts = more(self.centroids, 0.0), more(self.counts, 0.0)
         self.sqnorms, self.since = more(self.sqnorms, 0.0), more(self.since, 0)
         self.labels = more(self.labels, -1)
+        self.item_of, self.version_of = more(self.item_of, -1), more(self.version_of, -1)
+        self.room, self.stopped = more(self.room, 0), more(self.stopped, False)
         self.windows.grow_rows(len(self.counts))
 
     def widen(self, width: int) -> None:
@@ -108,9 +122,30 @@ class _Table:
         self.sqnorms[row] = 0.0
         self.labels[row] = -1
         self.since[row] = 0
+        self.item_of[row] = self.version_of[row] = -1
         self.windows.release(row)
         self.owner.pop(row, None)
         self._free.append(row)
+
+    def hold(self, row: int, item: int, version: int) -> None:
+        self.item_of[row], self.version_of[row] = item, version
+        self._new_rows += 1
+
+    def find(self, items: np.ndarray, version: int) -> np.ndarray:
+        """[len(items)] each item's row if it holds one of ``version``, else -1. The sorted
+        copy is remade once rows taken since outnumber an eighth of it (amortised); an
+        item it does not know yet is a miss, found by the caller's slower path."""
+        if self._new_rows > max(256, len(self._sorted_items) // 8):
+            rows = np.flatnonzero(self.item_of >= 0)
+            order = np.argsort(self.item_of[rows], kind="stable")
+            self._sorted_items, self._sorted_rows = self.item_of[rows][order], rows[order]
+            self._new_rows = 0
+        if not len(self._sorted_items):
+            return np.full(len(items), -1, np.int64)
+        at = np.minimum(np.searchsorted(self._sorted_items, items), len(self._sorted_items) - 1)
+        rows = self._sorted_rows[at]
+        ok = (self.item_of[rows] == items) & (self.version_of[rows] == version)
+        return np.where(ok, rows, -1)
 
     @property
     def used(self) -> int:
@@ -126,7 +161,9 @@ class ItemState:
 
     __slots__ = ("window", "model_version", "row", "dim", "item", "_table")
 
-    def __init__(self, table: _Table, row: int, model_version: str = "", item: int = -1):
+    def __init__(self, table: _Table, row: int, model_version: str = "", item: int = -1,
+                 version_id: int = -1):
+        table.hold(row, item, version_id)
         self.window = SeedWindow(table.windows, row)
         self.item = item
         self.model_version = model_version
@@ -333,6 +370,7 @@ class ItemClusters:
         #: the model version announced last on the ``models`` topic (None: none seen)
         self.current_version: str | None = None
         self.stale_seeds = 0  # seeds of an older model than their item's window: dropped
+        self._version_ids: dict[str, int] = {}  # model version -> its id in the tables
 
     def __len__(self) -> int:
         return len(self.items)
@@ -351,9 +389,13 @@ class ItemClusters:
             if st is not None:
                 self._forget(st)
             table = self._table(dim)
-            st = ItemState(table, table.take(), model_version=version, item=item)
+            st = ItemState(table, table.take(), model_version=version, item=item,
+                           version_id=self._version_id(version))
             self.items[item] = st
         return st
+
+    def _version_id(self, version: str) -> int:
+        return self._version_ids.setdefault(version, len(self._version_ids))
 
     def supersedes(self, version: str, window_version: str) -> bool:
         """Whether seeds of model ``version`` replace a window of ``window_version``.
@@ -404,30 +446,28 @@ class ItemClusters:
         Returns the items whose windows or centroids changed (refreshes of
         earlier due items included).
         """
-        runs, rows = self._states(cols)  # first: a version change may replace the table
+        runs_a, rows_a = self._states(cols)  # first: a version change may replace the table
         changed: dict[int, None] = {}
-        if runs:
+        if len(runs_a):
             table = self._tables[cols.vectors.shape[1]]
-            rows_a, runs_a = np.array(rows, np.int64), np.array(runs, np.int64)
             starts = np.asarray(cols.starts, np.int64)
             lo, hi = starts[runs_a], starts[runs_a + 1]
             touched, inv = np.unique(rows_a, return_inverse=True)
             table.windows.reserve(touched, np.bincount(inv, hi - lo).astype(np.int64))
-            room = np.zeros(len(table.counts), np.int64)
-            room[touched] = self.cfg.refresh_every - table.since[touched]
+            table.room[touched] = self.cfg.refresh_every - table.since[touched]
             items = np.asarray(cols.items, np.int64)[runs_a]
-            self._rounds(table, cols, (rows_a, lo, hi, items), room, changed)
+            self._rounds(table, cols, (rows_a, lo, hi, items), changed)
         changed.update(dict.fromkeys(self.refresh_due()))
         return list(changed)
 
     def _rounds(self, table: _Table, cols: SeedColumns,
                 runs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                room: np.ndarray, changed: dict[int, None]) -> None:
+                changed: dict[int, None]) -> None:
         """Admit, step and refresh in rounds until every run's seeds are in (see
         ``apply_columns``); ``runs``: each run's table row, start, end and item."""
         win = table.windows
         rows, lo, hi, items = runs
-        stopped = np.zeros(len(table.counts), np.bool_)
+        room, stopped = table.room, table.stopped
         stops = np.empty(len(rows), np.int64)
         out = np.empty((int((hi - lo).sum()), 6), np.int64)
         users = np.ascontiguousarray(cols.users, np.int64)
@@ -453,23 +493,29 @@ class ItemClusters:
                 self.refresh_tokens -= n_stopped
             active = active[lo[active] < hi[active]]
 
-    def _states(self, cols: SeedColumns) -> tuple[list[int], list[int]]:
+    def _states(self, cols: SeedColumns) -> tuple[np.ndarray, np.ndarray]:
         """The runs whose seeds their item's window takes, and each one's table row: a new
         window where the model version or size changed, none for an older version.
-        (Lists built in one pass: this runs once per run of a poll.)"""
+        Held items of this version are found in one vectorised lookup (``_Table.find``);
+        the others, item by item."""
         dim, ver, starts = cols.vectors.shape[1], cols.model_version, cols.starts
-        runs: list[int] = []
-        rows: list[int] = []
-        for r, (item, st) in enumerate(zip(cols.items, map(self.items.get, cols.items))):
+        items = np.asarray(cols.items, np.int64)
+        table = self._tables.get(dim)
+        rows = (table.find(items, self._version_id(ver)) if table is not None
+                else np.full(len(items), -1, np.int64))
+        keep = np.ones(len(items), np.bool_)
+        for r in np.flatnonzero(rows < 0).tolist():
+            item = int(items[r])
+            st = self.items.get(item)
             if st is None or st.model_version != ver or st.dim != dim:
                 if st is not None and st.model_version != ver and not self.supersedes(
                         ver, st.model_version):
                     self.stale_seeds += starts[r + 1] - starts[r]
+                    keep[r] = False
                     continue
                 st = self._state(item, dim, ver)
-            runs.append(r)
-            rows.append(st.row)
-        return runs, rows
+            rows[r] = st.row
+        return np.flatnonzero(keep), rows[keep]
 
     def _flush(self, table: _Table, out: np.ndarray, vectors: np.ndarray) -> None:
         """The admitted seeds' vectors into their window rows, then their k-means steps;

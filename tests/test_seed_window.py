@@ -70,14 +70,14 @@ def test_rejects_bad_size():
         WindowStore(0, 4)
 
 
-def test_blocks_double_up_to_the_window_size():
-    assert [block_rows(256, n) for n in (0, 1, 4, 5, 100, 129, 256)] == [4, 4, 4, 8, 128, 256,
-                                                                         256]
+def test_blocks_grow_fourfold_up_to_the_window_size():
+    assert [block_rows(256, n) for n in (0, 1, 4, 5, 16, 17, 100, 256)] == [
+        4, 4, 4, 16, 16, 64, 256, 256]
     assert block_rows(300, 299) == 300 and block_rows(3, 1) == 3
     w = OneWindow(256)
     for u in range(20):
         w.add(u, float(u), v(u))
-    assert w.window.nbytes() == 32 * (4 + 32)  # 20 seeds in a 32-row block of 1-d vectors
+    assert w.window.nbytes() == 64 * (4 + 32)  # 20 seeds in a 64-row block of 1-d vectors
     assert bytes_bound(256, 128) == 256 * (640 + 64)  # + a quarter, + doubled bookkeeping
 
 

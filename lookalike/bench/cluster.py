@@ -35,7 +35,7 @@ like ``ClusteringStage``. Figures:
   slot left without points empties in ours and keeps its centroid in
   scikit-learn's: equal inertia is expected, ours never lower;
 - memory: ``seed_window.bytes_bound`` from the configuration, and bytes per
-  full window measured with tracemalloc.
+  full window measured with tracemalloc (a store of full windows).
 """
 
 from __future__ import annotations
@@ -444,8 +444,9 @@ def _refresh_figures(report: BenchReport, cfg: WindowConfig, size: ClusterSize,
 def _memory_figures(report: BenchReport, cfg: WindowConfig, size: ClusterSize) -> None:
     bound = bytes_bound(cfg.size, DIM, cfg.vector_dtype)
     report.add("window bytes per item (bound)", bound, "bytes",
-               note=f"size {cfg.size} x ({DIM} x {cfg.vector_dtype} + timestamp + bookkeeping)")
+               note=f"size {cfg.size} x ({DIM} x {cfg.vector_dtype} + 32 bytes of bookkeeping) "
+               "with the store's slack: a quarter more vector rows, twice the bookkeeping")
     report.add("window bytes per item (measured)", measured_window_bytes(cfg, size.memory_items),
-               "bytes", note=f"tracemalloc, {size.memory_items} full windows")
+               "bytes", note=f"tracemalloc, a store of {size.memory_items} full windows")
     report.add("window bytes per item (float16 bound)", bytes_bound(cfg.size, DIM, "float16"),
                "bytes", note="window.vector_dtype = float16")
