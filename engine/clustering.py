@@ -599,8 +599,8 @@ class ItemClusters:
         if buf.size < np.prod(shape):
             buf = np.empty(int(np.prod(shape)), np.float32)
         x = buf[:np.prod(shape)].reshape(shape)
-        # the rest of a row is padding, whatever it holds: lloyd never reads it into a mean
-        table.windows.windows_into(rows, x)
+        for b, s in enumerate(states):  # the rest of a row is padding, whatever it holds:
+            x[b, :lengths[b]] = s.window.stored()  # lloyd never reads it into a mean
         cent, counts, labels, _ = kmeans.lloyd(
             x, lengths, table.centroids[rows], table.counts[rows],
             table.labels[rows, :width], iters)

@@ -255,18 +255,6 @@ class WindowStore:
             _scatter(self._typed, self._chunk_at, np.asarray(arow, np.int64),
                      np.ascontiguousarray(x, self.dtype).view(self._bits))
 
-    def windows_into(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """Each of ``rows``' stored vectors (window-row order) into ``out[b, :length]``
-        (float32 [B, >= longest, d]; the rest of a row is left as it was): the
-        refresh's padded batch, copied in one compiled call when nothing needs
-        converting."""
-        if self.dtype == np.float32:
-            _blocks_into(self._typed, self._chunk_at, self.base[rows], self.length[rows],
-                         out.view(np.uint32))
-            return
-        for b, row in enumerate(rows.tolist()):
-            out[b, :self.length[row]] = self.stored(row)
-
     # ------------------------------------------------------------- reading
     def order(self, row: int) -> np.ndarray:
         """Window rows of ``row``'s seeds, oldest first (click time, then admission)."""
@@ -347,18 +335,6 @@ def _gather(chunks: List, chunk_at: np.ndarray, arow: np.ndarray,
     for i in range(arow.shape[0]):
         c = np.searchsorted(chunk_at, arow[i], "right") - 1
         out[i, :] = chunks[c][arow[i] - chunk_at[c], :]
-
-
-@numba.njit(cache=True, nogil=True)
-def _blocks_into(chunks: List, chunk_at: np.ndarray, bases: np.ndarray, lengths: np.ndarray,
-                 out: np.ndarray) -> None:  # pragma: no cover (compiled)
-    """Block b (``lengths[b]`` rows from arena row ``bases[b]``) into ``out[b]``."""
-    for b in range(bases.shape[0]):
-        if lengths[b] == 0:
-            continue
-        c = np.searchsorted(chunk_at, bases[b], "right") - 1
-        at = bases[b] - chunk_at[c]
-        out[b, :lengths[b], :] = chunks[c][at:at + lengths[b], :]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
