@@ -145,7 +145,12 @@ class ClusteringStage(Stage):
 
     def start(self) -> None:
         """A reader of the ``models`` topic from its beginning: the last announcement names
-        the current model version (``ItemClusters.supersedes``)."""
+        the current model version (``ItemClusters.supersedes``). First, a few seeds through
+        a scratch state, so that the compiled steps are compiled (or loaded from numba's
+        cache) now, not in the first poll."""
+        scratch = ItemClusters(self.settings.window.model_copy(update={"refresh_every": 2}))
+        scratch.apply_columns(SeedColumns([0, 0], [0, 2, 4], np.arange(4), np.arange(4.0),
+                                          np.ones((4, 2), np.float32)))
         self.models_reader = make_consumer(self.settings.kafka, None, fetch_max_wait_ms=10,
                                            max_poll_records=100)
         assign_all(self.models_reader, self.names.name(T.MODELS), at="beginning", timeout_s=2.0)

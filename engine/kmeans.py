@@ -155,6 +155,24 @@ def _label_sums(row: np.ndarray, points: np.ndarray, sums: np.ndarray,
             sums[r, e] += points[p, e]
 
 
+@numba.njit(cache=True, nogil=True)
+def _nearest(d2: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
+    """[B, S] the index over k of each point's smallest ``d2`` [B, k, S] (ties: the
+    first, as torch's min does). Why compiled: over the middle axis, in SIMD lanes along
+    the points, 0.05 ms a chunk of 32 x 20 x 256 against 0.3 for torch's min."""
+    b, k, s = d2.shape
+    out = np.zeros((b, s), np.int64)
+    for i in range(b):
+        best = d2[i, 0].copy()
+        for j in range(1, k):
+            row = d2[i, j]
+            for p in range(s):
+                if row[p] < best[p]:
+                    best[p] = row[p]
+                    out[i, p] = j
+    return out
+
+
 def lloyd(
     x: np.ndarray, lengths: np.ndarray, centroids: np.ndarray, counts: np.ndarray,
     labels: np.ndarray | None = None, iters: int = 1,
@@ -194,7 +212,7 @@ def lloyd(
         # [b, s, k] and argmin (torch 2.13, one thread; argmin over a short last axis is slow)
         bias = (ct * ct).sum(2).masked_fill_(~used, float("inf"))
         d2 = torch.baddbmm(bias[:, :, None], ct, xt.transpose(1, 2), alpha=-2.0)
-        new_lab = torch.where(valid, d2.min(1).indices, -1)
+        new_lab = torch.where(valid, torch.from_numpy(_nearest(d2.numpy())), -1)
         if lab is not None:  # an item whose labels stay is done: the others never move it
             active &= (new_lab != lab).any(1)
             if not active.any():
