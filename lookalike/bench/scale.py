@@ -57,6 +57,8 @@ def run(opts: BenchOptions) -> BenchReport:
     report = BenchReport("scale", settings={"sweep": sweep.__dict__, "dim": DIM,
                                             "window": s.window.model_dump(),
                                             "scoring": s.scoring.model_dump()})
+    item_cost(s.window.model_copy(update={"refresh_every": 2}), 20, 4, opts.seed)  # warm-up:
+    # the compiled steps compile (or load from numba's cache) here, not in the first size
     items = [item_cost(s.window, n, sweep.seeds_per_item, opts.seed)
              for n in tqdm(sweep.item_sizes, desc="items sweep", leave=False)]
     users = [user_cost(s, n, sweep.clicks_per_user) for n in
