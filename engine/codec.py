@@ -28,6 +28,10 @@ centroid table.
 
 Every decoder raises :class:`BadEvent` with a bounded ``reason`` (a metric
 label) and a human ``detail`` (a DLQ header).
+
+Why one module of this size: each format's encoder sits beside its decoder, and
+the limits every decoder enforces (sizes, magnitudes, id ranges) are defined once
+for all of them.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _windows(state: ItemClusters) -> dict[int, tuple]:
     out = {}
     for item, ic in state.items.items():
         w = ic.window
-        out[item] = (tuple((u, w._ts[row]) for u, row in w._rows.items()),
+        out[item] = (tuple(zip(w.users(), w.times(), strict=True)),
                      tuple(np.asarray(ic.counts).tolist()))
     return out
 
