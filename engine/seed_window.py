@@ -70,9 +70,8 @@ class WindowStore:
     by a chunk at a time: one array doubling as it filled would copy gigabytes and
     hold twice the memory for a moment. A new chunk is a quarter of the rows so far
     (so at most a fifth of the vectors' memory waits unused), at least 1,024 rows and
-    at most ``CHUNK_BYTES``. The per-seed
-    bookkeeping (24 bytes a seed) is one array each, grown by doubling, which the
-    compiled admission indexes directly.
+    at most ``CHUNK_BYTES``. The per-seed bookkeeping (``BOOKKEEPING_BYTES``) is one
+    array each, grown by doubling, which the compiled admission indexes directly.
 
     A window that grows moves to a block four times the size and frees its old one for
     the next window of that size. Once freed rows outnumber half the rows in use
@@ -216,7 +215,7 @@ class WindowStore:
         self._chunks.append(np.zeros((n, self.dim), self.dtype))
         self._typed.append(self._chunks[-1].view(self._bits))
         total = self._top + n
-        if total > len(self.users):  # bookkeeping: doubling, 24 bytes a row
+        if total > len(self.users):  # bookkeeping: doubling, 32 bytes a row
             grow = max(total, 2 * len(self.users)) - len(self.users)
             self.users = np.r_[self.users, np.full(grow, -1, np.int64)]
             self.ts = np.r_[self.ts, np.zeros(grow)]
