@@ -464,9 +464,6 @@ class SeedWindow:
         order, and a seed's labels are by window row."""
         return self.store.stored(self.row)
 
-    def oldest_ts(self) -> float:
-        return min(self.times(), default=float("-inf"))
-
     def newest_ts(self) -> float:
         return max(self.times(), default=float("-inf"))
 
