@@ -110,7 +110,7 @@ def fill_table(stage: ScoringStage, model: RalmModel, ds: Dataset, n_items: int,
     users = np.concatenate([stage._embed(states[lo:lo + 4096],
                                          [st.profile for st in states[lo:lo + 4096]])
                             for lo in range(0, len(states), 4096)])
-    stage.users.set_vectors(states, users)  # as the click path leaves each user's
+    stage.users.set_vectors(states, users)  # as the click path leaves them
     row_of = {u: r for r, u in enumerate(stage.users.users)}
     user_rows = np.array([row_of[u] for u in ds.users.ids[ds.user].tolist()], np.int64)
     clickers = Ragged.from_groups(ds.item, user_rows, len(ds.items.ids))
