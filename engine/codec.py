@@ -466,8 +466,9 @@ def encode_centroid_rows(centroids: np.ndarray, counts: np.ndarray, n_seeds: np.
         return []
     half = (np.full(n, False) if dtype != "float16" else
             np.abs(centroids).max(axis=(1, 2)) < _F16_SAFE)
-    c16 = np.ascontiguousarray(centroids, "<f2").reshape(n, -1).view(np.uint8) if half.any() \
-        else None
+    with np.errstate(over="ignore"):  # rows too large for float16 go out as float32
+        c16 = np.ascontiguousarray(centroids, "<f2").reshape(n, -1).view(np.uint8) \
+            if half.any() else None
     c32 = np.ascontiguousarray(centroids, "<f4").reshape(n, -1).view(np.uint8) \
         if not half.all() else None
     cnt = np.ascontiguousarray(counts, "<f4").reshape(n, -1).view(np.uint8)

@@ -58,18 +58,59 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process ``pid`` listens on, from ``/proc``; None where ``/proc``
+    cannot say (not Linux, or the process gone).
+
+    Why: a port that answers proves only that *something* listens there. A broker that
+    lost the bind race to another process is still starting its exit when the other's
+    port answers, and on a loaded host that exit can take far longer than any fixed
+    grace."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed since the listing
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        ports = set()
+        for table in ("tcp", "tcp6"):
+            path = Path(f"/proc/{pid}/net/{table}")
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(f[1].rsplit(":", 1)[1], 16))
+        return ports
+    except OSError:
+        return None
+
+
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None,
                   output: Path | None = None):
-    deadline = time.monotonic() + timeout_s
+    """Until ``host:port`` answers and, where ``/proc`` can tell, ``proc`` is what
+    listens there; :class:`BrokerError` if ``proc`` exits first or time runs out."""
+    deadline, taken = time.monotonic() + timeout_s, False
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise BrokerError(f"broker exited with code {proc.returncode} before answering"
                               + output_tail(output))
         try:
             socket.create_connection((host, port), timeout=0.2).close()
-            return
         except OSError:
             time.sleep(0.05)
+            continue
+        ours = None if proc is None else listening_ports(proc.pid)
+        if ours is None or port in ours:
+            return
+        taken = True  # another process answers there: ours should exit (checked above)
+        time.sleep(0.05)
+    if taken:
+        raise BrokerError(f"another process answers on {host}:{port} and the broker did "
+                          f"not listen there within {timeout_s:.0f} s" + output_tail(output))
     raise BrokerError(f"nothing answered on {host}:{port} within {timeout_s:.0f} s")
 
 
@@ -160,7 +201,7 @@ class EmbeddedBroker:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_port(self.host, self.port, timeout_s, self.proc, self.log_file)
-            time.sleep(0.05)  # a broker that lost a bind race exits right after
+            time.sleep(0.05)  # where /proc cannot tell whose port answered
             if self.proc.poll() is not None:
                 raise BrokerError(f"broker exited with code {self.proc.returncode}"
                                   + output_tail(self.log_file))

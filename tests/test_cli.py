@@ -1,6 +1,8 @@
 """The `lookalike` command as a user runs it: real processes, real exit codes."""
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +64,35 @@ def test_a_broker_that_exits_at_start_reports_its_own_output(broker, monkeypatch
     monkeypatch.setattr(eb, "port_in_use", lambda host, port: False)
     with pytest.raises(eb.BrokerError, match="(?s)exited with code.*Address in use"):
         eb.EmbeddedBroker(port=broker.port).start(timeout_s=10)
+
+
+def test_listening_ports_names_only_what_a_process_listens_on():
+    """A listening socket of ours is named; a client's connected socket is not."""
+    import lookalike.broker as eb
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            ours = eb.listening_ports(os.getpid())
+            assert ours is not None and port in ours
+            assert client.getsockname()[1] not in ours
+
+
+def test_a_slow_loser_of_the_bind_race_is_not_reported_ready():
+    """Another process answers on the port while ours, which never listens, takes a
+    second to exit: the wait reports our exit, not readiness (a fixed grace after the
+    port answered missed this on a loaded host)."""
+    import lookalike.broker as eb
+
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); exit(3)"])
+        try:
+            with pytest.raises(eb.BrokerError, match="exited with code 3"):
+                eb.wait_for_port("127.0.0.1", port, 10, proc)
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_scoring_worker_without_checkpoint_fails_clearly(tmp_path):
