@@ -15,7 +15,7 @@ How one worker answers, for an item with centroids C [k, h] and counts:
 2. drop the item's seeds, i.e. the shortlisted users whose remembered clicks
    (the last ``scoring.max_seen``) include the item;
 3. re-rank with the full RALM score (global + local attention, the same
-   ``RalmModel.score_projected`` recommendations use: the item's score for
+   ``RalmModel.score_table`` recommendations use: the item's score for
    that user) plus the same prior, keep the top K: the score
    ``lookalike evaluate audience`` measures.
 
@@ -104,12 +104,12 @@ def look_alike_users(model: RalmModel, table: CentroidTable, store: UserStore, i
 def _ralm_scores(model: RalmModel, users: np.ndarray, cent: np.ndarray, counts: np.ndarray,
                  g: np.ndarray) -> np.ndarray:
     """[N] each user's RALM score for one item (centroids [k, h]): the recommendation
-    score, with the one item broadcast over the users instead of copied."""
-    n, (k, h) = len(users), cent.shape
-    d = np.einsum("kh,nhm->nkm", cent, model.attention_queries(users))[:, None]  # [N,1,k,2]
-    return model.score_projected(
-        users, d, np.broadcast_to(counts, (n, 1, k)), np.broadcast_to(g, (n, 1, h)),
-        np.broadcast_to(cent @ cent.T, (n, 1, k, k)))[:, 0]
+    score (``RalmModel.score_table``), every user reading the item as a one-row table."""
+    n = len(users)
+    one = np.zeros((n, 1), np.int64)
+    scores, _ = model.score_table(users, one, np.ones((n, 1), bool), cent[None],
+                                  counts[None], g[None], (cent @ cent.T)[None])
+    return scores[:, 0]
 
 
 def merge_partials(records: Iterable[dict], k: int) -> tuple[list[dict], bool]:

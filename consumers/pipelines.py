@@ -116,17 +116,11 @@ def ralm_scores(model: RalmModel, table: CentroidTable, user: np.ndarray,
     """(full RALM score [C] (NaN: no centroids), attention [C, k], counts [C, k])."""
     slots = np.array([table.slot_of.get(i, -1) for i in items], np.int64)
     ok = table.servable(slots)
-    out = np.full(len(items), np.nan, np.float32)
-    att = np.zeros((len(items), table.k), np.float32)
-    counts = np.zeros((len(items), table.k), np.float32)
-    if ok.any():
-        s = slots[ok][None]
-        w: list[np.ndarray] = []
-        d = table.project(s, model.attention_queries(user[None]))
-        out[ok] = model.score_projected(user[None], d, table.counts[s], table.global_vec[s],
-                                        table.gram[s], w)[0]
-        att[ok], counts[ok] = w[0][0], table.counts[s][0]
-    return out, att, counts
+    scores, att = model.score_table(user[None], slots[None], ok[None], table.centroids,
+                                    table.counts, table.global_vec, table.gram, explain=True)
+    assert att is not None
+    counts = np.where(ok[:, None], table.counts[np.maximum(slots, 0)], np.float32(0.0))
+    return scores[0], att[0], counts
 
 
 def standardised(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

@@ -173,27 +173,11 @@ class Ranking:
     def _ralm_over(self, users: np.ndarray, cands: np.ndarray,
                    explain: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """RALM's score of every candidate slot [B, C] (NaN: -1 or not servable) and,
-        if ``explain``, its local attention [B, C, k].
-
-        ``score_chunk`` users at a time: centroids dotted with the users in place
-        (``CentroidTable.project``), the rest through the centroids' Gram matrices
-        (``RalmModel.score_projected``, equal to ``RalmModel.score``).
-        """
+        if ``explain``, its local attention [B, C, k]: one compiled pass over the
+        table's rows (``RalmModel.score_table``, equal to ``RalmModel.score``)."""
         t = self.table
-        ok = t.servable(cands)
-        scores = np.full(cands.shape, np.nan, np.float32)
-        att = np.zeros((*cands.shape, t.k), np.float32) if explain else None
-        for lo in range(0, len(cands), self.score_chunk):
-            hi = lo + self.score_chunk
-            safe = np.maximum(cands[lo:hi], 0)
-            d = t.project(cands[lo:hi], self.model.attention_queries(users[lo:hi]))
-            w: list[np.ndarray] | None = [] if explain else None
-            sc = self.model.score_projected(users[lo:hi], d, t.counts[safe], t.global_vec[safe],
-                                            t.gram[safe], w)
-            scores[lo:hi] = np.where(ok[lo:hi], sc, np.nan)
-            if att is not None and w:
-                att[lo:hi] = w[0]
-        return scores, att
+        return self.model.score_table(users, cands, t.servable(cands), t.centroids, t.counts,
+                                      t.global_vec, t.gram, explain)
 
     def _ranked(self, slots: np.ndarray, score: np.ndarray, order: np.ndarray,
                 by: list[list[str]] | None, ranker: str, ralm: np.ndarray | None,

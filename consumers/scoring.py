@@ -88,7 +88,6 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
     topics = (T.CLICKS, T.SCORE_REQUESTS)
     snapshot_topics = (T.CLICKS,)
     fetch_max_wait_ms = 10  # requests are latency-sensitive (see CONVENTIONS.md)
-    score_chunk = 8  # users ranked at once: bounds the [B, C, k, d] gather
     seed_pack_bytes = 512 * 1024  # under Kafka's default 1 MB message limit
     refresh_per_tick = REFRESH_PER_TICK  # users re-embedded or re-seeded per poll
 
@@ -176,10 +175,9 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
     def _embed(self, states: list[UserState | None], profiles: list[Profile | None]) -> np.ndarray:
         """[B, h] user embeddings; equals ``model.embed_users`` on the states'
         histories and click counts (tested)."""
-        fs = self.model.features
         rows, clicks = self.users.model_rows(states)
         cat, age = self._profile_features(profiles)
-        return self.model.embed_batch(fs.batch(cat, fs.continuous(age, clicks), rows))
+        return self.model.embed_rows(cat, self.model.features.continuous(age, clicks), rows)
 
     def _user_vectors(self, states: list[UserState | None],
                       profiles: list[Profile | None]) -> np.ndarray:

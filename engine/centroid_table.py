@@ -44,7 +44,7 @@ class CentroidTable:
         self.counts = np.zeros((capacity, k), np.float32)
         self.global_vec = np.zeros((capacity, dim), np.float32)
         #: per item E Eᵀ of its centroids: RALM's local-attention norm without
-        #: forming the user-dependent local embedding (``RalmModel.score_gram``)
+        #: forming the user-dependent local embedding (``RalmModel.score_table``)
         self.gram = np.zeros((capacity, k, k), np.float32)
         self.n_seeds = np.zeros(capacity, np.int64)
         self.updated_at = np.zeros(capacity, np.float64)
@@ -257,28 +257,6 @@ class CentroidTable:
     #: from this many queries on, one BLAS product + top-k: measured 3-10x
     #: faster than Faiss's flat search with n ~ 250 results (its heaps dominate)
     blas_batch = 16
-
-    def project(self, slots: np.ndarray, queries: np.ndarray) -> np.ndarray:
-        """[B, C, k, m]: every centroid of the items in ``slots`` [B, C] dotted with
-        that row's ``queries`` [B, h, m], read in place from the table.
-
-        Why not ``centroids[slots] @ queries``: a request re-ranks ~200 items of a
-        table far larger than the cache, and the gather copied their 2 MB of
-        centroids before reading them again; Faiss's by-index inner products read
-        each centroid once (-1 slots read slot 0: mask them after).
-        """
-        b, c = slots.shape
-        m = queries.shape[2]
-        k, h = self.k, self.dim
-        rows = (np.maximum(slots, 0)[:, :, None] * k + np.arange(k)).reshape(b, 1, c * k)
-        ids = np.ascontiguousarray(np.broadcast_to(rows, (b, m, c * k)).reshape(b * m, c * k))
-        x = np.ascontiguousarray(queries.transpose(0, 2, 1).reshape(b * m, h), np.float32)
-        out = np.empty((b * m, c * k), np.float32)
-        flat = self.centroids.reshape(-1, h)  # a view: the table stays contiguous
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x),
-                                         faiss.swig_ptr(flat), faiss.swig_ptr(ids), h, b * m,
-                                         c * k)
-        return out.reshape(b, m, c, k).transpose(0, 2, 3, 1)
 
     def newest_update(self) -> float:
         live = self.updated_at[: self._next][self.n_seeds[: self._next] > 0]

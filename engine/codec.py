@@ -39,7 +39,9 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Annotated
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -166,6 +168,7 @@ def _profile(obj: dict) -> Profile | None:
 #: validated profiles by their raw fields (the key includes the age's type:
 #: ``True == 1``, and a boolean age is invalid); bounded, cleared when full
 _PROFILES: dict[tuple, Profile] = {}
+_WIRE_PROFILES: dict[_ProfileWire, Profile] = {}  # the same for decode_click's fast path
 _MAX_PROFILES = 200_000
 
 
@@ -187,10 +190,62 @@ def decode_click(raw: bytes | None, now: float, max_bytes: int = 65536,
     """A click; without a ``ts`` it takes ``record_ts`` (the Kafka record's timestamp, in
     seconds), else ``now``. Why the record's: it is the same on every read, so a click
     re-read after a crash is the same click (the seed window drops it), where the wall
-    clock at decode time would make it a newer one, admitted and counted again."""
+    clock at decode time would make it a newer one, admitted and counted again.
+
+    A click as producers send it (integer ids, a number ``ts``) is decoded into a typed
+    struct in one pass (msgspec); anything else, valid or not, takes
+    :func:`decode_click_checked`, which says what is wrong. Both give the same click
+    (tested over generated input)."""
+    if raw is not None and len(raw) <= max_bytes:
+        try:
+            w = _CLICK_WIRE.decode(raw)
+        except msgspec.MsgspecError:
+            w = None
+        if w is not None:
+            ts = (now if record_ts is None else record_ts) if w.ts is None else w.ts
+            if 0.0 <= ts <= now + FUTURE_SLACK_S:  # NaN fails too
+                return Click(w.user_id, w.item_id, float(ts),
+                             None if w.profile is None else _wire_profile(w.profile))
+    return decode_click_checked(raw, now, max_bytes, record_ts)
+
+
+def decode_click_checked(raw: bytes | None, now: float, max_bytes: int = 65536,
+                         record_ts: float | None = None) -> Click:
+    """:func:`decode_click` field by field, with a :class:`BadEvent` naming what is wrong."""
     obj = _load_object(raw, max_bytes)
     return Click(_id(obj, "user_id"), _id(obj, "item_id"), _ts(obj, now, record_ts),
                  _profile(obj))
+
+
+_WireId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_WireStr = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class _ProfileWire(msgspec.Struct, frozen=True):
+    age: Annotated[float, msgspec.Meta(ge=0, le=150)] | None = None
+    gender: _WireStr | None = None
+    occupation: _WireStr | None = None
+    zip_code: _WireStr | None = None
+
+
+class _ClickWire(msgspec.Struct):
+    user_id: _WireId
+    item_id: _WireId
+    ts: float | None = None
+    profile: _ProfileWire | None = None
+
+
+_CLICK_WIRE = msgspec.json.Decoder(_ClickWire)
+
+
+def _wire_profile(w: _ProfileWire) -> Profile:
+    """One :class:`Profile` per distinct profile, as ``_profile`` keeps them."""
+    prof = _WIRE_PROFILES.get(w)
+    if prof is None:
+        if len(_WIRE_PROFILES) >= _MAX_PROFILES:
+            _WIRE_PROFILES.clear()
+        prof = _WIRE_PROFILES[w] = Profile(w.age, w.gender, w.occupation, w.zip_code)
+    return prof
 
 
 def encode_click(c: Click) -> bytes:

@@ -228,17 +228,14 @@ class UserStore:
                 + self.user_of.nbytes + self.fresh.nbytes + self.n_clicks.nbytes)
 
     def model_rows(self, states: list[UserState | None]) -> tuple[np.ndarray, np.ndarray]:
-        """[B, ring_len] catalogue rows, oldest click first (as ``FeatureSpace.encode``
-        lays a history out; zeros pad), and [B] click counts; None: no clicks."""
-        ring = self.ring_len
+        """[B, ring_len] catalogue rows of each user's recent clicks, in ring order (the
+        user tower's means do not depend on the order; zeros pad), and [B] click
+        counts; None: no clicks."""
         slots = np.fromiter((-1 if s is None else s.slot for s in states), np.int64, len(states))
         clicks = np.fromiter((0 if s is None else s.clicks for s in states), np.int64,
                              len(states))
         rows = self.rows[np.maximum(slots, 0)]
         rows[slots < 0] = 0
-        shift = np.where(clicks >= ring, clicks % ring, 0)
-        if shift.any():
-            rows = np.take_along_axis(rows, (shift[:, None] + np.arange(ring)) % ring, axis=1)
         return rows, clicks
 
 

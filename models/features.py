@@ -221,6 +221,11 @@ class FeatureSpace:
         """External item ids -> embedding indices (0 = unknown or never clicked in training)."""
         return self.item_of_rows(self.catalog_rows(ids))
 
+    def lookup_tables(self) -> dict[str, Any]:
+        """The derived tables (``multi_hot`` [rows, G+1], ``to_item`` [rows]) for code that
+        reads them in bulk (the serving tower); not to be written."""
+        return self._lookup
+
     def item_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """Catalogue rows -> embedding indices (0 = padding or never clicked in training)."""
         return self._lookup["to_item"][rows]

@@ -43,7 +43,7 @@ from torch import nn
 
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.features import FeatureSpace, Profile, UserBatch
-from models.ralm_serving import NumpyTowers
+from models.ralm_serving import NumpyTowers, score_slots
 
 KIND = "ralm"
 N_FIELDS = 6  # gender, occupation, zip prefix, clicked items, their genres, continuous
@@ -328,7 +328,7 @@ class LookalikeTower(nn.Module):
                   mask: torch.Tensor) -> torch.Tensor:
         """Every user against every item: users [U, h], centroids [C, k, h], mask [C, k]
         -> [U, C], equal to :meth:`score` pair by pair (tested). As in
-        :meth:`RalmModel.score_gram`, E_local·u = w·(E u) and ||E_local||² = wᵀ(E Eᵀ)w, so
+        :meth:`RalmModel.score_table`, E_local·u = w·(E u) and ||E_local||² = wᵀ(E Eᵀ)w, so
         the [U, C, h] local embeddings are never formed (episodes score every user for
         every item, forward and backward)."""
         glob = self.global_attention(centroids, mask)  # [C, h]
@@ -431,6 +431,15 @@ class RalmModel:
             return self._numpy_towers().embed(batch)
         return self.lookalike.transform(self.user_tower(batch)).numpy()
 
+    def embed_rows(self, categorical: np.ndarray, continuous: np.ndarray,
+                   history_rows: np.ndarray) -> np.ndarray:
+        """[B, h] what :meth:`embed_batch` gives for ``features.batch(categorical,
+        continuous, history_rows)``; the history's rows in any order. The serving path:
+        the numpy towers at every batch size (models/ralm_serving.py says why)."""
+        if self.user_tower.training:
+            return self.embed_batch(self.features.batch(categorical, continuous, history_rows))
+        return self._numpy_towers().embed_rows(categorical, continuous, history_rows)
+
     def _numpy_towers(self) -> NumpyTowers:
         """The numpy copy, taken again whenever a weight changed (torch counts in-place
         updates in ``Tensor._version``: an optimiser step, ``load_state_dict``)."""
@@ -438,7 +447,8 @@ class RalmModel:
             self._params = [*self.user_tower.parameters(), *self.lookalike.parameters()]
         stamp = tuple(p._version for p in self._params)
         if self._numpy is None or self._numpy_stamp != stamp:
-            self._numpy, self._numpy_stamp = NumpyTowers.of(self.user_tower, self.lookalike), stamp
+            self._numpy, self._numpy_stamp = NumpyTowers.of(self.user_tower, self.lookalike,
+                                                         self.features), stamp
         return self._numpy
 
     def embed_users(
@@ -481,52 +491,30 @@ class RalmModel:
         mask = torch.from_numpy(np.asarray(counts) > 0)
         return self.lookalike.score(_tensor(users), _tensor(centroids), mask, g).numpy()
 
-    def score_gram(
-        self,
-        users: np.ndarray,
-        centroids: np.ndarray,
-        counts: np.ndarray,
-        item_global: np.ndarray,
-        gram: np.ndarray,
-    ) -> np.ndarray:
-        """:meth:`score` for serving, in numpy: equal within float32 rounding (tested).
+    def score_table(self, users: np.ndarray, slots: np.ndarray, ok: np.ndarray,
+                    centroids: np.ndarray, counts: np.ndarray, item_global: np.ndarray,
+                    gram: np.ndarray, explain: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`score` for serving, of the rows ``slots`` [B, C] of a centroid table
+        (centroids [N, k, h], counts [N, k], item_global [N, h], gram [N, k, k]) for
+        each row's user [B, h]: scores [B, C] (NaN where not ``ok``) and, if
+        ``explain``, the local attention weights [B, C, k]. Equal within float32
+        rounding (tested).
 
-        ``gram`` [B, C, k, k] holds each item's E Eᵀ over its centroids (user
-        independent, kept by the centroid table). Then ||E_local||² = wᵀ G w and
-        E_local·u = w·(E u), so one matmul gives E·q and E·u for every
-        centroid and the [B, C, h] local embeddings are never formed.
-        """
-        b, c, k, h = centroids.shape
+        ``gram`` holds each item's E Eᵀ over its centroids (user independent, kept
+        by the centroid table). Then ||E_local||² = wᵀ G w and E_local·u = w·(E u),
+        so each centroid is dotted with E_u and E_u W_l once and the local
+        embeddings are never formed; one compiled pass reads the table in place
+        (``ralm_serving.score_slots`` says why)."""
         u = np.ascontiguousarray(users, np.float32)
-        d = np.matmul(centroids.reshape(b, c * k, h), self.attention_queries(u))
-        return self.score_projected(u, d.reshape(b, c, k, 2), counts, item_global, gram)
-
-    def attention_queries(self, users: np.ndarray) -> np.ndarray:
-        """[B, h, 2]: each user's E_u and E_u W_l, what every centroid is dotted with."""
-        u = np.ascontiguousarray(users, np.float32)
-        return np.stack([u, u @ self._numpy_towers().local_wt], axis=2)
-
-    def score_projected(self, users: np.ndarray, d: np.ndarray, counts: np.ndarray,
-                        item_global: np.ndarray, gram: np.ndarray,
-                        attention: list[np.ndarray] | None = None) -> np.ndarray:
-        """:meth:`score_gram` from d [B, C, k, 2] = centroids · :meth:`attention_queries`,
-        however they were computed (the centroid table does it without gathering).
-        ``attention``: if given, the local attention weights [B, C, k] are appended
-        (explanations: which seed cluster an item's score leans on)."""
-        la = self.lookalike
-        u = np.ascontiguousarray(users, np.float32)
-        mask = np.asarray(counts) > 0
-        logits = np.where(mask, np.tanh(d[..., 1]), np.float32(-1e9))
-        e = np.exp(logits - logits.max(-1, keepdims=True))
-        w = e / e.sum(-1, keepdims=True) * mask  # masked_softmax
-        if attention is not None:
-            attention.append(w)
-        local_dot = (w * d[..., 0]).sum(-1)  # E_local · u
-        local_sq = np.maximum((np.matmul(gram, w[..., None])[..., 0] * w).sum(-1), 0.0)
-        u_norm = np.maximum(np.linalg.norm(u, axis=1), 1e-12)[:, None]
-        local_cos = local_dot / np.maximum(np.sqrt(local_sq), 1e-12) / u_norm
-        global_cos = np.matmul(item_global, u[:, :, None])[..., 0] / u_norm
-        return (la.alpha * global_cos + la.beta * local_cos).astype(np.float32)
+        q = np.ascontiguousarray(u @ self._numpy_towers().local_wt, np.float32)
+        scores = np.empty(slots.shape, np.float32)
+        att = np.zeros((*slots.shape, centroids.shape[1]) if explain else (0, 0, 0),
+                       np.float32)
+        score_slots(u, q, np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(ok),
+                    centroids, counts, item_global, gram, np.float32(self.lookalike.alpha),
+                    np.float32(self.lookalike.beta), scores, att)
+        return scores, att if explain else None
 
     def score_user(
         self,

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.codec import (
@@ -16,6 +16,7 @@ from engine.codec import (
     SeedBatch,
     decode_centroids,
     decode_click,
+    decode_click_checked,
     decode_score_request,
     decode_seeds,
     encode_centroid_rows,
@@ -30,6 +31,47 @@ NOW = 1_700_000_000.0
 def test_click_round_trip():
     c = Click(196, 242, 881250949.0, Profile(49.0, "M", "writer", "55105"))
     assert decode_click(encode_click(c), NOW) == c
+
+
+_ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 2**64), st.floats(allow_nan=False),
+    st.sampled_from([0, 7, 2**63 - 1, 2**63, 1.0, 1.5, -0.0, 150, 150.5, NOW, NOW + 90_000]),
+    st.text(max_size=70), st.sampled_from(["7", "０7", "²", "x" * 64, "x" * 65]),
+    st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=3),
+                                                             st.integers(0, 3), max_size=2))
+_PROFILE = st.one_of(_ANY_VALUE, st.dictionaries(
+    st.sampled_from(["age", "gender", "occupation", "zip_code", "other"]), _ANY_VALUE))
+_CLICK = st.dictionaries(st.sampled_from(["user_id", "item_id", "ts", "profile", "extra"]),
+                         st.one_of(_ANY_VALUE, _PROFILE))
+
+
+def _outcome(decode, raw: bytes):
+    try:
+        return decode(raw, NOW, 65536, NOW - 5.0)
+    except BadEvent as e:
+        return e.reason
+
+
+@settings(max_examples=600, deadline=None)
+@given(obj=_CLICK, fields=st.permutations(["user_id", "item_id", "ts", "profile", "extra"]))
+def test_the_fast_click_decoder_agrees_with_the_checked_one(obj, fields):
+    """Whatever arrives, ``decode_click`` (msgspec first) gives the click, or the reason,
+    that the field-by-field decoder gives: the fast path accepts nothing the checks
+    refuse, and what it declines goes to them."""
+    ordered = {k: obj[k] for k in fields if k in obj}
+    raw = json.dumps(ordered).encode()
+    assert _outcome(decode_click, raw) == _outcome(decode_click_checked, raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"user_id": 1, "item_id": 2, "user_id": 3}', b'{"user_id": 1, "item_id": 2e0}',
+    b'{"user_id": 1, "item_id": 2, "ts": 1e999}', b'{"user_id": 1, "item_id": 2, "ts": NaN}',
+    b'{"user_id": 1, "item_id": 2, "profile": {"age": 1e999}}', b'\xef\xbb\xbf{"user_id": 1}',
+    b'{"user_id": 1, "item_id": 2, "profile": {"gender": "\\ud800"}}',
+    b' {"user_id": 1, "item_id": 2} ',
+])
+def test_the_fast_click_decoder_agrees_on_json_corner_cases(raw):
+    assert _outcome(decode_click, raw) == _outcome(decode_click_checked, raw)
 
 
 def test_click_ids_may_be_decimal_strings_and_ts_defaults_to_now():

@@ -129,7 +129,7 @@ def test_clicks_flow_through_every_stage(settings, ml100k, tiny_ralm):
                                     scoring.table.counts[cand], scoring.table.global_vec[cand])
         top = np.argsort(-full, kind="stable")[:7]
         np.testing.assert_allclose(scores, full[top], atol=1e-5)
-        # the worker scores in numpy (RalmModel.score_gram): near-ties may swap, nothing else
+        # the worker scores in numpy (RalmModel.score_table): near-ties may swap, nothing else
         ref = dict(zip(scoring.table.item_ids[cand].tolist(), full.tolist()))
         assert set(got) <= set(ref)
         np.testing.assert_allclose([ref[i] for i in got], full[top], atol=1e-5)

@@ -378,6 +378,35 @@ def test_numpy_towers_equal_the_torch_towers(data: tuple[Dataset, Dataset], merg
     np.testing.assert_allclose(model.embed_batch(batch), reference(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("merge", "transform"),
+                         [("attention", "relu"), ("concat", "relu"), ("attention", "linear")])
+def test_the_serving_tower_on_history_rows_equals_the_torch_towers(
+        data: tuple[Dataset, Dataset], merge: str, transform: str) -> None:
+    """``embed_rows`` (pooled by a compiled pass, pre-multiplied weights) against torch
+    on a few hundred users, each history's rows shuffled (the ring's order is not the
+    history's), unknown items and empty histories among them."""
+    train = data[0]
+    cfg = CFG.model_copy(update={"merge": merge, "transform": transform})
+    torch.manual_seed(1)
+    model = RalmModel.new(cfg, FeatureSpace.build(train, cfg.history_len))
+    rng = np.random.default_rng(0)
+    ids = train.items.ids
+    fs = model.features
+    histories = [rng.choice(ids, rng.integers(0, 2 * cfg.history_len)).tolist() + [10**12]
+                 if u % 7 else [] for u in range(300)]
+    profiles = [Profile(age=float(20 + u % 50), gender="F" if u % 2 else "M") if u % 3 else None
+                for u in range(300)]
+    batch = fs.encode(profiles, histories)
+    with torch.no_grad():
+        want = model.lookalike.transform(model.user_tower(batch)).numpy()
+    rows = np.zeros((300, cfg.history_len), np.int32)
+    for u, h in enumerate(histories):
+        tail = fs.catalog_rows(np.array(h[-cfg.history_len:], np.int64))
+        rows[u, :len(tail)] = rng.permutation(tail)
+    got = model.embed_rows(batch.categorical.numpy(), batch.continuous.numpy(), rows)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
 def test_scoring_is_fast() -> None:
     """1 user × 500 candidates × 20 centroids × 128-d, global embeddings precomputed."""
     torch.set_num_threads(1)

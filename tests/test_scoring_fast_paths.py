@@ -68,18 +68,36 @@ def _clicks(data, n):
                   float(data.ts[i]), prof[data.user[i]]) for i in range(n)]
 
 
-def test_score_gram_equals_score(model):
-    rng = np.random.default_rng(0)
-    b, c, k, h = 3, 17, model.k, model.dim
-    users = rng.normal(size=(b, h)).astype(np.float32)
-    cent = rng.normal(size=(b, c, k, h)).astype(np.float32)
-    counts = rng.integers(0, 3, (b, c, k)).astype(np.float32)
-    counts[0, 0] = 0  # an item whose slots are all empty
-    glob = model.item_global(cent.reshape(-1, k, h), counts.reshape(-1, k)).reshape(b, c, h)
-    gram = cent @ cent.transpose(0, 1, 3, 2)
-    want = model.score(users, cent, counts, glob)
-    got = model.score_gram(users, cent, counts, glob, gram)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+def test_score_table_equals_score(model):
+    """The re-rank's compiled pass over a table's rows against the torch formula: slots
+    repeat across users, items with empty centroid slots (junk left in them) and an item
+    with none, rows not ``ok`` are NaN, and the attention weights are the softmax's."""
+    rng = np.random.default_rng(5)
+    n, k, h = 60, model.k, model.dim
+    cent = rng.normal(size=(n, k, h)).astype(np.float32)
+    counts = rng.integers(0, 3, (n, k)).astype(np.float32)
+    counts[7] = 0
+    glob = model.item_global(cent, counts)
+    gram = cent @ cent.transpose(0, 2, 1)
+    cent[counts == 0] += rng.normal(scale=50.0, size=(int((counts == 0).sum()), h))
+    users = rng.normal(size=(4, h)).astype(np.float32)
+    slots = rng.integers(0, n, (4, 25))
+    slots[0, :3] = 7
+    slots[2, -4:] = -1
+    ok = slots >= 0
+    ok[1, 5] = False
+    got, att = model.score_table(users, slots, ok, cent, counts, glob, gram, explain=True)
+    safe = np.maximum(slots, 0)
+    clean = cent * (counts > 0)[..., None]
+    want = model.score(users, clean[safe], counts[safe], glob[safe])
+    assert np.isnan(got[~ok]).all()
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-4, atol=1e-5)
+    assert att is not None and att.shape == (4, 25, k)
+    np.testing.assert_allclose(att[ok].sum(-1), (counts[safe][ok] > 0).any(-1), atol=1e-5)
+    assert (att[ok][counts[safe][ok] == 0] == 0).all()
+    again, none = model.score_table(users, slots, ok, cent, counts, glob, gram)
+    assert none is None
+    np.testing.assert_array_equal(again, got)
 
 
 def test_embed_from_cached_rows_equals_embed_users(data, model):
@@ -260,22 +278,6 @@ def test_ivf_index_is_retrained_when_the_catalogue_doubles_and_dropped_when_it_s
     table.refresh(_mean_global)
     assert not table.approximate  # exact again below ann_min_items
     assert table.search(np.ones((1, 16), np.float32), 600).shape == (1, 500)
-
-
-def test_project_equals_gathered_matmul():
-    """CentroidTable.project (Faiss by-index products, no gather) = centroids[slots] @ queries."""
-    rng = np.random.default_rng(3)
-    table = CentroidTable(4, 8, min_seeds=1)
-    for item in range(50):
-        table.upsert(item, ItemCentroids(rng.normal(size=(4, 8)).astype(np.float32),
-                                         np.ones(4, np.float32), 4, 0.0))
-    slots = rng.integers(0, 50, (3, 7))
-    slots[1, 5:] = -1  # padding: its values are garbage the caller masks
-    queries = rng.normal(size=(3, 8, 2)).astype(np.float32)
-    got = table.project(slots, queries)
-    want = np.matmul(table.centroids[np.maximum(slots, 0)].reshape(3, 28, 8), queries)
-    assert got.shape == (3, 7, 4, 2)
-    np.testing.assert_allclose(got.reshape(3, 28, 2), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ann_min_items", [10_000, 200])  # exact index, then IVF

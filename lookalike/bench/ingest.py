@@ -292,13 +292,13 @@ def run(opts: BenchOptions) -> BenchReport:
 def tower_seconds_per_user(model: RalmModel, seed: int, batch: int = 1024,
                            rounds: int = 5) -> float:
     """The RALM user tower's time per user on full histories, in batches as the click
-    path embeds a poll's users."""
+    path embeds a poll's users (``embed_rows``, the path it serves on)."""
     fs, rng = model.features, np.random.default_rng(seed)
     rows = rng.integers(1, len(fs.catalog_ids), (batch, fs.history_len))
     cat = np.zeros((batch, 3), np.int64)
     cont = fs.continuous(np.full(batch, 30.0, np.float32), np.full(batch, 50))
-    model.embed_batch(fs.batch(cat, cont, rows))  # warm-up
+    model.embed_rows(cat, cont, rows)  # warm-up
     t0 = time.perf_counter()
     for _ in range(rounds):
-        model.embed_batch(fs.batch(cat, cont, rows))
+        model.embed_rows(cat, cont, rows)
     return (time.perf_counter() - t0) / (rounds * batch)

@@ -46,8 +46,6 @@ class Shard(Ranking):
     """One scoring shard: its slice of the table and the serving model (the product's
     ranking code over them)."""
 
-    score_chunk = 8
-
     def __init__(self, table: CentroidTable, model: RalmModel):
         self.table, self.model = table, model
 
