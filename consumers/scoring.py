@@ -43,7 +43,7 @@ from consumers.pipelines import (
     load_rankers,
     load_zoo,
 )
-from consumers.ranking import Ranking, clicked
+from consumers.ranking import Ranking, first_occurrences, unseen
 from consumers.user_restore import REFRESH_PER_TICK, ClickReplay, UserRestore
 from engine import topics as T
 from engine.centroid_table import CentroidTable
@@ -408,8 +408,9 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
     # ------------------------------------------------------------- centroid table
     def start(self) -> None:
         """Read every partition of the centroid table from the beginning, without a group."""
-        clicked(np.zeros((1, 1), np.int64), np.zeros(1, np.int64), np.array([0, 1]))  # compiled
-        # (or loaded from numba's cache) now, not during the first request
+        one = np.zeros((1, 1), np.int64)  # the compiled steps compiled (or loaded from
+        unseen(one, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([0, 1]), 1)
+        first_occurrences(one)  # numba's cache) now, not during the first request
         self.table_reader = make_consumer(
             self.settings.kafka, None, fetch_max_wait_ms=10, max_poll_records=10_000
         )

@@ -199,7 +199,7 @@ def _pool_rows(rows: np.ndarray, to_item: np.ndarray, genre_at: np.ndarray,
 # ---------------------------------------------------------------- the re-rank
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _tanh32(x: float) -> float:  # pragma: no cover - compiled
     """float32 tanh as a rational function (Eigen's, odd 13/6, exact to a few ulp,
     clamped where tanh rounds to ±1). Why not ``np.tanh``: numba calls libm per
@@ -218,7 +218,7 @@ def _tanh32(x: float) -> float:  # pragma: no cover - compiled
     return x * p / q
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _exp_near(x: float) -> float:  # pragma: no cover - compiled
     """exp(x) for x in [-2, 0] (a softmax over tanh logits), as exp(x/4)⁴ with exp(x/4)
     by its Taylor series to degree 7 (error below 1e-7 before the square-squaring).

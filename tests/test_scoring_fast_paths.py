@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kafka.partitioner.default import murmur2
 
 from consumers.scoring import ScoringStage, _chunks
@@ -348,18 +350,37 @@ def test_unseen_keeps_the_first_unclicked_slots_of_each_row(model, big_ids):
         assert (got[b, len(want):] == -1).all()
 
 
-def test_clicked_items_are_found_per_row_whatever_their_ids():
-    """The compiled membership test of ``Ranking._unseen`` against Python sets: repeats,
-    empty rows, ids past 2**47 (where packing the row into the key would overflow)."""
-    from consumers.ranking import clicked
+def test_unseen_finds_clicked_items_per_row_whatever_their_ids():
+    """The compiled filter of ``Ranking._unseen`` against Python sets: repeats, empty
+    rows, ids past 2**47 (where packing the row into the key would overflow)."""
+    from consumers.ranking import unseen
 
     rng = np.random.default_rng(5)
     big = np.int64(1) << np.int64(50)
-    items = rng.integers(0, 60, (7, 30)) + np.where(rng.random((7, 30)) < 0.3, big, 0)
-    seen = [rng.integers(0, 60, int(n)) + np.where(rng.random(int(n)) < 0.3, big, 0)
-            for n in rng.integers(0, 25, 7)]
+    item_of = rng.integers(0, 60, 300) + np.where(rng.random(300) < 0.3, big, 0)
+    slots = rng.integers(-1, 300, (7, 30))
+    seen = [item_of[rng.integers(0, 300, int(n))] for n in rng.integers(0, 60, 7)]
     seen[2] = np.zeros(0, np.int64)
-    got = clicked(items, np.concatenate(seen), np.r_[0, np.cumsum([len(x) for x in seen])])
-    want = np.array([[int(i) in set(s.tolist()) for i in row] for row, s in zip(items, seen)])
-    np.testing.assert_array_equal(got, want)
-    assert want.any() and not want.all() and not got[2].any()
+    got = unseen(slots, item_of, np.concatenate(seen),
+                 np.r_[0, np.cumsum([len(x) for x in seen])], 12)
+    for b, row in enumerate(slots):
+        clicked = set(seen[b].tolist())
+        want = [s for s in row.tolist() if s >= 0 and int(item_of[s]) not in clicked][:12]
+        assert got[b].tolist() == want + [-1] * (12 - len(want))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.lists(st.integers(-1, 12), max_size=15), min_size=1, max_size=6))
+def test_first_occurrences_keeps_each_rows_first_of_every_slot(rows):
+    """The compiled dedup of a user's pool against Python: order kept, -1 dropped,
+    padded to the longest row."""
+    from consumers.ranking import first_occurrences
+
+    width = max(len(r) for r in rows)
+    slots = np.array([r + [-1] * (width - len(r)) for r in rows], np.int64).reshape(len(rows),
+                                                                                  width)
+    want = [list(dict.fromkeys(s for s in r if s >= 0)) for r in rows]
+    longest = max(len(w) for w in want)
+    got = first_occurrences(slots)
+    assert got.shape == (len(rows), longest)
+    assert got.tolist() == [w + [-1] * (longest - len(w)) for w in want]
