@@ -71,7 +71,7 @@ def test_an_activity_prior_is_added_to_every_users_score(stage, model):  # noqa:
     plain = look_alike_users(plain_model, stage.table, stage.users, ITEM, 200,
                              candidates=10_000)
     got = look_alike_users(with_prior, stage.table, stage.users, ITEM, 20, candidates=10_000)
-    w = 3.0 / float(model.lookalike.tau)
+    w = 3.0 / float(model.lookalike.tau.detach())
     clicks = {u: stage.users.get(u).clicks for u, _ in plain.users}
     assert len(set(clicks.values())) > 1  # users differ in activity, so the prior matters
     want = sorted(((s + w * np.log1p(clicks[u]), u) for u, s in plain.users), reverse=True)
