@@ -294,5 +294,6 @@ class Ranking:
         lens = np.fromiter((len(s) for s in seen), np.int64, len(seen))
         clicks = np.concatenate(seen).astype(np.int64, copy=False) if lens.any() else \
             np.zeros(0, np.int64)
-        return unseen(np.ascontiguousarray(slots, np.int64), self.table.item_ids, clicks,
+        # writable always: a batch-1 request's broadcast view is read-only, another type
+        return unseen(np.require(slots, np.int64, ["C", "W"]), self.table.item_ids, clicks,
                       np.concatenate(([0], np.cumsum(lens))), min(want, slots.shape[1]))

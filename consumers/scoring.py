@@ -408,9 +408,7 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
     # ------------------------------------------------------------- centroid table
     def start(self) -> None:
         """Read every partition of the centroid table from the beginning, without a group."""
-        one = np.zeros((1, 1), np.int64)  # the compiled steps compiled (or loaded from
-        unseen(one, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([0, 1]), 1)
-        first_occurrences(one)  # numba's cache) now, not during the first request
+        self._compile()
         self.table_reader = make_consumer(
             self.settings.kafka, None, fetch_max_wait_ms=10, max_poll_records=10_000
         )
@@ -434,6 +432,21 @@ class ScoringStage(Ranking, ModelSwap, UserRestore, Stage):
         self.reloader = ModelReloader(self.settings, self.table.dim, self.checkpoint,
                                       self.explicit_checkpoint, rejected.inc)
         self.reloader.start()
+
+    def _compile(self) -> None:
+        """Run each compiled step once on empty input, with the types serving passes, so
+        numba compiles it (or loads it from its cache) now: on a fresh install the first
+        click poll and the first request each paid seconds of compiling (`make demo`'s
+        first run: answers 7 s late)."""
+        one = np.zeros((1, 1), np.int64)
+        unseen(one, np.zeros(1, np.int64), np.zeros(1, np.int64), np.array([0, 1]), 1)
+        first_occurrences(one)
+        k, h = self.table.k, self.model.dim
+        self.model.score_table(np.zeros((1, h), np.float32), one, np.zeros((1, 1), bool),
+                               np.zeros((1, k, h), np.float32), np.zeros((1, k), np.float32),
+                               np.zeros((1, h), np.float32), np.zeros((1, k, k), np.float32))
+        self.model.embed_rows(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.float32),
+                              np.zeros((1, self.users.ring_len), self.users.rows.dtype))
 
     def _start_audience_reader(self) -> None:
         """Every worker reads every audience request (each answers for its own users),

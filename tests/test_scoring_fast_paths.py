@@ -384,3 +384,30 @@ def test_first_occurrences_keeps_each_rows_first_of_every_slot(rows):
     got = first_occurrences(slots)
     assert got.shape == (len(rows), longest)
     assert got.tolist() == [w + [-1] * (longest - len(w)) for w in want]
+
+
+def test_serving_compiles_nothing_after_start(data, model):
+    """``ScoringStage._compile`` (run by ``start``) gives each compiled step the types
+    serving passes it, so no click poll or request compiles (seconds on a fresh
+    install: the demo's first answers came 7 s late): batch 1 and batched requests,
+    the click path's tower."""
+    from consumers.ranking import first_occurrences, unseen
+    from models.ralm_serving import _pool_rows, score_slots
+
+    steps = (unseen, first_occurrences, score_slots, _pool_rows)
+    stage = _stage(model)
+    stage._compile()
+    before = [len(f.signatures) for f in steps]
+    clicks = _clicks(data, 2000)
+    last = stage._apply_clicks(clicks, [0] * len(clicks))
+    states = list(last.values())
+    vecs = stage._embed(states, [s.profile for s in states])
+    rng = np.random.default_rng(6)
+    for item in data.items.ids[:120].tolist():
+        stage.table.upsert(int(item), ItemCentroids(
+            rng.normal(size=(stage.table.k, model.dim)).astype(np.float32),
+            np.ones(stage.table.k, np.float32), 30, 1.0, model_version=model.version))
+    stage.table.refresh(model.item_global)
+    stage.rank(vecs[:1], states[:1], [10])
+    stage.rank(vecs[:6], states[:6], [10] * 6)
+    assert [len(f.signatures) for f in steps] == before
